@@ -38,6 +38,7 @@ __all__ = [
     "dtype_name",
     "fill_buffer",
     "pack",
+    "tensor_digest",
 ]
 
 ALIGN = 64
@@ -65,6 +66,12 @@ def dtype_from_name(name: str) -> torch.dtype:
 def checksum(payload: np.ndarray) -> int:
     """xxh3-64 of a contiguous uint8 array (the GIL is released for large inputs)."""
     return int(xxhash.xxh3_64_intdigest(memoryview(payload)))  # type: ignore[arg-type]
+
+
+def tensor_digest(t: torch.Tensor) -> int:
+    """xxh3-64 of a CPU tensor's raw bytes in row-major order (bit-for-bit identity)."""
+    raw = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+    return checksum(raw)
 
 
 @dataclass(frozen=True)
@@ -250,7 +257,10 @@ class TensorStream:
     ) -> None:
         if bucket_bytes <= 0:
             raise BucketError(f"bucket_bytes must be positive, got {bucket_bytes}")
-        self._it: Iterator[tuple[str, torch.Tensor]] = iter(items)
+        # iter() is deferred to the first next_group() call, in the worker thread:
+        # creating the iterator may already do blocking work.
+        self._items = items
+        self._it: Iterator[tuple[str, torch.Tensor]] | None = None
         self._budget = bucket_bytes
         self._carry: tuple[str, torch.Tensor] | None = None
         self._seen = seen if seen is not None else set()
@@ -263,6 +273,8 @@ class TensorStream:
             if self._carry is not None:
                 item, self._carry = self._carry, None
             else:
+                if self._it is None:
+                    self._it = iter(self._items)
                 nxt = next(self._it, None)
                 if nxt is None:
                     return group

@@ -1,60 +1,41 @@
-"""Command line: ``asyncsync demo``."""
+"""Command line: ``asyncsync demo`` and ``asyncsync bench``."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import sys
-import time
-from typing import Any
 
 __all__ = ["main"]
 
 
-async def _cache_demo(steps: int) -> int:
-    import ray
-    import torch
+def _demo(args: argparse.Namespace) -> int:
+    from rich.console import Console
 
-    from .cache import BucketCache
+    from .demo import print_report, run_demo
+    from .testing.ray_cluster import local_ray
 
-    class Holder:
-        def __init__(self) -> None:
-            self.cache = BucketCache(bucket_bytes=16 << 20)
-
-        async def build(self, step: int) -> float:
-            start = time.monotonic()
-            async with self.cache.build(step) as build:
-                await build.add((f"w{i}", torch.full((1 << 20,), float(step))) for i in range(32))
-            return time.monotonic() - start
-
-        async def read(self) -> int:
-            async with self.cache.read() as snap:
-                await asyncio.sleep(0.05)
-                for _, t in snap.named_tensors():
-                    assert bool((t == float(snap.step)).all())
-                return snap.step
-
-    actor: Any = ray.remote(Holder).options(max_concurrency=8, num_cpus=0).remote()
-    await actor.build.remote(0)
-    for step in range(1, steps + 1):
-        build = actor.build.remote(step)
-        reads = await asyncio.gather(*[actor.read.remote() for _ in range(4)])
-        seconds = await build
-        print(f"step {step}: built 128 MiB in {seconds * 1e3:.0f} ms; overlapping reads saw {reads}")
-    return 0
+    console = Console()
+    with local_ray(num_cpus=2):
+        result = asyncio.run(
+            run_demo(args.steps, args.size, args.transport, args.staleness, console=console)
+        )
+    print_report(result, console)
+    return 0 if result.ok else 1
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="asyncsync")
+    parser = argparse.ArgumentParser(prog="asyncsync", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="builds overlapping reads in an async Ray actor")
-    demo.add_argument("--steps", type=int, default=5)
+    demo = sub.add_parser("demo", help="train a small Llama and keep two engines in sync")
+    demo.add_argument("--steps", type=int, default=12)
+    demo.add_argument("--size", choices=["tiny", "small"], default="small")
+    demo.add_argument("--transport", choices=["object_store", "shm"], default="object_store")
+    demo.add_argument("--staleness", type=int, default=1)
+    demo.set_defaults(run=_demo)
     args = parser.parse_args(argv)
-
-    from .testing.ray_cluster import local_ray
-
-    with local_ray(num_cpus=2):
-        return asyncio.run(_cache_demo(args.steps))
+    code: int = args.run(args)
+    return code
 
 
 if __name__ == "__main__":

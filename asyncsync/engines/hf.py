@@ -1,0 +1,181 @@
+"""A reference rollout engine: a Hugging Face ``transformers`` causal LM in an async actor.
+
+The model is built from a config (nothing is downloaded). ``generate`` runs
+concurrently with weight updates: generations hold a shared lease on the weights,
+a commit takes them exclusively (waiting for generations in flight, holding new
+ones back), copies the staged tensors in, and switches the served version in the
+same exclusive section. Every generation is stamped with the version it ran on,
+and none ever runs on a mix of two versions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..buckets import Bucket, BucketManifest, dtype_name, tensor_digest
+from ..errors import ManifestMismatchError
+from ..receiver import StagingReceiver
+
+__all__ = ["Generation", "HFEngine", "engine_actor"]
+
+
+@dataclass(frozen=True)
+class Generation:
+    """Greedy continuations of the prompts, and the weight version they ran on."""
+
+    version: int | None
+    tokens: list[list[int]]
+
+
+class _ReadWriteLock:
+    """Many readers or one writer; a waiting writer holds back new readers."""
+
+    def __init__(self) -> None:
+        self._cond = asyncio.Condition()
+        self._readers = 0
+        self._writer = False
+        self._writers_waiting = 0
+
+    @asynccontextmanager
+    async def read(self) -> AsyncIterator[None]:
+        async with self._cond:
+            await self._cond.wait_for(lambda: not self._writer and self._writers_waiting == 0)
+            self._readers += 1
+        try:
+            yield
+        finally:
+            async with self._cond:
+                self._readers -= 1
+                self._cond.notify_all()
+
+    @asynccontextmanager
+    async def write(self) -> AsyncIterator[None]:
+        async with self._cond:
+            self._writers_waiting += 1
+            try:
+                await self._cond.wait_for(lambda: not self._writer and self._readers == 0)
+            finally:
+                self._writers_waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            async with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+class HFEngine(StagingReceiver):
+    """A transformers causal LM serving ``generate`` and receiving weight updates.
+
+    Args:
+        model_type: a transformers model type, e.g. ``"llama"``, ``"qwen2"``.
+        config: keyword arguments of that model's config (sizes, vocab, ...).
+        seed: seed of the initial (random) weights.
+        num_threads: torch intra-op threads for this engine (``None``: torch's default).
+    """
+
+    def __init__(
+        self,
+        model_type: str,
+        config: dict[str, Any],
+        *,
+        seed: int = 0,
+        num_threads: int | None = None,
+    ) -> None:
+        super().__init__()
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        if num_threads is not None:
+            torch.set_num_threads(num_threads)
+        torch.manual_seed(seed)
+        self.model = AutoModelForCausalLM.from_config(  # type: ignore[no-untyped-call]
+            AutoConfig.for_model(model_type, **config)
+        )
+        self.model.eval()
+        # Every tensor an update may write, by HF name (tied weights appear under both names).
+        self._params: dict[str, torch.Tensor] = dict(self.model.state_dict())
+        self._weights = _ReadWriteLock()
+        self._served_version: int | None = None
+        self._generations = 0
+
+    def check_manifest(self, manifest: Sequence[BucketManifest]) -> None:
+        for bucket in manifest:
+            for meta in bucket.index:
+                param = self._params.get(meta.name)
+                if param is None:
+                    raise ManifestMismatchError(
+                        f"tensor {meta.name!r} is not a parameter of this "
+                        f"{type(self.model).__name__}"
+                    )
+                if tuple(param.shape) != meta.shape or dtype_name(param.dtype) != meta.dtype:
+                    raise ManifestMismatchError(
+                        f"tensor {meta.name!r}: {meta.dtype}{list(meta.shape)} does not fit the "
+                        f"model's {dtype_name(param.dtype)}{list(param.shape)}"
+                    )
+
+    async def apply(self, buckets: Sequence[Bucket], version: int) -> None:
+        async with self._weights.write():
+            await asyncio.to_thread(self._copy_in, buckets)
+            self._served_version = version
+
+    def _copy_in(self, buckets: Sequence[Bucket]) -> None:
+        with torch.no_grad():
+            for bucket in buckets:
+                for name, tensor in bucket.named_tensors():
+                    self._params[name].copy_(tensor)
+
+    async def generate(self, prompts: list[list[int]], max_new_tokens: int = 8) -> Generation:
+        """Greedy-decode ``max_new_tokens`` after each prompt (prompts of equal length)."""
+        if not prompts or len({len(p) for p in prompts}) != 1:
+            raise ValueError("prompts must be a non-empty list of equal-length token lists")
+        async with self._weights.read():
+            version = self._served_version
+            tokens = await asyncio.to_thread(self._greedy, prompts, max_new_tokens)
+        self._generations += 1
+        return Generation(version, tokens)
+
+    def _greedy(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+        ids = torch.tensor(prompts, dtype=torch.long)
+        with torch.no_grad():
+            for _ in range(max_new_tokens):
+                logits = self.model(input_ids=ids, use_cache=False).logits
+                ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        return [row[len(prompts[0]) :] for row in ids.tolist()]
+
+    async def logits(self, tokens: list[list[int]]) -> torch.Tensor:
+        """Logits of the served weights on ``tokens`` (for checks against a trainer)."""
+        async with self._weights.read():
+            return await asyncio.to_thread(self._logits, tokens)
+
+    def _logits(self, tokens: list[list[int]]) -> torch.Tensor:
+        with torch.no_grad():
+            out: torch.Tensor = self.model(input_ids=torch.tensor(tokens), use_cache=False).logits
+            return out
+
+    async def state_digests(self) -> tuple[int | None, dict[str, int]]:
+        """``(served version, {name: xxh3 of the parameter's bytes})``."""
+        async with self._weights.read():
+            digests = await asyncio.to_thread(
+                lambda: {name: tensor_digest(t) for name, t in self._params.items()}
+            )
+            return self._served_version, digests
+
+    async def served_version(self) -> int | None:
+        return self._served_version
+
+    async def ping(self) -> None:
+        return None
+
+
+def engine_actor(*, max_concurrency: int = 16, **ray_options: Any) -> Any:
+    """``ray.remote(HFEngine)`` with explicit concurrency (generations overlap updates)."""
+    import ray
+
+    return ray.remote(HFEngine).options(max_concurrency=max_concurrency, **ray_options)
