@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from .actor import WeightSyncActor, cache_method, train_actor
 from .buckets import Bucket, BucketManifest, TensorMeta, pack
 from .cache import BucketCache, BuildHandle, CacheStats, Snapshot
+from .coordinator import SyncCoordinator
 from .errors import (
     ActorDefinitionError,
     AsyncSyncError,
@@ -26,6 +28,8 @@ from .errors import (
     UnknownSessionError,
     WrongLoopError,
 )
+from .receiver import ReceiverStats, StagingReceiver
+from .session import SyncPlan, SyncReport, TargetReport
 
 __version__ = "0.1.0"
 
@@ -40,6 +44,18 @@ __all__ = [
     "BuildHandle",
     "CacheStats",
     "Snapshot",
+    # train actor: the async Ray actor side
+    "WeightSyncActor",
+    "cache_method",
+    "train_actor",
+    # sessions: one all-or-nothing transfer, driven from any asyncio program
+    "SyncCoordinator",
+    "SyncPlan",
+    "SyncReport",
+    "TargetReport",
+    # engine side: the receiver protocol
+    "ReceiverStats",
+    "StagingReceiver",
     # errors: one hierarchy
     "ActorDefinitionError",
     "AsyncSyncError",

@@ -211,4 +211,11 @@ def train_actor(
             )
     import ray
 
-    return ray.remote(cls).options(max_concurrency=max_concurrency, **ray_options)
+    # Ray takes concurrency groups only at decoration time, not in .options().
+    groups = ray_options.pop("concurrency_groups", None)
+    remote_class = (
+        ray.remote(concurrency_groups=groups)(cls)  # type: ignore[call-overload]
+        if groups
+        else ray.remote(cls)
+    )
+    return remote_class.options(max_concurrency=max_concurrency, **ray_options)

@@ -42,6 +42,11 @@ __all__ = ["BucketCache", "BuildHandle", "CacheStats", "Snapshot"]
 
 DEFAULT_BUCKET_BYTES = 512 << 20
 
+_GROUP_HINT = (
+    "In a Ray actor, keep every method that touches the cache in the default "
+    "concurrency group: each group runs its own loop and thread."
+)
+
 
 @dataclass(frozen=True, eq=False)
 class Snapshot:
@@ -261,16 +266,14 @@ class BucketCache:
         elif loop is not self._loop:
             raise WrongLoopError(
                 "BucketCache is bound to another event loop (thread "
-                f"{self._thread}); called from thread {threading.get_ident()}. In a Ray "
-                "actor, keep every method that touches the cache in the default "
-                "concurrency group: each group runs its own loop."
+                f"{self._thread}); called from thread {threading.get_ident()}. {_GROUP_HINT}"
             )
 
     def _check_thread(self) -> None:
         if self._thread is not None and threading.get_ident() != self._thread:
             raise WrongLoopError(
                 f"BucketCache is bound to the event loop of thread {self._thread}; "
-                f"read from thread {threading.get_ident()}"
+                f"read from thread {threading.get_ident()}. {_GROUP_HINT}"
             )
 
     @asynccontextmanager

@@ -111,7 +111,6 @@ async def run_demo(
 ) -> DemoResult:
     """Run the demo on an already started Ray; return what it measured and checked."""
     from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     console = console or Console()
     config = demo_config(size)
@@ -122,6 +121,21 @@ async def run_demo(
         for i in range(2)
     }
     console.print("starting 1 train actor and 2 engine actors on a local Ray ...")
+    try:
+        return await _train_and_sync(trainer, engines, steps, transport, staleness, console)
+    finally:
+        import ray
+
+        for handle in [trainer, *engines.values()]:
+            ray.kill(handle, no_restart=True)
+
+
+async def _train_and_sync(
+    trainer: Any, engines: dict[str, Any], steps: int, transport: str, staleness: int,
+    console: Any,
+) -> DemoResult:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
     await asyncio.gather(*(e.ping.remote() for e in engines.values()))
     prompt = await trainer.prompt.remote()
 
