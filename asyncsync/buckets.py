@@ -315,11 +315,12 @@ def layout(group: list[tuple[str, torch.Tensor]]) -> tuple[tuple[TensorMeta, ...
 
 def fill_buffer(
     payload: np.ndarray, index: tuple[TensorMeta, ...], tensors: list[torch.Tensor]
-) -> int:
-    """Copy ``tensors`` into ``payload`` at ``index`` offsets, zero the padding, return checksum.
+) -> None:
+    """Copy ``tensors`` into ``payload`` at ``index`` offsets and zero the padding.
 
     Blocking; run it in a worker thread (torch releases the GIL while copying).
     Accelerator tensors are copied to the host here; one synchronization per call.
+    The checksum is left to the caller, so it can overlap the next bucket's copy.
     """
     flat = torch.from_numpy(payload)
     end = 0
@@ -334,7 +335,6 @@ def fill_buffer(
         end = meta.offset + meta.nbytes
     if any_accel and torch.cuda.is_available():
         torch.cuda.synchronize()
-    return checksum(payload)
 
 
 def pack(
@@ -352,6 +352,6 @@ def pack(
     while group := stream.next_group():
         index, total = layout(group)
         payload = np.empty(total, dtype=np.uint8)
-        digest = fill_buffer(payload, index, [t for _, t in group])
-        buckets.append(Bucket(payload, index, digest))
+        fill_buffer(payload, index, [t for _, t in group])
+        buckets.append(Bucket(payload, index, checksum(payload)))
     return buckets

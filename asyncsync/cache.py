@@ -26,11 +26,20 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .buckets import Bucket, BucketManifest, TensorMeta, TensorStream, fill_buffer, layout
+from .buckets import (
+    Bucket,
+    BucketManifest,
+    TensorMeta,
+    TensorStream,
+    checksum,
+    fill_buffer,
+    layout,
+)
 from .errors import (
     BuildInProgressError,
     CacheClosedError,
     CacheError,
+    ConfigError,
     InvalidStepError,
     ReadTimeoutError,
     ResidentLimitError,
@@ -157,6 +166,9 @@ class BuildHandle:
         if state.adding:
             raise CacheError(f"add() is already running on the build of step {state.step}")
         state.adding = True
+        # Checksums run in their own worker threads, overlapping the next bucket's
+        # copy; they only read the payload, so an abandoned one harms nothing.
+        hashing: list[tuple[np.ndarray, tuple[TensorMeta, ...], asyncio.Future[int]]] = []
         try:
             stream = TensorStream(named_tensors, self._cache.bucket_bytes, seen=state.names)
             while group := await asyncio.to_thread(stream.next_group):
@@ -164,7 +176,7 @@ class BuildHandle:
                 tensors = [t for _, t in group]
                 slot = await self._cache._reserve(state, total, self._timeout)
                 try:
-                    array, digest = await asyncio.to_thread(
+                    array = await asyncio.to_thread(
                         _fill_slot, slot, total, index, tensors, self._cache.pin_memory
                     )
                 except BaseException:
@@ -172,8 +184,18 @@ class BuildHandle:
                     slot.dirty = True
                     raise
                 slot.array = array
-                state.buckets.append(Bucket(array[:total], index, digest))
+                payload = array[:total]
+                hashing.append(
+                    (payload, index, asyncio.ensure_future(asyncio.to_thread(checksum, payload)))
+                )
+            digests = await asyncio.gather(*(future for _, _, future in hashing))
+            state.buckets.extend(
+                Bucket(payload, index, digest)
+                for (payload, index, _), digest in zip(hashing, digests, strict=True)
+            )
         finally:
+            for _, _, future in hashing:
+                future.cancel()
             state.adding = False
 
 
@@ -185,11 +207,11 @@ def _allocate(nbytes: int, pin_memory: bool) -> np.ndarray:
 
 def _fill_slot(
     slot: _Slot, total: int, index: tuple[TensorMeta, ...], tensors: list[torch.Tensor], pin_memory: bool
-) -> tuple[np.ndarray, int]:
+) -> np.ndarray:
     # Runs in a worker thread: reads only the slot it was given.
     array = slot.array if slot.array is not None else _allocate(slot.capacity, pin_memory)
-    digest = fill_buffer(array[:total], index, tensors)
-    return array, digest
+    fill_buffer(array[:total], index, tensors)
+    return array
 
 
 class BucketCache:
@@ -223,9 +245,9 @@ class BucketCache:
         pin_memory: bool | None = None,
     ) -> None:
         if not isinstance(bucket_bytes, int) or bucket_bytes <= 0:
-            raise ValueError(f"bucket_bytes must be a positive int, got {bucket_bytes!r}")
+            raise ConfigError(f"bucket_bytes must be a positive int, got {bucket_bytes!r}")
         if max_resident_bytes is not None and max_resident_bytes <= 0:
-            raise ValueError(f"max_resident_bytes must be positive, got {max_resident_bytes!r}")
+            raise ConfigError(f"max_resident_bytes must be positive, got {max_resident_bytes!r}")
         self.bucket_bytes = bucket_bytes
         self.max_resident_bytes = max_resident_bytes
         self.resident_wait_s = resident_wait_s
