@@ -1,0 +1,59 @@
+"""The examples run as a user would run them: each in its own process, with its own Ray."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+pytestmark = pytest.mark.slow
+
+
+def run(args: list[str], cwd: Path, timeout_s: float = 280) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    # The outer run's per-test state must not leak into a user's pytest session.
+    env.pop("PYTEST_ADDOPTS", None)
+    env.pop("PYTEST_CURRENT_TEST", None)
+    return subprocess.run(
+        [sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout_s
+    )
+
+
+def test_trio_driver_runs_and_engines_end_on_the_last_step() -> None:
+    proc = run([str(EXAMPLES / "trio_driver.py"), "--steps", "3"], cwd=EXAMPLES)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "engines serve step [2.0, 2.0]" in proc.stdout, proc.stdout
+
+
+def test_async_rl_loop_keeps_the_staleness_bound_and_ends_in_sync() -> None:
+    proc = run(
+        [str(EXAMPLES / "async_rl_loop.py"), "--steps", "4", "--staleness", "1"], cwd=EXAMPLES
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "engines serve step [3, 3]; identical to the trainer's: True" in proc.stdout, proc.stdout
+    assert "break the bound" not in proc.stdout
+
+
+def test_pytest_suite_example_passes(tmp_path: Path) -> None:
+    suite = EXAMPLES / "pytest_suite"
+    report = tmp_path / "report.xml"
+    proc = run(
+        ["-m", "pytest", "-p", "no:cacheprovider", "-q", f"--junitxml={report}", str(suite)],
+        cwd=suite,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    cases = list(ET.parse(report).getroot().iter("testcase"))
+    names = sorted(c.get("name", "") for c in cases)
+    assert names == [
+        "test_a_build_may_run_while_a_session_streams",
+        "test_a_trio_or_asyncio_driver[asyncio]",
+        "test_a_trio_or_asyncio_driver[trio]",
+        "test_engine_serves_the_step_it_was_synced",
+    ]
+    assert all(len(c) == 0 for c in cases), "a test of the example suite did not pass"
