@@ -117,15 +117,12 @@ async def test_builds_overlap_whole_version_reads(actor_factory: Any) -> None:
 async def test_loop_keeps_answering_during_a_256_mib_build(actor_factory: Any) -> None:
     actor = actor_factory(make_holder(), 64 * MIB)
     await actor.ping.remote()
-    build = actor.build.remote(0, 64, MIB)  # 64 x 4 MiB = 256 MiB
+    build = asyncio.ensure_future(actor.build.remote(0, 64, MIB))  # 64 x 4 MiB = 256 MiB
     latencies = []
-    while True:
+    while not build.done():
         start = time.monotonic()
         await actor.ping.remote()
         latencies.append(time.monotonic() - start)
-        done, _ = ray.wait([build], timeout=0)
-        if done:
-            break
     await build
     assert len(latencies) >= 3, "the build finished before the loop could be probed"
     assert max(latencies) < 0.05, f"loop stalled: {max(latencies) * 1e3:.1f} ms"
