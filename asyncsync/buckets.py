@@ -15,8 +15,9 @@ never an error.
 from __future__ import annotations
 
 import json
+import math
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -166,8 +167,14 @@ class Bucket:
         flat = _as_uint8_tensor(self.buffer)
         out: list[tuple[str, torch.Tensor]] = []
         for meta in self.index:
+            dtype = dtype_from_name(meta.dtype)
+            if meta.nbytes == 0:
+                # torch cannot change the dtype of a view of an empty buffer (stride 0),
+                # and a tensor without elements has no bytes to share anyway.
+                out.append((meta.name, torch.empty(meta.shape, dtype=dtype)))
+                continue
             raw = flat[meta.offset : meta.offset + meta.nbytes]
-            out.append((meta.name, raw.view(dtype_from_name(meta.dtype)).view(meta.shape)))
+            out.append((meta.name, raw.view(dtype).view(meta.shape)))
         return out
 
     def verify(self, expected: BucketManifest | None = None) -> None:
@@ -178,11 +185,19 @@ class Bucket:
         expected checksum. Blocking (hashes the payload): call it off the loop.
         """
         want = expected or self.manifest
+        first = self.index[0].name if self.index else "<empty>"
+        buf = self.buffer
+        if buf.dtype != np.uint8 or buf.ndim != 1 or not buf.flags.c_contiguous:
+            # Offsets are byte offsets: any other array would be sliced by elements.
+            raise ManifestMismatchError(
+                f"bucket starting at tensor {first!r}: payload must be a flat contiguous "
+                f"uint8 array, got {buf.dtype} of shape {list(buf.shape)}"
+            )
+        check_index(want)
         if expected is not None:
             check_manifest(self.manifest, expected)
         actual = checksum(self.buffer)
         if actual != want.checksum:
-            first = self.index[0].name if self.index else "<empty>"
             raise ChecksumMismatchError(
                 f"bucket starting at tensor {first!r} ({self.nbytes} bytes): checksum "
                 f"{actual:#018x} != expected {want.checksum:#018x}"
@@ -192,9 +207,11 @@ class Bucket:
 def check_manifest(got: BucketManifest, want: BucketManifest) -> None:
     """Raise :class:`ManifestMismatchError` naming the first difference of two manifests."""
     if len(got.index) != len(want.index):
+        got_first = repr(got.names[0]) if got.index else "<empty>"
+        want_first = repr(want.names[0]) if want.index else "<empty>"
         raise ManifestMismatchError(
-            f"bucket holds {len(got.index)} tensors, manifest says {len(want.index)} "
-            f"(first expected: {want.names[:1]})"
+            f"bucket starting at tensor {got_first} holds {len(got.index)} tensors; the "
+            f"manifest expects {len(want.index)} starting at {want_first}"
         )
     for g, w in zip(got.index, want.index, strict=True):
         if g.name != w.name:
@@ -206,7 +223,63 @@ def check_manifest(got: BucketManifest, want: BucketManifest) -> None:
                     f"{getattr(w, field)!r}"
                 )
     if got.nbytes != want.nbytes:
-        raise ManifestMismatchError(f"bucket size {got.nbytes} != manifest size {want.nbytes}")
+        first = want.names[0] if want.index else "<empty>"
+        raise ManifestMismatchError(
+            f"bucket starting at tensor {first!r}: size {got.nbytes} != manifest size {want.nbytes}"
+        )
+
+
+def check_index(manifest: BucketManifest) -> None:
+    """Raise :class:`ManifestMismatchError` unless the index describes a well-formed bucket.
+
+    Every tensor needs a known dtype, non-negative dimensions, ``nbytes`` equal to
+    its element count times its element size, an offset that is a multiple of its
+    element size, and must lie inside the bucket without overlapping another. An
+    index that breaks this can still match its own checksum, and would then fail
+    only when viewed back out: halfway through writing a model.
+    """
+    end = 0
+    # Zero-size tensors share an offset with the next tensor: sort them first.
+    for meta in sorted(manifest.index, key=lambda m: (m.offset, m.nbytes)):
+        name = meta.name
+        try:
+            itemsize = dtype_from_name(meta.dtype).itemsize
+        except BucketError:
+            raise ManifestMismatchError(f"tensor {name!r}: unknown dtype {meta.dtype!r}") from None
+        if any(d < 0 for d in meta.shape):
+            raise ManifestMismatchError(f"tensor {name!r}: negative dimension in {list(meta.shape)}")
+        numel = math.prod(meta.shape)
+        if meta.nbytes != numel * itemsize:
+            raise ManifestMismatchError(
+                f"tensor {name!r}: nbytes {meta.nbytes} != {numel} elements x {itemsize} bytes "
+                f"({meta.dtype}{list(meta.shape)})"
+            )
+        if meta.offset < end:
+            raise ManifestMismatchError(
+                f"tensor {name!r}: offset {meta.offset} overlaps the tensor before it, which "
+                f"ends at byte {end}"
+            )
+        if meta.offset % itemsize:
+            raise ManifestMismatchError(
+                f"tensor {name!r}: offset {meta.offset} is not a multiple of its element size "
+                f"{itemsize}"
+            )
+        end = meta.offset + meta.nbytes
+        if end > manifest.nbytes:
+            raise ManifestMismatchError(
+                f"tensor {name!r} ends at byte {end}, past the bucket's {manifest.nbytes} bytes"
+            )
+
+
+def check_manifests(manifest: Sequence[BucketManifest]) -> None:
+    """:func:`check_index` for every bucket, and every tensor name at most once overall."""
+    seen: set[str] = set()
+    for bucket in manifest:
+        check_index(bucket)
+        for name in bucket.names:
+            if name in seen:
+                raise ManifestMismatchError(f"tensor {name!r} appears twice in the manifest")
+            seen.add(name)
 
 
 def _as_uint8_tensor(buffer: np.ndarray) -> torch.Tensor:
@@ -225,7 +298,13 @@ def validate_tensor(name: object, value: object) -> torch.Tensor:
     sparse and meta tensors, and names that are not non-empty strings.
     """
     if not isinstance(name, str) or not name:
-        raise BucketError(f"tensor names must be non-empty strings, got {name!r}")
+        # No usable name: say what the value is, so the item can still be found.
+        what = (
+            f"{dtype_name(value.dtype)}{list(value.shape)} tensor"
+            if isinstance(value, torch.Tensor)
+            else type(value).__name__
+        )
+        raise BucketError(f"tensor names must be non-empty strings, got {name!r} for a {what}")
     if not isinstance(value, torch.Tensor):
         raise BucketError(f"{name!r} is a {type(value).__name__}, not a torch.Tensor")
     if value.layout != torch.strided:
@@ -290,7 +369,9 @@ class TensorStream:
 
     def _validated(self, item: object) -> tuple[str, torch.Tensor]:
         if not isinstance(item, tuple) or len(item) != 2:
-            raise BucketError(f"expected (name, tensor) pairs, got {type(item).__name__}")
+            raise BucketError(
+                f"expected (name, tensor) pairs, got a {type(item).__name__}: {item!r:.80}"
+            )
         name, value = item
         tensor = validate_tensor(name, value)
         assert isinstance(name, str)
@@ -319,22 +400,42 @@ def fill_buffer(
     """Copy ``tensors`` into ``payload`` at ``index`` offsets and zero the padding.
 
     Blocking; run it in a worker thread (torch releases the GIL while copying).
-    Accelerator tensors are copied to the host here; one synchronization per call.
-    The checksum is left to the caller, so it can overlap the next bucket's copy.
+    Accelerator tensors are copied to the host here, asynchronously (into pinned
+    memory when ``payload`` is pinned), with one synchronization per source device
+    per call, after the last copy. The checksum is left to the caller, so it can
+    overlap the next bucket's copy.
     """
     flat = torch.from_numpy(payload)
     end = 0
-    any_accel = False
+    devices: set[torch.device] = set()
     for meta, src in zip(index, tensors, strict=True):
         if meta.offset > end:
             flat[end : meta.offset].zero_()
+        end = meta.offset + meta.nbytes
+        if meta.nbytes == 0:
+            continue  # nothing to copy (and an empty buffer cannot be viewed as another dtype)
         dst = flat[meta.offset : meta.offset + meta.nbytes].view(src.dtype).view(src.shape)
         accel = src.device.type != "cpu"
-        any_accel |= accel
+        if accel:
+            devices.add(src.device)
         dst.copy_(src.detach(), non_blocking=accel)
-        end = meta.offset + meta.nbytes
-    if any_accel and torch.cuda.is_available():
-        torch.cuda.synchronize()
+    for device in devices:
+        _wait_for_copies(device)
+
+
+def _wait_for_copies(device: torch.device) -> None:
+    """Block until the copies queued on ``device``'s current stream by this thread are done.
+
+    Not ``torch.cuda.synchronize()``: that waits on the thread's current device (the
+    first GPU in a fresh worker thread) whatever device the tensors are on, and for
+    every stream's work there, not just these copies.
+    """
+    if device.type == "cuda":
+        done = torch.cuda.Event()  # type: ignore[no-untyped-call]
+        done.record(torch.cuda.current_stream(device))
+        done.synchronize()
+    else:
+        torch.accelerator.synchronize(device)
 
 
 def pack(

@@ -127,6 +127,9 @@ class _BuildState:
     names: set[str] = field(default_factory=set)
     adding: bool = False
     done: bool = False
+    # Why an add() of this build failed: such a build can only be discarded, never
+    # published (its snapshot would lack that add's tensors).
+    failed: str | None = None
 
 
 class BuildHandle:
@@ -157,7 +160,9 @@ class BuildHandle:
         convert layouts), one bucket's worth at a time; each call starts a new
         bucket. Accelerator tensors are copied to host memory. Raises
         :class:`~asyncsync.BucketError` naming a bad item; the build is then
-        discarded when the ``async with`` block exits with that error.
+        discarded when the ``async with`` block exits with that error. A build
+        whose ``add()`` raised (or was cancelled) is never published: leaving the
+        block normally anyway raises :class:`~asyncsync.CacheError` and discards it.
         """
         state = self._state
         self._cache._check_loop()
@@ -193,6 +198,9 @@ class BuildHandle:
                 Bucket(payload, index, digest)
                 for (payload, index, _), digest in zip(hashing, digests, strict=True)
             )
+        except BaseException as exc:
+            state.failed = f"{type(exc).__name__}: {exc}"
+            raise
         finally:
             for _, _, future in hashing:
                 future.cancel()
@@ -402,6 +410,11 @@ class BucketCache:
     def _publish(self, state: _BuildState) -> None:
         if state.adding:
             raise CacheError(f"build of step {state.step} exited while add() was still running")
+        if state.failed is not None:
+            raise CacheError(
+                f"build of step {state.step} cannot be published: an add() of it failed "
+                f"({state.failed})"
+            )
         state.done = True
         self._building = None
         entry = _Entry(Snapshot(state.step, tuple(state.buckets)), state.slots)
@@ -412,6 +425,13 @@ class BucketCache:
                 self._held[old.snapshot.step] = old
             else:
                 self._release(old.slots)
+        # A smaller snapshot than before: keep the pool within one snapshot's worth.
+        limit = sum(s.capacity for s in entry.slots)
+        pooled = sum(s.capacity for s in self._pool)
+        while self._pool and pooled > limit:
+            dropped = self._pool.pop()
+            pooled -= dropped.capacity
+            self._resident -= dropped.capacity
         self._notify()
 
     def _discard(self, state: _BuildState) -> None:
@@ -419,6 +439,11 @@ class BucketCache:
         if self._building is state:
             self._building = None
         self._discards += 1
+        if state.adding:
+            # The block was left while an add() still runs: a worker thread may be
+            # writing into any of these buffers, so drop them rather than pool them.
+            for slot in state.slots:
+                slot.dirty = True
         self._release(state.slots)
         self._notify()
 
@@ -532,15 +557,16 @@ class BucketCache:
                 assert self._changed is not None
                 changed = self._changed
             remaining = None if deadline is None else deadline - time.monotonic()
-            try:
-                if remaining is not None and remaining <= 0:
-                    raise TimeoutError
-                await asyncio.wait_for(changed.wait(), remaining)
-            except TimeoutError:
+            if remaining is not None and remaining <= 0:
                 ready = self._ready.snapshot.step if self._ready else None
                 raise ReadTimeoutError(
                     f"no snapshot with step >= {min_step} within {timeout}s (ready step: {ready})"
-                ) from None
+                )
+            try:
+                await asyncio.wait_for(changed.wait(), remaining)
+            except TimeoutError:
+                # Look once more under the lock: a publish may have raced the deadline.
+                pass
 
     def _unpin(self, entry: _Entry) -> None:
         entry.pins -= 1

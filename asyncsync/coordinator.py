@@ -6,6 +6,15 @@ newest built step, and records the version the engines committed as the step eac
 session *reports* (never the step it asked for). ``after_build`` returns at once
 unless the engines would fall more than ``staleness`` versions behind the trainer;
 only then does the train loop wait, and only until the bound holds again.
+
+Cancellation: awaiting an ``ObjectRef`` and cancelling the awaiting task does not
+stop the remote call, so the coordinator does it. When a task awaiting
+:meth:`SyncCoordinator.sync` is cancelled (or :meth:`SyncCoordinator.close` cancels
+the background session), the remote session is cancelled with ``ray.cancel``; it
+aborts on every engine, releases its pin and removes its temporary files, and the
+cancellation propagates only once the remote call has ended (bounded by
+``cancel_wait_s``). So after ``close()`` returns, or after a cancelled ``sync()``
+raised ``CancelledError``, no session of this coordinator is in flight.
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from .errors import ConfigError
 from .session import SyncPlan, SyncReport
 
 __all__ = ["SyncCoordinator"]
@@ -29,6 +39,9 @@ class SyncCoordinator:
         staleness: the engines may serve a version at most this many steps older
             than the newest built step (``0``: wait for every sync).
         engine_version: the version the engines serve now (``-1``: base weights).
+        cancel_wait_s: when a session is cancelled from the driver, how long to wait
+            for the remote session to finish aborting before the cancellation
+            propagates anyway.
         plan_options: further :class:`~asyncsync.SyncPlan` fields (``transport``,
             ``timeout_s``, ``max_inflight_buckets``, ...).
 
@@ -43,15 +56,17 @@ class SyncCoordinator:
         *,
         staleness: int = 1,
         engine_version: int = -1,
+        cancel_wait_s: float = 30.0,
         **plan_options: Any,
     ) -> None:
         if staleness < 0:
-            raise ValueError(f"staleness must be >= 0, got {staleness}")
+            raise ConfigError(f"staleness must be >= 0, got {staleness}")
         SyncPlan(targets=engines, **plan_options)  # validate options early
         self.trainer = trainer
         self.engines = dict(engines)
         self.staleness = staleness
         self.engine_version = engine_version
+        self.cancel_wait_s = cancel_wait_s
         self.reports: list[SyncReport] = []
         self._plan_options = plan_options
         self._latest_built: int | None = None
@@ -60,9 +75,14 @@ class SyncCoordinator:
         self._progress = asyncio.Event()
 
     async def sync(self, version: int | None = None) -> SyncReport:
-        """Run one session now (newest ready step >= ``version``) and publish its step."""
+        """Run one session now (newest ready step >= ``version``) and publish its step.
+
+        Cancelling the awaiting task cancels the remote session too (see the module
+        docstring); ``CancelledError`` propagates once it has ended.
+        """
         plan = SyncPlan(targets=self.engines, version=version, **self._plan_options)
-        report: SyncReport = await self.trainer.run_sync_session.remote(plan)
+        ref = self.trainer.run_sync_session.remote(plan)
+        report: SyncReport = await _await_or_cancel(ref, self.cancel_wait_s)
         self.engine_version = max(self.engine_version, report.step)
         self.reports.append(report)
         return report
@@ -89,13 +109,18 @@ class SyncCoordinator:
             await self._wait_progress()
 
     async def close(self) -> None:
-        """Cancel a session in flight (it aborts on every engine)."""
+        """Cancel the session in flight, if any; return once it has aborted on every engine.
+
+        Waits at most ``cancel_wait_s`` for the remote session to end.
+        """
         if self._pump is not None and not self._pump.done():
             self._pump.cancel()
             try:
                 await self._pump
             except asyncio.CancelledError:
-                pass
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise  # close() itself was cancelled, not just the pump
 
     def _ensure_pump(self) -> None:
         if self._pump is None or self._pump.done():
@@ -129,3 +154,28 @@ class SyncCoordinator:
         if self._error is not None:
             error, self._error = self._error, None
             raise error
+
+
+async def _await_or_cancel(ref: Any, wait_s: float) -> Any:
+    """Await a Ray ``ObjectRef``; if the awaiting task is cancelled, cancel the remote call.
+
+    After ``ray.cancel`` it waits up to ``wait_s`` for the remote call to end (an
+    async actor's method then runs its ``finally`` blocks: the session aborts), so
+    the caller's cancellation means "nothing in flight any more". A second
+    cancellation while waiting stops the wait at once.
+    """
+    try:
+        return await ref
+    except asyncio.CancelledError:
+        import ray
+
+        try:
+            ray.cancel(ref)
+        except Exception:  # best effort: never replace the cancellation being handled
+            pass
+        ended: asyncio.Future[Any] = asyncio.wrap_future(ref.future())
+        # The remote call's outcome (usually TaskCancelledError) is not wanted; retrieve
+        # it so asyncio does not log it as never retrieved.
+        ended.add_done_callback(lambda f: f.cancelled() or f.exception())
+        await asyncio.wait([ended], timeout=wait_s)
+        raise

@@ -6,6 +6,7 @@ valid call succeeds.
 
 ```
 AsyncSyncError
+├── ConfigError (ValueError)             an option out of range (cache, plan, coordinator, transport)
 ├── BucketError (ValueError)             bad tensors or names given to a bucket / build
 ├── CacheError
 │   ├── InvalidStepError (ValueError)    a step that is not an int >= -1
@@ -38,6 +39,7 @@ __all__ = [
     "CacheClosedError",
     "CacheError",
     "ChecksumMismatchError",
+    "ConfigError",
     "ConversionError",
     "IncompleteSessionError",
     "InvalidStepError",
@@ -56,6 +58,13 @@ __all__ = [
 
 class AsyncSyncError(Exception):
     """Base class of every error asyncsync raises on purpose."""
+
+
+class ConfigError(AsyncSyncError, ValueError):
+    """An option given to a constructor or a plan is out of range or unknown.
+
+    Raised at construction, before any state exists, so there is nothing to undo.
+    """
 
 
 class BucketError(AsyncSyncError, ValueError):

@@ -17,20 +17,22 @@ and hashing run in worker threads.
 from __future__ import annotations
 
 import asyncio
+import importlib
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .buckets import Bucket, BucketManifest
+from .buckets import Bucket, BucketManifest, check_manifests
 from .errors import (
+    ConfigError,
     IncompleteSessionError,
     ManifestMismatchError,
     SessionIdReusedError,
     StaleStepError,
     UnknownSessionError,
 )
-from .transport import load_payload
+from .transport import load_payload, transport_names
 
 __all__ = ["ReceiverStats", "StagingReceiver"]
 
@@ -67,6 +69,10 @@ class StagingReceiver:
         self._commits = 0
         self._aborts = 0
         self._rejected = 0
+        # Serializes commits: the staleness check and the switch of version must be
+        # one critical section, or two sessions committing at once could apply the
+        # older version over the newer one.
+        self._commit_lock = asyncio.Lock()
 
     # ----------------------------------------------------------------- for engines
 
@@ -88,7 +94,13 @@ class StagingReceiver:
     async def begin(
         self, session_id: str, version: int, manifest: Sequence[BucketManifest]
     ) -> None:
-        """Open a session that will deliver ``manifest`` for ``version``."""
+        """Open a session that will deliver ``manifest`` for ``version``.
+
+        Raises :class:`SessionIdReusedError`, :class:`~asyncsync.StaleStepError` (a
+        version older than the committed one) or :class:`ManifestMismatchError` (a
+        malformed index, a name twice, or what :meth:`check_manifest` refuses);
+        nothing is opened then and the id stays unused.
+        """
         if session_id in self._seen:
             raise SessionIdReusedError(f"session id {session_id!r} was already used")
         if self.version is not None and version < self.version:
@@ -96,6 +108,7 @@ class StagingReceiver:
                 f"session {session_id!r} carries version {version}, older than the "
                 f"committed version {self.version}"
             )
+        check_manifests(manifest)
         self.check_manifest(manifest)
         self._remember(session_id)
         self._sessions[session_id] = _Staging(version, tuple(manifest))
@@ -134,7 +147,10 @@ class StagingReceiver:
         """Make the session's weights visible; return the version now served.
 
         Raises :class:`IncompleteSessionError` (session stays open, nothing applied)
-        if a bucket is missing.
+        if a bucket is missing, and :class:`~asyncsync.StaleStepError` (session
+        dropped, nothing applied) if a newer version was committed meanwhile. Once
+        the copy into the model started it runs to the end, even if this call is
+        cancelled: stopping halfway would leave the model a mix of two versions.
         """
         staging = self._staging(session_id)
         missing = [i for i in range(len(staging.manifest)) if i not in staging.buckets]
@@ -143,17 +159,50 @@ class StagingReceiver:
                 f"session {session_id!r}: commit before buckets {missing[:8]} arrived "
                 f"({len(staging.buckets)}/{len(staging.manifest)} received)"
             )
-        ordered = [staging.buckets[i] for i in range(len(staging.manifest))]
-        await self.apply(ordered, staging.version)
-        self._sessions.pop(session_id, None)
-        self.version = staging.version
-        self._commits += 1
-        return staging.version
+        commit = asyncio.ensure_future(self._commit(session_id, staging))
+        # If we are cancelled, nobody awaits the commit's outcome: retrieve it.
+        commit.add_done_callback(lambda f: f.cancelled() or f.exception())
+        return await asyncio.shield(commit)
+
+    async def _commit(self, session_id: str, staging: _Staging) -> int:
+        async with self._commit_lock:
+            if self._sessions.get(session_id) is not staging:
+                raise UnknownSessionError(
+                    f"session {session_id!r} was aborted before its commit could run"
+                )
+            if self.version is not None and staging.version < self.version:
+                del self._sessions[session_id]
+                self._aborts += 1
+                raise StaleStepError(
+                    f"session {session_id!r} carries version {staging.version}, older than "
+                    f"the version {self.version} committed meanwhile; dropped"
+                )
+            ordered = [staging.buckets[i] for i in range(len(staging.manifest))]
+            await self.apply(ordered, staging.version)
+            self._sessions.pop(session_id, None)
+            self.version = staging.version
+            self._commits += 1
+            return staging.version
 
     async def abort(self, session_id: str) -> None:
         """Drop the session's staging; idempotent, unknown ids are ignored."""
         if self._sessions.pop(session_id, None) is not None:
             self._aborts += 1
+
+    async def transport_setup(self, transport: str, config: Any) -> Any:
+        """Run transport ``transport``'s engine-side set-up (e.g. join a process group).
+
+        Called by the train side of transports that need one before they send.
+        Runs ``asyncsync.transport.<transport>.engine_setup(self.transport_state,
+        config)`` in a worker thread (it may block, e.g. on a rendezvous) and returns
+        its result. Raises :class:`~asyncsync.ConfigError` for an unknown transport or
+        one without an engine-side set-up.
+        """
+        if transport not in transport_names():
+            raise ConfigError(
+                f"unknown transport {transport!r}; choose one of {', '.join(transport_names())}"
+            )
+        return await asyncio.to_thread(_transport_setup, transport, self.transport_state, config)
 
     async def receiver_stats(self) -> ReceiverStats:
         return ReceiverStats(
@@ -178,6 +227,15 @@ class StagingReceiver:
         self._seen[session_id] = None
         while len(self._seen) > _REMEMBERED_SESSIONS:
             self._seen.popitem(last=False)
+
+
+def _transport_setup(transport: str, state: dict[str, Any], config: Any) -> Any:
+    # In a worker thread: the first use imports the transport's module.
+    module = importlib.import_module(f"{__package__}.transport.{transport}")
+    setup = getattr(module, "engine_setup", None)
+    if setup is None:
+        raise ConfigError(f"transport {transport!r} has no engine-side set-up")
+    return setup(state, config)
 
 
 def _load_and_verify(payload: Any, expected: BucketManifest, state: dict[str, Any]) -> Bucket:

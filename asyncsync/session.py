@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from .cache import BucketCache, Snapshot
-from .errors import SessionError, SessionTimeoutError
+from .errors import ConfigError, SessionError, SessionTimeoutError
 from .spans import SpanLog
 from .transport import SessionContext, Transport
 
@@ -64,13 +64,13 @@ class SyncPlan:
 
     def __post_init__(self) -> None:
         if not isinstance(self.targets, Mapping) or not self.targets:
-            raise ValueError("SyncPlan.targets must be a non-empty mapping of name -> handle")
+            raise ConfigError("SyncPlan.targets must be a non-empty mapping of name -> handle")
         if self.max_inflight_buckets < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"max_inflight_buckets must be >= 1, got {self.max_inflight_buckets}"
             )
         if self.timeout_s <= 0:
-            raise ValueError(f"timeout_s must be positive, got {self.timeout_s}")
+            raise ConfigError(f"timeout_s must be positive, got {self.timeout_s}")
 
 
 @dataclass(frozen=True)
@@ -190,7 +190,11 @@ async def _stream(
     except BaseExceptionGroup as group_error:
         raise _first_error(group_error) from None
 
-    commit = await _on_all(ctx, "commit", lambda name, h: h.commit.remote(ctx.session_id))
+    # A commit that started is never cancelled: the engine finishes it (its copy into
+    # the model cannot stop halfway), whatever happens to this session.
+    commit = await _on_all(
+        ctx, "commit", lambda name, h: h.commit.remote(ctx.session_id), cancel_remote=False
+    )
     return {
         name: TargetReport(
             name=name,
@@ -204,14 +208,18 @@ async def _stream(
 
 
 async def _on_all(
-    ctx: SessionContext, what: str, call: Callable[[str, Any], Awaitable[T]]
+    ctx: SessionContext,
+    what: str,
+    call: Callable[[str, Any], Awaitable[T]],
+    *,
+    cancel_remote: bool = True,
 ) -> dict[str, tuple[T, float]]:
     """Run ``call`` on every target concurrently; fail fast with the first target's error."""
     results: dict[str, tuple[T, float]] = {}
 
     async def one(name: str, handle: Any) -> None:
         start = time.monotonic()
-        value = await _as_target(ctx, name, what, call(name, handle))
+        value = await _as_target(ctx, name, what, call(name, handle), cancel_remote=cancel_remote)
         results[name] = (value, time.monotonic() - start)
 
     try:
@@ -223,10 +231,26 @@ async def _on_all(
     return results
 
 
-async def _as_target(ctx: SessionContext, name: str, what: str, awaitable: Awaitable[T]) -> T:
+async def _as_target(
+    ctx: SessionContext,
+    name: str,
+    what: str,
+    awaitable: Awaitable[T],
+    *,
+    cancel_remote: bool = True,
+) -> T:
+    """Await one call on target ``name``; its failure becomes a :class:`SessionError`.
+
+    If this wait is cancelled (another target failed, the timeout, the session was
+    cancelled) and ``cancel_remote`` is set, the engine-side call is cancelled too:
+    a hung ``receive`` would otherwise run on, holding its payload and one of the
+    engine's concurrency slots for good.
+    """
     try:
         return await awaitable
     except asyncio.CancelledError:
+        if cancel_remote:
+            _cancel_remote(awaitable)
         raise
     except Exception as exc:
         raise SessionError(
@@ -236,6 +260,16 @@ async def _as_target(ctx: SessionContext, name: str, what: str, awaitable: Await
             step=ctx.step,
             target=name,
         ) from exc
+
+
+def _cancel_remote(awaitable: object) -> None:
+    import ray
+
+    if isinstance(awaitable, ray.ObjectRef):
+        try:
+            ray.cancel(awaitable)
+        except Exception:  # best effort: never replace the cancellation being handled
+            pass
 
 
 def _first_error(group_error: BaseExceptionGroup[BaseException]) -> BaseException:

@@ -8,6 +8,8 @@ a wrong value, and digests compare bit for bit.
 from __future__ import annotations
 
 import asyncio
+import os
+import time
 from typing import Any
 
 import torch
@@ -38,11 +40,14 @@ class StepTrainer(WeightSyncActor):
         torch.manual_seed(0)
         self.model = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **TINY_LLAMA))
         self.fail_after: int | None = None
+        self.tensor_delay_s = 0.0
 
     def named_weights(self, step: int) -> Any:
         for i, (name, tensor) in enumerate(self.model.state_dict().items()):
             if self.fail_after is not None and i >= self.fail_after:
                 raise RuntimeError(f"weight source failed at tensor {i} ({name})")
+            if self.tensor_delay_s:
+                time.sleep(self.tensor_delay_s)  # iterated in a worker thread: a slow source
             yield name, tensor
 
     async def set_step(self, step: int) -> None:
@@ -53,6 +58,17 @@ class StepTrainer(WeightSyncActor):
 
     async def set_fail_after(self, n: int | None) -> None:
         self.fail_after = n
+
+    async def set_tensor_delay(self, seconds: float) -> None:
+        self.tensor_delay_s = seconds
+
+    async def pid(self) -> int:
+        return os.getpid()
+
+    async def cache_lock_free(self) -> bool:
+        """Whether the cache's lock is free (no task left it held)."""
+        lock = self.weight_cache._lock
+        return lock is None or not lock.locked()
 
     async def publish(self, step: int) -> int:
         await self.set_step(step)
@@ -68,6 +84,7 @@ class FaultyEngine(HFEngine):
         self.fail_on_bucket: int | None = None
         self.hang_on_bucket: int | None = None
         self.received = 0
+        self.receives_running = 0
 
     async def set_faults(
         self,
@@ -81,13 +98,21 @@ class FaultyEngine(HFEngine):
 
     async def receive(self, session_id: str, index: int, payload: Any) -> int:
         self.received += 1
-        if self.receive_delay_s:
-            await asyncio.sleep(self.receive_delay_s)
-        if index == self.fail_on_bucket:
-            raise RuntimeError(f"injected fault on bucket {index}")
-        if index == self.hang_on_bucket:
-            await asyncio.Event().wait()
-        return await super().receive(session_id, index, payload)
+        self.receives_running += 1
+        try:
+            if self.receive_delay_s:
+                await asyncio.sleep(self.receive_delay_s)
+            if index == self.fail_on_bucket:
+                raise RuntimeError(f"injected fault on bucket {index}")
+            if index == self.hang_on_bucket:
+                await asyncio.Event().wait()
+            return await super().receive(session_id, index, payload)
+        finally:
+            self.receives_running -= 1
+
+    async def running_receives(self) -> int:
+        """``receive`` calls still running (a hung one that nobody cancelled stays here)."""
+        return self.receives_running
 
 
 def trainer_class(**options: Any) -> Any:

@@ -101,11 +101,22 @@ class HFEngine(StagingReceiver):
         self.model.eval()
         # Every tensor an update may write, by HF name (tied weights appear under both names).
         self._params: dict[str, torch.Tensor] = dict(self.model.state_dict())
+        # Names that share one tensor (tied weights): an update must cover each group.
+        groups: dict[tuple[int, int], list[str]] = {}
+        for name, t in self._params.items():
+            where = (t.untyped_storage().data_ptr(), int(t.storage_offset()))
+            groups.setdefault(where, []).append(name)
+        self._param_groups = list(groups.values())
         self._weights = _ReadWriteLock()
         self._served_version: int | None = None
         self._generations = 0
 
     def check_manifest(self, manifest: Sequence[BucketManifest]) -> None:
+        """Refuse tensors the model does not have or that do not fit, and partial updates.
+
+        An update must write every parameter (one name of each tied group is
+        enough): a partial one would serve a mix of two versions under one stamp.
+        """
         for bucket in manifest:
             for meta in bucket.index:
                 param = self._params.get(meta.name)
@@ -119,6 +130,13 @@ class HFEngine(StagingReceiver):
                         f"tensor {meta.name!r}: {meta.dtype}{list(meta.shape)} does not fit the "
                         f"model's {dtype_name(param.dtype)}{list(param.shape)}"
                     )
+        sent = {name for bucket in manifest for name in bucket.names}
+        missing = [g[0] for g in self._param_groups if sent.isdisjoint(g)]
+        if missing:
+            raise ManifestMismatchError(
+                f"the update leaves {len(missing)} of {len(self._param_groups)} parameters of "
+                f"this {type(self.model).__name__} unwritten, e.g. {missing[:3]}"
+            )
 
     async def apply(self, buckets: Sequence[Bucket], version: int) -> None:
         async with self._weights.write():

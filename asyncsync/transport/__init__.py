@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from ..buckets import Bucket, BucketManifest
+from ..errors import ConfigError
 
 __all__ = [
     "BucketPayload",
@@ -94,7 +95,7 @@ def make_transport(name: str, **options: Any) -> Transport:
     try:
         module_name, cls_name = _BACKENDS[name]
     except KeyError:
-        raise ValueError(
+        raise ConfigError(
             f"unknown transport {name!r}; choose one of {', '.join(transport_names())}"
         ) from None
     cls = getattr(importlib.import_module(module_name), cls_name)

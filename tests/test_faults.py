@@ -1,0 +1,375 @@
+"""Fault injection on a real local Ray: every fault leaves nothing lost and nothing leaked.
+
+Each test injects one fault into a live setup (one train actor, two HF engines, a
+third engine to kill) and then checks the same after-state, :func:`assert_recovered`:
+
+* the ready step is unchanged, or advanced only by a build that completed;
+* engines that did not commit serve their previous version, bit for bit, and keep
+  answering ``generate``; no staging session and no ``receive`` call is left open;
+* no pin, no build in flight, the cache's lock is free, resident memory is at most
+  the ready snapshot plus one snapshot of pooled buffers;
+* no file of the train actor is left in ``/dev/shm``;
+* the next build and the next session succeed and deliver bit-identical weights.
+
+Every wait is bounded (:func:`within`, plus the module's pytest timeout).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import stat
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import numpy as np
+import pytest
+import ray
+from _actors import TINY_LLAMA, assert_engines_hold, engine_class, trainer_class
+from safetensors import safe_open
+
+from asyncsync import BucketManifest, SessionError, SessionTimeoutError
+from asyncsync.buckets import checksum
+from asyncsync.coordinator import SyncCoordinator
+from asyncsync.session import SyncPlan
+from asyncsync.transport.shm import PREFIX
+
+pytestmark = pytest.mark.timeout(240)
+
+T = TypeVar("T")
+WAIT_S = 30.0
+"""Bound on any single wait in this module (generous: CI machines are shared)."""
+PROMPT = [[1, 2, 3, 4]]
+SLOW_RECEIVE_S = 0.25
+"""Per-bucket delay of a slow engine: 8 buckets, 2 in flight, so a session takes >= 1 s."""
+
+
+async def within(awaitable: Awaitable[T], seconds: float = WAIT_S) -> T:
+    async with asyncio.timeout(seconds):
+        return await awaitable
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], what: str, seconds: float = 10.0) -> None:
+    """Poll ``check`` until it holds; fail naming ``what`` after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while not await within(check()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} (after {seconds:.0f} s)")
+        await asyncio.sleep(0.02)
+
+
+def shm_files(pid: int) -> list[str]:
+    """Bucket files in /dev/shm written by process ``pid`` (other suites may run beside us)."""
+    return sorted(n for n in os.listdir("/dev/shm") if n.startswith(f"{PREFIX}{pid}-"))
+
+
+class Rig:
+    """One train actor and three engines shared by this module's tests.
+
+    ``engines`` are the live engines every recovery session targets; ``victim`` is
+    killed by one test. Steps only move forward (``step()`` hands out the next).
+    ``synced`` is the step every live engine serves between tests.
+    """
+
+    def __init__(self, trainer: Any, engines: dict[str, Any], victim: Any, pid: int) -> None:
+        self.trainer = trainer
+        self.engines = engines
+        self.victim = victim
+        self.pid = pid
+        self.synced: int | None = None
+        self.model_nbytes = 0
+        self._step = -1
+
+    def step(self) -> int:
+        self._step += 1
+        return self._step
+
+    async def publish(self) -> int:
+        return int(await within(self.trainer.publish.remote(self.step())))
+
+    async def sync(self, transport: str = "object_store") -> int:
+        plan = SyncPlan(self.engines, transport=transport, timeout_s=WAIT_S)
+        report = await within(self.trainer.run_sync_session.remote(plan))
+        self.synced = report.step
+        self.model_nbytes = report.nbytes
+        return int(report.step)
+
+    async def digests(self) -> dict[str, tuple[int | None, dict[str, int]]]:
+        return {n: await within(e.state_digests.remote()) for n, e in self.engines.items()}
+
+
+@pytest.fixture(scope="module")
+async def rig(ray_local: Any) -> AsyncIterator[Rig]:
+    trainer = trainer_class().remote()
+    engine = engine_class()
+    engines = {
+        "e0": engine.remote("llama", TINY_LLAMA, seed=1, num_threads=1),
+        "e1": engine.remote("llama", TINY_LLAMA, seed=2, num_threads=1),
+    }
+    victim = engine.remote("llama", TINY_LLAMA, seed=3, num_threads=1)
+    pid, *_ = await within(
+        asyncio.gather(trainer.pid.remote(), victim.ping.remote(), *(e.ping.remote() for e in engines.values())),
+        120,
+    )
+    rig = Rig(trainer, engines, victim, pid)
+    await rig.publish()
+    await rig.sync()
+    yield rig
+    for handle in [trainer, victim, *engines.values()]:
+        ray.kill(handle, no_restart=True)
+
+
+async def assert_recovered(
+    rig: Rig, *, ready: int, before: dict[str, tuple[int | None, dict[str, int]]]
+) -> None:
+    """The after-state of every fault (see the module docstring), then a build and a session.
+
+    ``ready``: the ready step the trainer must still have. ``before``: each live
+    engine's ``(version, digests)`` from before the fault; none of them committed.
+    """
+    trainer = rig.trainer
+    stats = await within(trainer.cache_stats.remote())
+    assert stats.ready_step == ready
+    assert stats.building_step is None
+    assert stats.pins == {}
+    # Every snapshot has the same layout here: the ready one plus at most one pooled.
+    assert stats.resident_bytes <= 2 * rig.model_nbytes, stats
+    assert await within(trainer.cache_lock_free.remote())
+    assert shm_files(rig.pid) == []
+    for name, engine in rig.engines.items():
+        receiver = await within(engine.receiver_stats.remote())
+        assert (receiver.version, receiver.open_sessions) == (before[name][0], ()), name
+        assert await within(engine.state_digests.remote()) == before[name], f"{name}'s weights changed"
+        assert (await within(engine.generate.remote(PROMPT))).version == before[name][0]
+
+        async def no_receive_running(engine: Any = engine) -> bool:
+            return int(await engine.running_receives.remote()) == 0
+
+        # The session cancels the engine calls it stops waiting for; the cancel
+        # reaches the engine asynchronously, so poll (bounded).
+        await eventually(no_receive_running, f"{name} still runs a receive of a dead session")
+    step = await rig.publish()
+    assert await rig.sync("shm") == step
+    await assert_engines_hold(trainer, rig.engines, step)
+    stats = await within(trainer.cache_stats.remote())
+    assert (stats.pins, stats.building_step) == ({}, None)
+    assert shm_files(rig.pid) == []
+
+
+async def wait_for_open_session(engine: Any) -> None:
+    async def is_open() -> bool:
+        return bool((await engine.receiver_stats.remote()).open_sessions)
+
+    await eventually(is_open, "the engine never saw the session begin")
+
+
+async def wait_for_build(trainer: Any, step: int) -> None:
+    async def building() -> bool:
+        return (await trainer.cache_stats.remote()).building_step == step
+
+    await eventually(building, f"the build of step {step} never started")
+
+
+# --------------------------------------------------------------------- engine faults
+
+
+async def test_killed_engine_aborts_session_others_keep_serving(rig: Rig) -> None:
+    ready = await rig.publish()
+    before = await rig.digests()
+    await within(rig.victim.set_faults.remote(receive_delay_s=SLOW_RECEIVE_S))
+    targets = {"e0": rig.engines["e0"], "victim": rig.victim}
+    session = rig.trainer.run_sync_session.remote(SyncPlan(targets, transport="shm"))
+    await wait_for_open_session(rig.victim)
+    ray.kill(rig.victim, no_restart=True)
+    with pytest.raises(SessionError, match="target 'victim' failed") as info:
+        await within(session)
+    assert (info.value.target, info.value.step) == ("victim", ready)
+    await assert_recovered(rig, ready=ready, before=before)
+
+
+@pytest.mark.parametrize("transport", ["object_store", "shm"])
+async def test_engine_raising_in_receive_aborts_everywhere(rig: Rig, transport: str) -> None:
+    ready = await rig.publish()
+    before = await rig.digests()
+    await within(rig.engines["e1"].set_faults.remote(fail_on_bucket=3))
+    try:
+        with pytest.raises(SessionError, match=r"target 'e1' failed in receive of bucket 3") as info:
+            await within(rig.trainer.run_sync_session.remote(SyncPlan(rig.engines, transport=transport)))
+    finally:
+        await within(rig.engines["e1"].set_faults.remote())
+    assert (info.value.target, info.value.step) == ("e1", ready)
+    await assert_recovered(rig, ready=ready, before=before)
+
+
+async def test_hanging_engine_times_out_aborts_and_its_receive_is_cancelled(rig: Rig) -> None:
+    ready = await rig.publish()
+    before = await rig.digests()
+    await within(rig.engines["e0"].set_faults.remote(hang_on_bucket=2))
+    try:
+        with pytest.raises(SessionTimeoutError, match=r"ran past 1.0s") as info:
+            await within(
+                rig.trainer.run_sync_session.remote(SyncPlan(rig.engines, transport="shm", timeout_s=1.0))
+            )
+    finally:
+        await within(rig.engines["e0"].set_faults.remote())
+    assert info.value.step == ready
+    # assert_recovered also waits for the hung receive to be cancelled on e0.
+    await assert_recovered(rig, ready=ready, before=before)
+
+
+# --------------------------------------------------------------------- train-side faults
+
+
+async def test_weight_source_raising_halfway_discards_the_build(rig: Rig) -> None:
+    ready = await rig.publish()
+    before = await rig.digests()
+    discards = (await within(rig.trainer.cache_stats.remote())).discards
+    await within(rig.trainer.set_fail_after.remote(10))  # 21 tensors: fails in bucket 3 or so
+    try:
+        with pytest.raises(RuntimeError, match=r"weight source failed at tensor 10"):
+            await rig.publish()
+    finally:
+        await within(rig.trainer.set_fail_after.remote(None))
+    assert (await within(rig.trainer.cache_stats.remote())).discards == discards + 1
+    await assert_recovered(rig, ready=ready, before=before)
+
+
+async def test_ray_cancel_of_a_build_midway_discards_it(rig: Rig) -> None:
+    ready = await rig.publish()
+    before = await rig.digests()
+    await within(rig.trainer.set_tensor_delay.remote(0.1))  # ~2 s build
+    step = rig.step()
+    try:
+        build = rig.trainer.publish.remote(step)
+        await wait_for_build(rig.trainer, step)
+        ray.cancel(build)
+        with pytest.raises(ray.exceptions.TaskCancelledError):
+            await within(build)
+    finally:
+        await within(rig.trainer.set_tensor_delay.remote(0.0))
+    await assert_recovered(rig, ready=ready, before=before)
+
+
+async def test_ray_cancel_of_a_session_midway_aborts_it(rig: Rig) -> None:
+    ready = await rig.publish()
+    before = await rig.digests()
+    await within(rig.engines["e0"].set_faults.remote(receive_delay_s=SLOW_RECEIVE_S))
+    try:
+        session = rig.trainer.run_sync_session.remote(SyncPlan(rig.engines, transport="shm"))
+        await wait_for_open_session(rig.engines["e0"])
+        ray.cancel(session)
+        with pytest.raises(ray.exceptions.TaskCancelledError):
+            await within(session)
+    finally:
+        await within(rig.engines["e0"].set_faults.remote())
+    await assert_recovered(rig, ready=ready, before=before)
+
+
+async def test_ray_cancel_of_a_session_waiting_for_its_step(rig: Rig) -> None:
+    ready = await rig.publish()
+    before = await rig.digests()
+    plan = SyncPlan(rig.engines, version=ready + 1000, pin_timeout_s=None)
+    session = rig.trainer.run_sync_session.remote(plan)
+    await asyncio.sleep(0.3)
+    ray.cancel(session)
+    with pytest.raises(ray.exceptions.TaskCancelledError):
+        await within(session)
+    await assert_recovered(rig, ready=ready, before=before)
+
+
+# --------------------------------------------------------------------- driver cancellation
+
+
+async def test_cancelled_driver_task_cancels_the_remote_session(rig: Rig) -> None:
+    ready = await rig.publish()
+    before = await rig.digests()
+    coordinator = SyncCoordinator(rig.trainer, rig.engines, transport="shm")
+    await within(rig.engines["e0"].set_faults.remote(receive_delay_s=SLOW_RECEIVE_S))
+    try:
+        task = asyncio.create_task(coordinator.sync())
+        await wait_for_open_session(rig.engines["e0"])
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await within(task)
+        # The cancellation propagated only after the remote session ended: it is no
+        # longer open on any engine *now*, without waiting (a session left running
+        # would still be streaming to the slow engine for a second or more).
+        for engine in rig.engines.values():
+            assert (await within(engine.receiver_stats.remote())).open_sessions == ()
+    finally:
+        await within(rig.engines["e0"].set_faults.remote())
+    assert coordinator.engine_version == -1 and coordinator.reports == []
+    await assert_recovered(rig, ready=ready, before=before)
+
+
+async def test_coordinator_close_returns_once_the_session_aborted(rig: Rig) -> None:
+    ready = await rig.publish()
+    before = await rig.digests()
+    synced = rig.synced
+    assert synced is not None
+    coordinator = SyncCoordinator(rig.trainer, rig.engines, staleness=100, engine_version=synced)
+    await within(rig.engines["e0"].set_faults.remote(receive_delay_s=SLOW_RECEIVE_S))
+    try:
+        assert await within(coordinator.after_build(ready)) < 1.0  # within the bound: no wait
+        await wait_for_open_session(rig.engines["e0"])
+        await within(coordinator.close())
+        for engine in rig.engines.values():
+            assert (await within(engine.receiver_stats.remote())).open_sessions == ()
+    finally:
+        await within(rig.engines["e0"].set_faults.remote())
+    assert coordinator.engine_version == synced
+    await assert_recovered(rig, ready=ready, before=before)
+
+
+# --------------------------------------------------------------------- security, live
+
+
+SHM_NAME = re.compile(rf"^{re.escape(PREFIX)}(\d+)-([0-9a-f]{{24}})-(\d+)\.safetensors$")
+
+
+async def test_shm_files_in_flight_are_private_safetensors_with_random_names(rig: Rig) -> None:
+    """While a session streams: mode 0600, a random token per session, a plain safetensors file."""
+    tokens = []
+    await within(rig.engines["e0"].set_faults.remote(receive_delay_s=SLOW_RECEIVE_S))
+    try:
+        for _ in range(2):
+            await rig.publish()
+            session = rig.trainer.run_sync_session.remote(SyncPlan(rig.engines, transport="shm"))
+            seen = await within(_inspect_one_bucket_file(rig.pid))
+            tokens.append(seen)
+            await within(session)
+    finally:
+        await within(rig.engines["e0"].set_faults.remote())
+    assert tokens[0] != tokens[1]
+    assert shm_files(rig.pid) == []
+
+
+async def _inspect_one_bucket_file(pid: int) -> str:
+    """Check one bucket file of ``pid`` while it exists; return its session token."""
+    while True:
+        for name in shm_files(pid):
+            path = os.path.join("/dev/shm", name)
+            try:
+                mode = stat.S_IMODE(os.stat(path).st_mode)
+                # A plain safetensors reader, no asyncsync code: one uint8 tensor and
+                # the manifest as JSON metadata. Nothing here can unpickle.
+                with safe_open(path, framework="np") as f:
+                    keys = list(f.keys())
+                    metadata = f.metadata()
+                    payload = f.get_tensor("bucket")
+            except FileNotFoundError:
+                continue  # every engine had it and the session unlinked it: try the next
+            match = SHM_NAME.match(name)
+            assert match, name
+            assert int(match.group(1)) == pid
+            assert mode == 0o600, oct(mode)
+            assert keys == ["bucket"]
+            manifest = BucketManifest.from_json(metadata["asyncsync.manifest"])
+            assert json.loads(metadata["asyncsync.manifest"])["checksum"] == manifest.checksum
+            assert payload.dtype == np.uint8 and payload.nbytes == manifest.nbytes
+            assert checksum(payload) == manifest.checksum
+            return match.group(2)
+        await asyncio.sleep(0.005)
