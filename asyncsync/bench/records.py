@@ -1,0 +1,89 @@
+"""Plain records the bench actors return to the driver (picklable, importable by workers)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..spans import Span
+from .probes import LagSummary, Usage
+
+__all__ = ["BuildBreakdown", "EngineRecord", "TrainerRecord"]
+
+
+@dataclass(frozen=True)
+class TrainerRecord:
+    """What a train actor measured inside itself during one configuration.
+
+    ``build_lag`` (wake-ups during measured builds) and ``other_lag`` (every
+    other wake-up after the first measured build started) are ``None`` for a
+    synchronous actor: it has no event loop. ``resident`` holds ``(wall time,
+    cache bytes)`` samples.
+    """
+
+    spans: list[Span]
+    rss_peak: int
+    private_peak: int
+    max_lock_hold_s: float
+    resident: list[tuple[float, int]]
+    digest: str
+    usage: list[Usage] = field(default_factory=list)
+    build_lag: LagSummary | None = None
+    other_lag: LagSummary | None = None
+
+
+@dataclass(frozen=True)
+class EngineRecord:
+    """What an engine measured: its version, weights digest, memory and where its time went.
+
+    ``receive_s``: ``(step, seconds)`` per bucket, loading the payload (and, for
+    asyncsync, checking its checksum). ``apply_s``: ``(step, seconds)`` per commit
+    (asyncsync) or per bucket (baseline), copying into the preallocated weights.
+    """
+
+    version: int | None
+    digest: str
+    rss_peak: int
+    private_peak: int
+    receive_s: list[tuple[int, float]] = field(default_factory=list)
+    apply_s: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class BuildBreakdown:
+    """Where a build's time goes, measured on a quiet train actor with the real functions.
+
+    Every figure is seconds for the whole model, the best of ``reps`` repetitions
+    (the least disturbed by other processes) unless noted. ``group_s``: pulling tensors
+    into bucket groups and computing the layout (``TensorStream`` + ``layout``).
+    ``alloc_fault_s``: first touch of freshly allocated buffers (page faults),
+    measured once as a copy into fresh buffers minus a copy into touched ones.
+    ``flat_copy_s``: the copy limit measured in the same process: ``copy_``
+    between two touched bucket-sized buffers, as many bytes as the model.
+    ``copy_s``: ``copy_`` of the model's tensors into touched buffers. ``checksum_s``: xxh3 of the
+    payloads. ``fill_s``: :func:`~asyncsync.buckets.fill_buffer` into touched
+    buffers (what the cache's worker thread runs per bucket). ``pipelined_s``:
+    ``fill_buffer`` of each bucket while the previous buckets are checksummed in a
+    second thread, as the cache schedules them, without the event loop. ``hop_s``: one ``asyncio.to_thread`` round trip of a no-op,
+    times the hops one build makes (``hops``). ``quiet_build_s``: a real
+    ``build_cpu_bucket_cache`` with nothing else running on the actor, buffers
+    from the pool. ``first_build_s``: the first build of the run (fresh buffers).
+    ``quiet_lag``: the actor's loop lag during those quiet builds; ``idle_lag``:
+    during an idle window just before them (the machine's scheduling noise).
+    """
+
+    nbytes: int
+    buckets: int
+    group_s: float
+    alloc_fault_s: float
+    flat_copy_s: float
+    copy_s: float
+    checksum_s: float
+    fill_s: float
+    pipelined_s: float
+    hop_s: float
+    hops: int
+    quiet_build_s: float
+    first_build_s: float
+    reps: int
+    quiet_lag: LagSummary
+    idle_lag: LagSummary
