@@ -115,17 +115,26 @@ async def test_builds_overlap_whole_version_reads(actor_factory: Any) -> None:
 
 
 async def test_loop_keeps_answering_during_a_256_mib_build(actor_factory: Any) -> None:
-    actor = actor_factory(make_holder(), 64 * MIB)
+    # One 256 MiB bucket: a copy or checksum on the loop would stall it for the
+    # whole bucket (tens of ms), in every round. Scheduler noise on a busy 2-core
+    # machine can delay a single ping too, so a round may be repeated: blocking
+    # work fails all of them.
+    actor = actor_factory(make_holder(), 256 * MIB)
     await actor.ping.remote()
-    build = asyncio.ensure_future(actor.build.remote(0, 64, MIB))  # 64 x 4 MiB = 256 MiB
-    latencies = []
-    while not build.done():
-        start = time.monotonic()
-        await actor.ping.remote()
-        latencies.append(time.monotonic() - start)
-    await build
-    assert len(latencies) >= 3, "the build finished before the loop could be probed"
-    assert max(latencies) < 0.05, f"loop stalled: {max(latencies) * 1e3:.1f} ms"
+    worst = []
+    for step in range(3):
+        build = asyncio.ensure_future(actor.build.remote(step, 64, MIB))  # 64 x 4 MiB
+        latencies = []
+        while not build.done():
+            start = time.monotonic()
+            await actor.ping.remote()
+            latencies.append(time.monotonic() - start)
+        await build
+        assert len(latencies) >= 3, "the build finished before the loop could be probed"
+        worst.append(max(latencies))
+        if worst[-1] < 0.05:
+            break
+    assert min(worst) < 0.05, f"loop stalled in every round: {[f'{w * 1e3:.0f} ms' for w in worst]}"
 
 
 @pytest.mark.parametrize("method", ["hold_pin_forever", "build_forever"])
