@@ -185,3 +185,25 @@ class ConversionError(AsyncSyncError, KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
+
+
+def first_session_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The error to raise for a failed task group: its first SessionError, else its first leaf."""
+    leaves: list[BaseException] = []
+
+    def walk(err: BaseException) -> None:
+        if isinstance(err, BaseExceptionGroup):
+            for sub in err.exceptions:
+                walk(sub)
+        else:
+            leaves.append(err)
+
+    walk(group)
+    return next((e for e in leaves if isinstance(e, SessionError)), leaves[0])
+
+
+def last_line(exc: BaseException, limit: int = 300) -> str:
+    """The last line of ``str(exc)`` (a remote traceback ends with the error), truncated."""
+    lines = str(exc).strip().splitlines()
+    line = lines[-1] if lines else ""
+    return line if len(line) <= limit else line[:limit] + "..."

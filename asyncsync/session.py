@@ -27,7 +27,13 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from .cache import BucketCache, Snapshot
-from .errors import ConfigError, SessionError, SessionTimeoutError
+from .errors import (
+    ConfigError,
+    SessionError,
+    SessionTimeoutError,
+    first_session_error,
+    last_line,
+)
 from .spans import SpanLog
 from .transport import SessionContext, Transport
 
@@ -188,7 +194,7 @@ async def _stream(
                 for name, handle in targets.items():
                     group.create_task(send(name, handle, index, payload))
     except BaseExceptionGroup as group_error:
-        raise _first_error(group_error) from None
+        raise first_session_error(group_error) from None
 
     # A commit that started is never cancelled: the engine finishes it (its copy into
     # the model cannot stop halfway), whatever happens to this session.
@@ -227,7 +233,7 @@ async def _on_all(
             for name, handle in ctx.targets.items():
                 group.create_task(one(name, handle))
     except BaseExceptionGroup as group_error:
-        raise _first_error(group_error) from None
+        raise first_session_error(group_error) from None
     return results
 
 
@@ -255,7 +261,7 @@ async def _as_target(
     except Exception as exc:
         raise SessionError(
             f"session {ctx.session_id} (step {ctx.step}): target {name!r} failed in {what}: "
-            f"{type(exc).__name__}: {_short(exc)}",
+            f"{type(exc).__name__}: {last_line(exc)}",
             session_id=ctx.session_id,
             step=ctx.step,
             target=name,
@@ -270,24 +276,6 @@ def _cancel_remote(awaitable: object) -> None:
             ray.cancel(awaitable)
         except Exception:  # best effort: never replace the cancellation being handled
             pass
-
-
-def _first_error(group_error: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The error to raise for a failed task group: a SessionError if one is inside."""
-    leaves: list[BaseException] = []
-
-    def walk(err: BaseException) -> None:
-        if isinstance(err, BaseExceptionGroup):
-            for sub in err.exceptions:
-                walk(sub)
-        else:
-            leaves.append(err)
-
-    walk(group_error)
-    for leaf in leaves:
-        if isinstance(leaf, SessionError):
-            return leaf
-    return leaves[0]
 
 
 async def _abort_all(plan: SyncPlan, session_id: str) -> None:
@@ -313,10 +301,3 @@ async def _abort_all(plan: SyncPlan, session_id: str) -> None:
 
 async def _finish(transport: Transport, ctx: SessionContext, ok: bool) -> None:
     await asyncio.shield(asyncio.ensure_future(transport.finish(ctx, ok)))
-
-
-def _short(exc: BaseException, limit: int = 300) -> str:
-    text = str(exc).strip().splitlines()
-    first = text[-1] if text else ""
-    return first if len(first) <= limit else first[:limit] + "..."
-

@@ -45,7 +45,7 @@ from typing import Any, TypeVar
 import torch
 
 from ..buckets import Bucket, BucketManifest
-from ..errors import ConfigError, SessionError
+from ..errors import ConfigError, SessionError, first_session_error, last_line
 from . import SessionContext
 from ._collective import (
     BACKENDS,
@@ -381,7 +381,7 @@ class CollectiveTransport:
                 )
         except BaseExceptionGroup as errors:
             group.failure = group.failure or RuntimeError("forming the group failed")
-            raise _first_session_error(errors) from None
+            raise first_session_error(errors) from None
         return group
 
     async def _choose_backend(self, session: SessionContext) -> str:
@@ -439,7 +439,7 @@ class CollectiveTransport:
                 for name, handle in session.targets.items():
                     tasks.create_task(one(name, handle))
         except BaseExceptionGroup as errors:
-            raise _first_session_error(errors) from None
+            raise first_session_error(errors) from None
         return results
 
 
@@ -461,7 +461,7 @@ async def _as_target(
             _cancel_remote(call)
             detail = f"no answer within {bound_s:.0f}s"
         else:
-            detail = f"{type(exc).__name__}: {_last_line(exc)}"
+            detail = f"{type(exc).__name__}: {last_line(exc)}"
         raise SessionError(
             f"session {session.session_id} (step {session.step}): target {name!r} failed in "
             f"{what}: {detail}",
@@ -481,23 +481,3 @@ def _cancel_remote(call: object) -> None:
 
     if isinstance(call, ray.ObjectRef):
         ray.cancel(call)
-
-
-def _first_session_error(errors: BaseExceptionGroup[BaseException]) -> BaseException:
-    leaves: list[BaseException] = []
-
-    def walk(err: BaseException) -> None:
-        if isinstance(err, BaseExceptionGroup):
-            for sub in err.exceptions:
-                walk(sub)
-        else:
-            leaves.append(err)
-
-    walk(errors)
-    return next((e for e in leaves if isinstance(e, SessionError)), leaves[0])
-
-
-def _last_line(exc: BaseException, limit: int = 300) -> str:
-    lines = str(exc).strip().splitlines()
-    line = lines[-1] if lines else ""
-    return line if len(line) <= limit else line[:limit] + "..."
