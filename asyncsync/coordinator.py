@@ -24,6 +24,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from . import aio
 from .errors import ConfigError
 from .session import SyncPlan, SyncReport
 
@@ -82,7 +83,7 @@ class SyncCoordinator:
         """
         plan = SyncPlan(targets=self.engines, version=version, **self._plan_options)
         ref = self.trainer.run_sync_session.remote(plan)
-        report: SyncReport = await _await_or_cancel(ref, self.cancel_wait_s)
+        report: SyncReport = await aio.get(ref, cancel_wait_s=self.cancel_wait_s)
         self.engine_version = max(self.engine_version, report.step)
         self.reports.append(report)
         return report
@@ -154,28 +155,3 @@ class SyncCoordinator:
         if self._error is not None:
             error, self._error = self._error, None
             raise error
-
-
-async def _await_or_cancel(ref: Any, wait_s: float) -> Any:
-    """Await a Ray ``ObjectRef``; if the awaiting task is cancelled, cancel the remote call.
-
-    After ``ray.cancel`` it waits up to ``wait_s`` for the remote call to end (an
-    async actor's method then runs its ``finally`` blocks: the session aborts), so
-    the caller's cancellation means "nothing in flight any more". A second
-    cancellation while waiting stops the wait at once.
-    """
-    try:
-        return await ref
-    except asyncio.CancelledError:
-        import ray
-
-        try:
-            ray.cancel(ref)
-        except Exception:  # best effort: never replace the cancellation being handled
-            pass
-        ended: asyncio.Future[Any] = asyncio.wrap_future(ref.future())
-        # The remote call's outcome (usually TaskCancelledError) is not wanted; retrieve
-        # it so asyncio does not log it as never retrieved.
-        ended.add_done_callback(lambda f: f.cancelled() or f.exception())
-        await asyncio.wait([ended], timeout=wait_s)
-        raise
