@@ -43,8 +43,5 @@ class SpanLog:
         finally:
             self._spans.append(Span(kind, step, start, time.time(), ok))
 
-    def add(self, span: Span) -> None:
-        self._spans.append(span)
-
     def snapshot(self) -> list[Span]:
         return list(self._spans)
