@@ -30,6 +30,7 @@ test: $(STAMP) lint typecheck
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check asyncsync tests examples
+	$(VENV)/bin/ruff format --check asyncsync tests examples
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy

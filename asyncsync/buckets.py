@@ -247,7 +247,9 @@ def check_index(manifest: BucketManifest) -> None:
         except BucketError:
             raise ManifestMismatchError(f"tensor {name!r}: unknown dtype {meta.dtype!r}") from None
         if any(d < 0 for d in meta.shape):
-            raise ManifestMismatchError(f"tensor {name!r}: negative dimension in {list(meta.shape)}")
+            raise ManifestMismatchError(
+                f"tensor {name!r}: negative dimension in {list(meta.shape)}"
+            )
         numel = math.prod(meta.shape)
         if meta.nbytes != numel * itemsize:
             raise ManifestMismatchError(

@@ -201,7 +201,11 @@ def _allocate(nbytes: int, pin_memory: bool) -> np.ndarray:
 
 
 def _fill_slot(
-    slot: _Slot, total: int, index: tuple[TensorMeta, ...], tensors: list[torch.Tensor], pin_memory: bool
+    slot: _Slot,
+    total: int,
+    index: tuple[TensorMeta, ...],
+    tensors: list[torch.Tensor],
+    pin_memory: bool,
 ) -> tuple[np.ndarray, int]:
     # Runs in a worker thread: reads only the slot it was given. The checksum runs
     # right after the copy in the same thread: both are memory-bound, so hashing
@@ -496,8 +500,7 @@ class BucketCache:
         ready = self._ready.snapshot.nbytes if self._ready else 0
         so_far = sum(s.capacity for s in state.slots)
         why = (
-            f"after waiting {waited:.1f}s for pinned snapshots "
-            f"{sorted(self._held)} to be released"
+            f"after waiting {waited:.1f}s for pinned snapshots {sorted(self._held)} to be released"
             if waited is not None
             else "and nothing else can be freed"
         )

@@ -90,28 +90,46 @@ def _add_bench(sub: Any) -> None:
             "--publish-dir unless --no-publish."
         ),
     )
-    bench.add_argument("--sizes", default="256MiB,1GiB",
-                       help="model sizes, comma-separated (default: 256MiB,1GiB)")
-    bench.add_argument("--engines", default="1,2",
-                       help="engine counts, comma-separated (default: 1,2)")
-    bench.add_argument("--steps", type=int, default=3,
-                       help="measured training steps per configuration")
-    bench.add_argument("--warmup", type=int, default=2,
-                       help="unmeasured steps first (the cache's buffer pool fills)")
-    bench.add_argument("--transports", default=None,
-                       help="asyncsync transports, comma-separated (default: object_store,shm "
-                       "and collective when installed)")
+    bench.add_argument(
+        "--sizes", default="256MiB,1GiB", help="model sizes, comma-separated (default: 256MiB,1GiB)"
+    )
+    bench.add_argument(
+        "--engines", default="1,2", help="engine counts, comma-separated (default: 1,2)"
+    )
+    bench.add_argument(
+        "--steps", type=int, default=3, help="measured training steps per configuration"
+    )
+    bench.add_argument(
+        "--warmup",
+        type=int,
+        default=2,
+        help="unmeasured steps first (the cache's buffer pool fills)",
+    )
+    bench.add_argument(
+        "--transports",
+        default=None,
+        help="asyncsync transports, comma-separated (default: object_store,shm "
+        "and collective when installed)",
+    )
     bench.add_argument("--no-baseline", action="store_true", help="skip the serialized baseline")
     bench.add_argument("--bucket", default="128MiB", help="bucket size of both designs")
     bench.add_argument("--staleness", type=int, default=1)
-    bench.add_argument("--train-gflop", type=float, default=8.0,
-                       help="fp32 matmul work per training step")
-    bench.add_argument("--limit-size", default="256MiB", help="buffer size of the limit measurements")
-    bench.add_argument("--object-store", default=None, help="Ray object store size (default: Ray's)")
+    bench.add_argument(
+        "--train-gflop", type=float, default=8.0, help="fp32 matmul work per training step"
+    )
+    bench.add_argument(
+        "--limit-size", default="256MiB", help="buffer size of the limit measurements"
+    )
+    bench.add_argument(
+        "--object-store", default=None, help="Ray object store size (default: Ray's)"
+    )
     bench.add_argument("--num-cpus", type=int, default=None, help="CPUs the local Ray advertises")
     bench.add_argument("--out", default="bench-out", help="output directory")
-    bench.add_argument("--publish-dir", default=".",
-                       help="where BENCHMARKS.md and benchmarks/bench.png are written")
+    bench.add_argument(
+        "--publish-dir",
+        default=".",
+        help="where BENCHMARKS.md and benchmarks/bench.png are written",
+    )
     bench.add_argument("--no-publish", action="store_true", help="do not write BENCHMARKS.md")
     bench.set_defaults(run=_bench)
 

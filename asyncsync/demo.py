@@ -32,12 +32,22 @@ def demo_config(size: str = "small") -> dict[str, Any]:
     """Llama config of the demo model (``"small"``: ~21M params, 84 MB fp32)."""
     if size == "tiny":
         return dict(
-            vocab_size=512, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+            vocab_size=512,
+            hidden_size=64,
+            intermediate_size=176,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
         )
     return dict(
-        vocab_size=8192, hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
-        num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=256,
+        vocab_size=8192,
+        hidden_size=512,
+        intermediate_size=1376,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=256,
     )
 
 
@@ -106,7 +116,10 @@ async def _generate_forever(
 
 
 async def run_demo(
-    steps: int = 12, size: str = "small", transport: str = "object_store", staleness: int = 1,
+    steps: int = 12,
+    size: str = "small",
+    transport: str = "object_store",
+    staleness: int = 1,
     console: Any = None,
 ) -> DemoResult:
     """Run the demo on an already started Ray; return what it measured and checked."""
@@ -131,7 +144,11 @@ async def run_demo(
 
 
 async def _train_and_sync(
-    trainer: Any, engines: dict[str, Any], steps: int, transport: str, staleness: int,
+    trainer: Any,
+    engines: dict[str, Any],
+    steps: int,
+    transport: str,
+    staleness: int,
     console: Any,
 ) -> DemoResult:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -153,8 +170,10 @@ async def _train_and_sync(
     losses: list[float] = []
     stalls: list[float] = []
     columns = (
-        TextColumn("[bold]step {task.completed}/{task.total}"), BarColumn(),
-        TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
+        TextColumn("[bold]step {task.completed}/{task.total}"),
+        BarColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
     )
     with Progress(*columns, console=console) as progress:
         task = progress.add_task("train", total=steps, status="")
@@ -165,7 +184,8 @@ async def _train_and_sync(
             await coordinator.after_build(step)
             stalls.append(time.monotonic() - start)
             progress.update(
-                task, advance=1,
+                task,
+                advance=1,
                 status=f"loss {losses[-1]:.3f}  engines at v{coordinator.engine_version}  "
                 f"stall {stalls[-1] * 1e3:.0f} ms",
             )
@@ -210,19 +230,37 @@ def print_report(result: DemoResult, console: Any) -> None:
     reports = result.reports
     nbytes = reports[0].nbytes if reports else 0
     table = Table(title="asyncsync demo", show_header=False)
-    table.add_row("training steps", f"{result.steps} (loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f})")
+    table.add_row(
+        "training steps", f"{result.steps} (loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f})"
+    )
     table.add_row("sync sessions", f"{len(reports)} (steps sent: {[r.step for r in reports]})")
-    table.add_row("bytes synced", f"{sum(r.nbytes for r in reports) / 2**20:.1f} MiB "
-                  f"({nbytes / 2**20:.1f} MiB per snapshot, x2 engines)")
-    table.add_row("trainer stall per step", f"median {statistics.median(result.stalls_s) * 1e3:.1f} ms, "
-                  f"max {max(result.stalls_s) * 1e3:.1f} ms (build + staleness wait)")
-    table.add_row("sync throughput", f"median {statistics.median([r.gbps for r in reports]):.2f} GB/s "
-                  f"per engine set ({statistics.median([r.seconds for r in reports]) * 1e3:.0f} ms per session)")
-    table.add_row("overlap (recorded spans)", f"{result.sessions_during_training} sessions ran "
-                  f"during a training step; {result.builds_during_sessions} builds during a session")
+    table.add_row(
+        "bytes synced",
+        f"{sum(r.nbytes for r in reports) / 2**20:.1f} MiB "
+        f"({nbytes / 2**20:.1f} MiB per snapshot, x2 engines)",
+    )
+    table.add_row(
+        "trainer stall per step",
+        f"median {statistics.median(result.stalls_s) * 1e3:.1f} ms, "
+        f"max {max(result.stalls_s) * 1e3:.1f} ms (build + staleness wait)",
+    )
+    table.add_row(
+        "sync throughput",
+        f"median {statistics.median([r.gbps for r in reports]):.2f} GB/s "
+        f"per engine set ({statistics.median([r.seconds for r in reports]) * 1e3:.0f} ms per session)",
+    )
+    table.add_row(
+        "overlap (recorded spans)",
+        f"{result.sessions_during_training} sessions ran "
+        f"during a training step; {result.builds_during_sessions} builds during a session",
+    )
     for name, versions in result.generations.items():
         distinct = sorted({v for v in versions if v is not None})
         table.add_row(f"{name} generations", f"{len(versions)} on versions {distinct}")
-    table.add_row("bit-for-bit check", "[green]engines == trainer snapshot[/]" if result.ok
-                  else "[red]" + "; ".join(result.failures) + "[/]")
+    table.add_row(
+        "bit-for-bit check",
+        "[green]engines == trainer snapshot[/]"
+        if result.ok
+        else "[red]" + "; ".join(result.failures) + "[/]",
+    )
     console.print(table)

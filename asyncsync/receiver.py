@@ -132,7 +132,9 @@ class StagingReceiver:
         staging.receiving.add(index)
         try:
             expected = staging.manifest[index]
-            bucket = await asyncio.to_thread(_load_and_verify, payload, expected, self.transport_state)
+            bucket = await asyncio.to_thread(
+                _load_and_verify, payload, expected, self.transport_state
+            )
         except BaseException:
             self._rejected += 1
             raise

@@ -72,9 +72,7 @@ class SyncPlan:
         if not isinstance(self.targets, Mapping) or not self.targets:
             raise ConfigError("SyncPlan.targets must be a non-empty mapping of name -> handle")
         if self.max_inflight_buckets < 1:
-            raise ConfigError(
-                f"max_inflight_buckets must be >= 1, got {self.max_inflight_buckets}"
-            )
+            raise ConfigError(f"max_inflight_buckets must be >= 1, got {self.max_inflight_buckets}")
         if self.timeout_s <= 0:
             raise ConfigError(f"timeout_s must be positive, got {self.timeout_s}")
 
@@ -174,9 +172,12 @@ async def _stream(
 
     async def send(name: str, handle: Any, index: int, payload: Any) -> None:
         try:
-            await _as_target(ctx, name, f"receive of bucket {index}", handle.receive.remote(
-                ctx.session_id, index, payload
-            ))
+            await _as_target(
+                ctx,
+                name,
+                f"receive of bucket {index}",
+                handle.receive.remote(ctx.session_id, index, payload),
+            )
             last_ack[name] = time.monotonic()
         finally:
             inflight[name].release()

@@ -42,7 +42,9 @@ def test_sync_override_of_a_cache_method_is_refused() -> None:
         def cache_ready_step(self) -> int | None:  # type: ignore[override]
             return self.weight_cache.ready_step
 
-    with pytest.raises(ActorDefinitionError, match=r"SyncReady.cache_ready_step .* must be `async def`"):
+    with pytest.raises(
+        ActorDefinitionError, match=r"SyncReady.cache_ready_step .* must be `async def`"
+    ):
         train_actor(SyncReady)
 
 
@@ -52,7 +54,9 @@ def test_cache_method_in_a_concurrency_group_is_refused() -> None:
         async def run_sync_session(self, plan: Any) -> Any:
             return await super().run_sync_session(plan)
 
-    with pytest.raises(ActorDefinitionError, match=r"Grouped.run_sync_session is in concurrency group 'io'"):
+    with pytest.raises(
+        ActorDefinitionError, match=r"Grouped.run_sync_session is in concurrency group 'io'"
+    ):
         train_actor(Grouped, concurrency_groups={"io": 2})
 
 

@@ -112,19 +112,35 @@ def sparse() -> torch.Tensor:
 
 # (case id, items given to build.add, expected type, words the message must contain)
 ADD_CASES: list[tuple[str, Callable[[], list[Any]], type[AsyncSyncError], tuple[str, ...]]] = [
-    ("non-tensor", lambda: [("ok", torch.ones(4)), ("bias", [1.0, 2.0])], BucketError, ("'bias'", "list")),
+    (
+        "non-tensor",
+        lambda: [("ok", torch.ones(4)), ("bias", [1.0, 2.0])],
+        BucketError,
+        ("'bias'", "list"),
+    ),
     ("numpy-array", lambda: [("arr", np.ones(4))], BucketError, ("'arr'", "ndarray")),
-    ("sparse", lambda: [("ok", torch.ones(4)), ("emb", sparse())], BucketError, ("'emb'", "sparse")),
+    (
+        "sparse",
+        lambda: [("ok", torch.ones(4)), ("emb", sparse())],
+        BucketError,
+        ("'emb'", "sparse"),
+    ),
     ("meta", lambda: [("lazy", torch.empty(4, device="meta"))], BucketError, ("'lazy'", "meta")),
-    ("duplicate-name", lambda: [("w", torch.ones(4)), ("v", torch.ones(4)), ("w", torch.ones(2))],
-     BucketError, ("'w'", "duplicate")),
+    (
+        "duplicate-name",
+        lambda: [("w", torch.ones(4)), ("v", torch.ones(4)), ("w", torch.ones(2))],
+        BucketError,
+        ("'w'", "duplicate"),
+    ),
     ("empty-name", lambda: [("", torch.ones(3, 2))], BucketError, ("''", "float32[3, 2]")),
     ("non-string-name", lambda: [(7, torch.ones(4))], BucketError, ("got 7",)),
     ("not-a-pair", lambda: [torch.ones(4)], BucketError, ("pairs", "Tensor")),
 ]
 
 
-@pytest.mark.parametrize(("items", "kind", "names"), [c[1:] for c in ADD_CASES], ids=[c[0] for c in ADD_CASES])
+@pytest.mark.parametrize(
+    ("items", "kind", "names"), [c[1:] for c in ADD_CASES], ids=[c[0] for c in ADD_CASES]
+)
 async def test_bad_tensors_in_a_build(
     items: Callable[[], list[Any]], kind: type[AsyncSyncError], names: tuple[str, ...]
 ) -> None:
@@ -169,8 +185,12 @@ STEP_CASES: list[tuple[str, Any, type[AsyncSyncError], tuple[str, ...]]] = [
 ]
 
 
-@pytest.mark.parametrize(("step", "kind", "names"), [c[1:] for c in STEP_CASES], ids=[c[0] for c in STEP_CASES])
-async def test_bad_build_steps(step: Any, kind: type[AsyncSyncError], names: tuple[str, ...]) -> None:
+@pytest.mark.parametrize(
+    ("step", "kind", "names"), [c[1:] for c in STEP_CASES], ids=[c[0] for c in STEP_CASES]
+)
+async def test_bad_build_steps(
+    step: Any, kind: type[AsyncSyncError], names: tuple[str, ...]
+) -> None:
     cache = BucketCache(bucket_bytes=8 * KIB)
     await publish(cache, 3)
     before = await snapshot_state(cache)
@@ -242,13 +262,19 @@ CONFIG_CASES: list[tuple[str, Callable[[], object], tuple[str, ...]]] = [
     ("max-resident-zero", lambda: BucketCache(max_resident_bytes=0), ("max_resident_bytes", "0")),
     ("max-resident-negative", lambda: BucketCache(max_resident_bytes=-5), ("-5",)),
     ("plan-no-targets", lambda: SyncPlan({}), ("targets",)),
-    ("plan-inflight-zero", lambda: SyncPlan({"e": 1}, max_inflight_buckets=0), ("max_inflight_buckets",)),
+    (
+        "plan-inflight-zero",
+        lambda: SyncPlan({"e": 1}, max_inflight_buckets=0),
+        ("max_inflight_buckets",),
+    ),
     ("plan-timeout-zero", lambda: SyncPlan({"e": 1}, timeout_s=0), ("timeout_s",)),
     ("unknown-transport", lambda: make_transport("carrier-pigeon"), ("'carrier-pigeon'",)),
 ]
 
 
-@pytest.mark.parametrize(("make", "names"), [c[1:] for c in CONFIG_CASES], ids=[c[0] for c in CONFIG_CASES])
+@pytest.mark.parametrize(
+    ("make", "names"), [c[1:] for c in CONFIG_CASES], ids=[c[0] for c in CONFIG_CASES]
+)
 def test_bad_options(make: Callable[[], object], names: tuple[str, ...]) -> None:
     with raises_typed(ConfigError, *names):
         make()
@@ -301,7 +327,9 @@ async def engine_state(engine: HFEngine) -> tuple[Any, ...]:
     return stats.version, stats.open_sessions, await engine.state_digests()
 
 
-async def deliver(engine: HFEngine, version: int, buckets: list[Bucket], session: str | None = None) -> str:
+async def deliver(
+    engine: HFEngine, version: int, buckets: list[Bucket], session: str | None = None
+) -> str:
     session = session or sid()
     await engine.begin(session, version, manifest(buckets))
     for i, bucket in enumerate(buckets):
@@ -355,15 +383,21 @@ def begin_cases(sender: Sender) -> Iterator[tuple[str, list[Bucket], tuple[str, 
     good = sender.buckets(sender.version + 1)
     first = good[0].index[0].name
     # Manifest vs. the model: name, dtype, shape, coverage.
-    yield "unknown-name", with_bucket(good, 0, renamed(good[0], 0, "model.embed_tokenz.weight")), (
-        "'model.embed_tokenz.weight'", "not a parameter")
+    yield (
+        "unknown-name",
+        with_bucket(good, 0, renamed(good[0], 0, "model.embed_tokenz.weight")),
+        ("'model.embed_tokenz.weight'", "not a parameter"),
+    )
     named = [(n, t.clone()) for b in good for n, t in b.named_tensors()]
     half = [(n, t.half() if n == Q else t) for n, t in named]
     yield "dtype", pack(half, BUCKET_BYTES), (f"'{Q}'", "float16", "float32")
     flat = [(n, t.reshape(-1) if n == Q else t) for n, t in named]
     yield "shape", pack(flat, BUCKET_BYTES), (f"'{Q}'", "[4096]", "[64, 64]")
-    yield "partial-update", pack([(n, t) for n, t in named if n != Q], BUCKET_BYTES), (
-        "1 of 21 parameters", Q)
+    yield (
+        "partial-update",
+        pack([(n, t) for n, t in named if n != Q], BUCKET_BYTES),
+        ("1 of 21 parameters", Q),
+    )
     yield "name-twice", [*good, pack([named[0]], BUCKET_BYTES)[0]], (f"'{first}'", "twice")
     # Malformed indexes that still match their own checksum: they would only fail
     # when viewed back out, in the middle of writing the model.
@@ -371,20 +405,39 @@ def begin_cases(sender: Sender) -> Iterator[tuple[str, list[Bucket], tuple[str, 
     last = max(i for i, b in enumerate(good) if len(b.index) >= 2)
     assert last > 0
     meta = good[last].index[-1]
-    yield "nbytes-vs-shape", with_bucket(good, last, retyped_meta(good[last], -1, nbytes=meta.nbytes - 4)), (
-        f"'{meta.name}'", "nbytes")
-    yield "past-the-end", with_bucket(good, last, retyped_meta(good[last], -1, offset=meta.offset + 4096)), (
-        f"'{meta.name}'", "past the bucket")
+    yield (
+        "nbytes-vs-shape",
+        with_bucket(good, last, retyped_meta(good[last], -1, nbytes=meta.nbytes - 4)),
+        (f"'{meta.name}'", "nbytes"),
+    )
+    yield (
+        "past-the-end",
+        with_bucket(good, last, retyped_meta(good[last], -1, offset=meta.offset + 4096)),
+        (f"'{meta.name}'", "past the bucket"),
+    )
     prev = good[last].index[-2]
-    yield "overlap", with_bucket(good, last, retyped_meta(good[last], -1, offset=prev.offset)), (
-        f"'{meta.name}'", "overlaps")
-    yield "unknown-dtype", with_bucket(good, last, retyped_meta(good[last], -1, dtype="float99")), (
-        f"'{meta.name}'", "'float99'")
+    yield (
+        "overlap",
+        with_bucket(good, last, retyped_meta(good[last], -1, offset=prev.offset)),
+        (f"'{meta.name}'", "overlaps"),
+    )
+    yield (
+        "unknown-dtype",
+        with_bucket(good, last, retyped_meta(good[last], -1, dtype="float99")),
+        (f"'{meta.name}'", "'float99'"),
+    )
 
 
 BEGIN_CASES = [
-    "unknown-name", "dtype", "shape", "partial-update", "name-twice",
-    "nbytes-vs-shape", "past-the-end", "overlap", "unknown-dtype",
+    "unknown-name",
+    "dtype",
+    "shape",
+    "partial-update",
+    "name-twice",
+    "nbytes-vs-shape",
+    "past-the-end",
+    "overlap",
+    "unknown-dtype",
 ]
 
 
@@ -402,28 +455,67 @@ async def test_begin_refuses_a_bad_manifest(engine: HFEngine, sender: Sender, ca
     assert (await engine.receiver_stats()).version == version
 
 
-def receive_cases(good: list[Bucket]) -> list[tuple[str, int, Any, type[AsyncSyncError], tuple[str, ...]]]:
+def receive_cases(
+    good: list[Bucket],
+) -> list[tuple[str, int, Any, type[AsyncSyncError], tuple[str, ...]]]:
     """(case id, index, payload, error, words) for a ``receive`` into an open session."""
     b0, b1 = good[0], good[1]
     corrupt = b1.buffer.copy()
     corrupt[len(corrupt) // 2] ^= 0xFF
     return [
-        ("checksum", 1, Bucket(corrupt, b1.index, b1.checksum), ChecksumMismatchError,
-         (f"'{b1.index[0].name}'", "checksum")),
-        ("wrong-bucket", 0, b1, ManifestMismatchError, (f"'{b1.index[0].name}'", f"'{b0.index[0].name}'")),
-        ("size", 0, Bucket(b0.buffer[:-64], b0.index, b0.checksum), ManifestMismatchError,
-         (f"'{b0.index[0].name}'", "size")),
+        (
+            "checksum",
+            1,
+            Bucket(corrupt, b1.index, b1.checksum),
+            ChecksumMismatchError,
+            (f"'{b1.index[0].name}'", "checksum"),
+        ),
+        (
+            "wrong-bucket",
+            0,
+            b1,
+            ManifestMismatchError,
+            (f"'{b1.index[0].name}'", f"'{b0.index[0].name}'"),
+        ),
+        (
+            "size",
+            0,
+            Bucket(b0.buffer[:-64], b0.index, b0.checksum),
+            ManifestMismatchError,
+            (f"'{b0.index[0].name}'", "size"),
+        ),
         ("renamed-tensor", 0, renamed(b0, 0, "model.x"), ManifestMismatchError, ("'model.x'",)),
-        ("dtype-in-index", 0, retyped_meta(b0, 0, dtype="int32"), ManifestMismatchError,
-         (f"'{b0.index[0].name}'", "dtype")),
-        ("not-uint8", 0, Bucket(b0.buffer.view(np.float32), b0.index, b0.checksum), ManifestMismatchError,
-         (f"'{b0.index[0].name}'", "uint8")),
-        ("index-out-of-range", len(good), b0, ManifestMismatchError, (f"bucket index {len(good)}",)),
+        (
+            "dtype-in-index",
+            0,
+            retyped_meta(b0, 0, dtype="int32"),
+            ManifestMismatchError,
+            (f"'{b0.index[0].name}'", "dtype"),
+        ),
+        (
+            "not-uint8",
+            0,
+            Bucket(b0.buffer.view(np.float32), b0.index, b0.checksum),
+            ManifestMismatchError,
+            (f"'{b0.index[0].name}'", "uint8"),
+        ),
+        (
+            "index-out-of-range",
+            len(good),
+            b0,
+            ManifestMismatchError,
+            (f"bucket index {len(good)}",),
+        ),
     ]
 
 
 RECEIVE_CASES = [
-    "checksum", "wrong-bucket", "size", "renamed-tensor", "dtype-in-index", "not-uint8",
+    "checksum",
+    "wrong-bucket",
+    "size",
+    "renamed-tensor",
+    "dtype-in-index",
+    "not-uint8",
     "index-out-of-range",
 ]
 
@@ -454,7 +546,9 @@ async def test_receive_refuses_a_bad_bucket_and_the_model_stays_bit_identical(
     await assert_engine_unchanged_and_usable(engine, sender, await engine_state(engine))
 
 
-async def test_corrupted_bucket_leaves_the_model_bit_identical(engine: HFEngine, sender: Sender) -> None:
+async def test_corrupted_bucket_leaves_the_model_bit_identical(
+    engine: HFEngine, sender: Sender
+) -> None:
     """Every bucket but one arrives fine; the corrupt one is refused; nothing reaches the model."""
     version = sender.next_version()
     good = sender.buckets(version)
@@ -521,7 +615,9 @@ async def test_stale_version_at_begin(engine: HFEngine, sender: Sender) -> None:
     await deliver(engine, version, sender.buckets(version))
     before = await engine_state(engine)
     session = sid()
-    with raises_typed(StaleStepError, f"'{session}'", f"version {version - 1}", f"committed version {version}"):
+    with raises_typed(
+        StaleStepError, f"'{session}'", f"version {version - 1}", f"committed version {version}"
+    ):
         await engine.begin(session, version - 1, manifest(sender.buckets(version - 1)))
     await assert_engine_unchanged_and_usable(engine, sender, before)
 
@@ -534,7 +630,9 @@ async def test_stale_version_at_commit_never_goes_back(engine: HFEngine, sender:
     await engine.begin(a, older, manifest(old_buckets))
     await engine.begin(b, newer, manifest(new_buckets))
     for i in range(len(old_buckets)):
-        await asyncio.gather(engine.receive(a, i, old_buckets[i]), engine.receive(b, i, new_buckets[i]))
+        await asyncio.gather(
+            engine.receive(a, i, old_buckets[i]), engine.receive(b, i, new_buckets[i])
+        )
     assert await engine.commit(b) == newer
     _, _, digests = await engine_state(engine)
     with raises_typed(StaleStepError, f"'{a}'", f"version {older}", f"version {newer} committed"):
@@ -578,8 +676,12 @@ def test_no_transport_unpickles() -> None:
     unsafe_modules = {"pickle", "cPickle", "cloudpickle", "dill", "marshal", "shelve", "joblib"}
     unsafe_calls = {"load", "loads"}
     object_collectives = {
-        "broadcast_object_list", "all_gather_object", "gather_object", "scatter_object_list",
-        "send_object_list", "recv_object_list",
+        "broadcast_object_list",
+        "all_gather_object",
+        "gather_object",
+        "scatter_object_list",
+        "send_object_list",
+        "recv_object_list",
     }
     package = pathlib.Path(asyncsync.transport.__file__).parent
     files = sorted(package.glob("*.py"))
@@ -593,7 +695,9 @@ def test_no_transport_unpickles() -> None:
                 mods = {(node.module or "").split(".")[0]}
             else:
                 mods = set()
-            assert not mods & unsafe_modules, f"{path.name}:{node.lineno} imports {mods & unsafe_modules}"
+            assert not mods & unsafe_modules, (
+                f"{path.name}:{node.lineno} imports {mods & unsafe_modules}"
+            )
             if isinstance(node, ast.Attribute | ast.Name):
                 called = node.attr if isinstance(node, ast.Attribute) else node.id
                 assert called not in object_collectives, f"{path.name}:{node.lineno} uses {called}"

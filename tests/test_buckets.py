@@ -41,8 +41,7 @@ def _raw(t: torch.Tensor) -> torch.Tensor:
 def test_roundtrip_every_dtype_bit_for_bit() -> None:
     shapes = [(3, 5), (7,), (), (0, 4), (2, 3, 4)]
     named = [
-        (f"{d!s}.{i}", _sample(d, shapes[i % len(shapes)], i))
-        for i, d in enumerate(ALL_DTYPES)
+        (f"{d!s}.{i}", _sample(d, shapes[i % len(shapes)], i)) for i, d in enumerate(ALL_DTYPES)
     ]
     (bucket,) = pack(named, bucket_bytes=1 << 20)
     out = bucket.named_tensors()
@@ -58,7 +57,7 @@ def test_roundtrip_every_dtype_bit_for_bit() -> None:
 
 def test_views_are_zero_copy() -> None:
     (bucket,) = pack([("a", torch.arange(16, dtype=torch.float32))])
-    (_, view), = bucket.named_tensors()
+    ((_, view),) = bucket.named_tensors()
     view[0] = 42.0
     assert bucket.buffer[:4].view(np.float32)[0] == 42.0
 

@@ -69,7 +69,9 @@ async def test_steps_are_monotonic() -> None:
     await publish(cache, -1)
     await publish(cache, 3)
     for stale in (3, 2, -1):
-        with pytest.raises(StaleStepError, match=rf"step {stale} is not newer than the ready step 3"):
+        with pytest.raises(
+            StaleStepError, match=rf"step {stale} is not newer than the ready step 3"
+        ):
             async with cache.build(stale):
                 pass
     for bad in (-2, 1.5, "4", True):
@@ -217,7 +219,9 @@ async def test_steady_state_reuses_pool_without_new_memory() -> None:
 
 async def test_resident_limit_smaller_than_model_fails_at_once_with_clear_error() -> None:
     cache = BucketCache(bucket_bytes=8 * KIB, max_resident_bytes=12 * KIB)
-    with pytest.raises(ResidentLimitError, match=r"step 0 needs 8192 more bytes: max_resident_bytes=12288"):
+    with pytest.raises(
+        ResidentLimitError, match=r"step 0 needs 8192 more bytes: max_resident_bytes=12288"
+    ):
         await publish(cache, 0)
     assert cache.ready_step is None
     assert cache.stats().resident_bytes == 0  # the discarded build gave everything back
@@ -253,7 +257,9 @@ async def test_resident_limit_waits_for_pins_to_drain() -> None:
     # And a pin that never drains turns into a clear error after the timeout.
     async with cache.read():
         await publish(cache, 4)
-        with pytest.raises(ResidentLimitError, match=r"after waiting 0.1s for pinned snapshots \[3\]"):
+        with pytest.raises(
+            ResidentLimitError, match=r"after waiting 0.1s for pinned snapshots \[3\]"
+        ):
             async with cache.build(5, timeout=0.1) as build:
                 await build.add(weights(5))
     assert cache.ready_step == 4

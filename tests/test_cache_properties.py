@@ -66,8 +66,14 @@ settings.register_profile(
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-settings.register_profile("cache-machine-long", parent=settings.get_profile("cache-machine"), max_examples=3000)
-PROFILE = "cache-machine-long" if os.environ.get("ASYNCSYNC_HYPOTHESIS_PROFILE") == "long" else "cache-machine"
+settings.register_profile(
+    "cache-machine-long", parent=settings.get_profile("cache-machine"), max_examples=3000
+)
+PROFILE = (
+    "cache-machine-long"
+    if os.environ.get("ASYNCSYNC_HYPOTHESIS_PROFILE") == "long"
+    else "cache-machine"
+)
 
 
 def value(step: int, position: int) -> float:
@@ -150,7 +156,9 @@ class CacheMachine(RuleBasedStateMachine):
         want = self.published[snap.step]
         assert [(n, int(t.numel())) for n, t in got] == want, (snap.step, got, want)
         for position, (name, t) in enumerate(got):
-            assert bool((t == value(snap.step, position)).all()), f"{name} is not of step {snap.step}"
+            assert bool((t == value(snap.step, position)).all()), (
+                f"{name} is not of step {snap.step}"
+            )
         for bucket in snap.buckets:
             bucket.verify()
 
@@ -159,7 +167,10 @@ class CacheMachine(RuleBasedStateMachine):
     @initialize(limit=st.sampled_from([None, 4 * MAX_SLOT, 10 * MAX_SLOT]))
     def make_cache(self, limit: int | None) -> None:
         self.cache = BucketCache(
-            bucket_bytes=BUCKET_BYTES, max_resident_bytes=limit, resident_wait_s=BUILD_WAIT_S, pin_memory=False
+            bucket_bytes=BUCKET_BYTES,
+            max_resident_bytes=limit,
+            resident_wait_s=BUILD_WAIT_S,
+            pin_memory=False,
         )
 
     def teardown(self) -> None:
@@ -362,7 +373,9 @@ class CacheMachine(RuleBasedStateMachine):
             async with self.cache.read(reader.min_step, timeout=reader.timeout) as snap:
                 # Choosing and pinning were one step: nothing newer slipped in between.
                 if self.cache.ready_step != snap.step:
-                    self.failures.append(f"pinned {snap.step} while {self.cache.ready_step} is ready")
+                    self.failures.append(
+                        f"pinned {snap.step} while {self.cache.ready_step} is ready"
+                    )
                 if reader.min_step is not None and snap.step < reader.min_step:
                     self.failures.append(f"pinned {snap.step} for min_step {reader.min_step}")
                 reader.snapshot = snap
@@ -501,7 +514,9 @@ TestCacheMachine = CacheMachine.TestCase
 # --------------------------------------------------------------------- a race the machine cannot time
 
 
-async def test_buffer_still_being_written_by_an_abandoned_add_is_never_pooled(monkeypatch: Any) -> None:
+async def test_buffer_still_being_written_by_an_abandoned_add_is_never_pooled(
+    monkeypatch: Any,
+) -> None:
     """A build left while its add() runs is discarded; the buffer a worker thread is still
     filling must not go back to the pool, where the next build would write into it too."""
     import threading
@@ -535,9 +550,9 @@ async def test_buffer_still_being_written_by_an_abandoned_add_is_never_pooled(mo
     with pytest.raises(CacheError, match="still running"):
         await build_cm.__aexit__(None, None, None)
     try:
-        assert not any(np.may_share_memory(s.array, filling[0]) for s in cache._pool if s.array is not None), (
-            "the buffer a worker thread is still filling went back to the pool"
-        )
+        assert not any(
+            np.may_share_memory(s.array, filling[0]) for s in cache._pool if s.array is not None
+        ), "the buffer a worker thread is still filling went back to the pool"
     finally:
         gate.set()
         await asyncio.gather(adding, return_exceptions=True)

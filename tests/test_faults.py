@@ -52,7 +52,9 @@ async def within(awaitable: Awaitable[T], seconds: float = WAIT_S) -> T:
         return await awaitable
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], what: str, seconds: float = 10.0) -> None:
+async def eventually(
+    check: Callable[[], Awaitable[bool]], what: str, seconds: float = 10.0
+) -> None:
     """Poll ``check`` until it holds; fail naming ``what`` after ``seconds``."""
     deadline = time.monotonic() + seconds
     while not await within(check()):
@@ -111,7 +113,9 @@ async def rig(ray_local: Any) -> AsyncIterator[Rig]:
     }
     victim = engine.remote("llama", TINY_LLAMA, seed=3, num_threads=1)
     pid, *_ = await within(
-        asyncio.gather(trainer.pid.remote(), victim.ping.remote(), *(e.ping.remote() for e in engines.values())),
+        asyncio.gather(
+            trainer.pid.remote(), victim.ping.remote(), *(e.ping.remote() for e in engines.values())
+        ),
         120,
     )
     rig = Rig(trainer, engines, victim, pid)
@@ -142,7 +146,9 @@ async def assert_recovered(
     for name, engine in rig.engines.items():
         receiver = await within(engine.receiver_stats.remote())
         assert (receiver.version, receiver.open_sessions) == (before[name][0], ()), name
-        assert await within(engine.state_digests.remote()) == before[name], f"{name}'s weights changed"
+        assert await within(engine.state_digests.remote()) == before[name], (
+            f"{name}'s weights changed"
+        )
         assert (await within(engine.generate.remote(PROMPT))).version == before[name][0]
 
         async def no_receive_running(engine: Any = engine) -> bool:
@@ -196,8 +202,12 @@ async def test_engine_raising_in_receive_aborts_everywhere(rig: Rig, transport: 
     before = await rig.digests()
     await within(rig.engines["e1"].set_faults.remote(fail_on_bucket=3))
     try:
-        with pytest.raises(SessionError, match=r"target 'e1' failed in receive of bucket 3") as info:
-            await within(rig.trainer.run_sync_session.remote(SyncPlan(rig.engines, transport=transport)))
+        with pytest.raises(
+            SessionError, match=r"target 'e1' failed in receive of bucket 3"
+        ) as info:
+            await within(
+                rig.trainer.run_sync_session.remote(SyncPlan(rig.engines, transport=transport))
+            )
     finally:
         await within(rig.engines["e1"].set_faults.remote())
     assert (info.value.target, info.value.step) == ("e1", ready)
@@ -211,7 +221,9 @@ async def test_hanging_engine_times_out_aborts_and_its_receive_is_cancelled(rig:
     try:
         with pytest.raises(SessionTimeoutError, match=r"ran past 1.0s") as info:
             await within(
-                rig.trainer.run_sync_session.remote(SyncPlan(rig.engines, transport="shm", timeout_s=1.0))
+                rig.trainer.run_sync_session.remote(
+                    SyncPlan(rig.engines, transport="shm", timeout_s=1.0)
+                )
             )
     finally:
         await within(rig.engines["e0"].set_faults.remote())

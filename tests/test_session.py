@@ -49,9 +49,13 @@ class Rig:
 @pytest.fixture(scope="module")
 async def rig(ray_local: Any) -> AsyncIterator[Rig]:
     trainer = trainer_class().remote()
-    engines = {"e0": engine_class().remote("llama", TINY_LLAMA, seed=1, num_threads=1),
-               "e1": engine_class().remote("llama", TINY_LLAMA, seed=2, num_threads=1)}
-    await asyncio.gather(trainer.cache_ready_step.remote(), *(e.ping.remote() for e in engines.values()))
+    engines = {
+        "e0": engine_class().remote("llama", TINY_LLAMA, seed=1, num_threads=1),
+        "e1": engine_class().remote("llama", TINY_LLAMA, seed=2, num_threads=1),
+    }
+    await asyncio.gather(
+        trainer.cache_ready_step.remote(), *(e.ping.remote() for e in engines.values())
+    )
     yield Rig(trainer, engines)
     for handle in [trainer, *engines.values()]:
         ray.kill(handle, no_restart=True)

@@ -312,9 +312,13 @@ class RayRig:
 @pytest.fixture(scope="module")
 async def ray_rig(ray_local: Any) -> AsyncIterator[RayRig]:
     trainer = trainer_class().remote()
-    engines = {f"e{i}": engine_class().remote("llama", TINY_LLAMA, seed=i, num_threads=1) for i in range(2)}
+    engines = {
+        f"e{i}": engine_class().remote("llama", TINY_LLAMA, seed=i, num_threads=1) for i in range(2)
+    }
     async with asyncio.timeout(120):
-        pid, *_ = await asyncio.gather(trainer.pid.remote(), *(e.ping.remote() for e in engines.values()))
+        pid, *_ = await asyncio.gather(
+            trainer.pid.remote(), *(e.ping.remote() for e in engines.values())
+        )
     yield RayRig(trainer, engines, pid)
     for handle in [trainer, *engines.values()]:
         ray.kill(handle, no_restart=True)
@@ -340,7 +344,9 @@ async def test_soak_on_ray_sessions_and_builds(ray_rig: RayRig) -> None:
     async def session_loop(transport: str) -> None:
         while not stop.is_set():
             try:
-                report = await trainer.run_sync_session.remote(SyncPlan(engines, transport=transport, timeout_s=60))
+                report = await trainer.run_sync_session.remote(
+                    SyncPlan(engines, transport=transport, timeout_s=60)
+                )
             except SessionError as exc:
                 outcomes[_refusal(exc)] += 1
             else:

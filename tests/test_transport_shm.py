@@ -75,8 +75,12 @@ async def test_cancelled_put_leaves_no_file(tmp_path: os.PathLike[str]) -> None:
 
 
 def test_sweep_removes_files_of_dead_processes_only(tmp_path: os.PathLike[str]) -> None:
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     dead_pid = int(dead.stdout)
     bucket = _bucket()
     mine = os.path.join(tmp_path, f"{PREFIX}{os.getpid()}-tok-0.safetensors")

@@ -129,7 +129,9 @@ class BenchTrainer(WeightSyncActor):
         self.lag.stop()
         self.resident.stop()
         spans = self.sync_span_log.snapshot()
-        builds = [(s.start, s.end) for s in spans if s.kind == "build" and (s.step or 0) >= since_step]
+        builds = [
+            (s.start, s.end) for s in spans if s.kind == "build" and (s.step or 0) >= since_step
+        ]
         since = min((a for a, _ in builds), default=0.0)
         digests = await asyncio.to_thread(weight_digests, self.weights)
         # The sampler is stopped: its samples no longer change under the thread.
@@ -201,7 +203,9 @@ def _noop() -> None:
     return None
 
 
-def _copy_only(payload: np.ndarray, index: tuple[TensorMeta, ...], tensors: list[torch.Tensor]) -> None:
+def _copy_only(
+    payload: np.ndarray, index: tuple[TensorMeta, ...], tensors: list[torch.Tensor]
+) -> None:
     # fill_buffer's copy loop without the padding and the checksum.
     flat = torch.from_numpy(payload)
     for meta, src in zip(index, tensors, strict=True):
@@ -296,14 +300,18 @@ class BenchEngine(StagingReceiver):
             for meta in bucket.index:
                 param = self.params.get(meta.name)
                 if param is None:
-                    raise ManifestMismatchError(f"tensor {meta.name!r} is not a weight of this engine")
+                    raise ManifestMismatchError(
+                        f"tensor {meta.name!r} is not a weight of this engine"
+                    )
                 if tuple(param.shape) != meta.shape or dtype_name(param.dtype) != meta.dtype:
                     raise ManifestMismatchError(
                         f"tensor {meta.name!r}: {meta.dtype}{list(meta.shape)} does not fit "
                         f"{dtype_name(param.dtype)}{list(param.shape)}"
                     )
 
-    async def begin(self, session_id: str, version: int, manifest: Sequence[BucketManifest]) -> None:
+    async def begin(
+        self, session_id: str, version: int, manifest: Sequence[BucketManifest]
+    ) -> None:
         await super().begin(session_id, version, manifest)
         self._steps[session_id] = version
 

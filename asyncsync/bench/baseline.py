@@ -98,7 +98,9 @@ class LockedCache:
 class BaselineTrainer:
     """The common design's train actor (synchronous; make it remote with no options)."""
 
-    def __init__(self, spec: ModelSpec, *, seed: int, bucket_bytes: int, train_gflop: float) -> None:
+    def __init__(
+        self, spec: ModelSpec, *, seed: int, bucket_bytes: int, train_gflop: float
+    ) -> None:
         torch.set_num_threads(1)
         self.spec = spec
         self.weights = materialize(spec, seed)

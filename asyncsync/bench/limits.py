@@ -181,7 +181,10 @@ class LimitsProbe:
     def device_to_host(self, nbytes: int, reps: int = 3) -> DeviceLimits:
         """Device-to-host copy into pinned and pageable buffers; skipped without CUDA."""
         if not torch.cuda.is_available():
-            return DeviceLimits(nbytes, skipped="no CUDA device in this process (torch.cuda.is_available() is False)")
+            return DeviceLimits(
+                nbytes,
+                skipped="no CUDA device in this process (torch.cuda.is_available() is False)",
+            )
         src = torch.empty(nbytes, dtype=torch.uint8, device="cuda").fill_(5)
         pinned = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
         pageable = torch.empty(nbytes, dtype=torch.uint8).fill_(0)

@@ -18,7 +18,15 @@ from dataclasses import dataclass
 
 import psutil
 
-__all__ = ["LagSampler", "LagSummary", "RssSampler", "Usage", "UsageMeter", "ValueSampler", "percentile"]
+__all__ = [
+    "LagSampler",
+    "LagSummary",
+    "RssSampler",
+    "Usage",
+    "UsageMeter",
+    "ValueSampler",
+    "percentile",
+]
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -193,7 +201,6 @@ class Usage:
     minor_faults: int
     loop_preemptions: int
     pooled_before: int = -1
-
 
 
 class UsageMeter:

@@ -183,7 +183,9 @@ def _mark(ok: bool | None) -> str:
     return {True: "met", False: "**missed**", None: "n/a"}[ok]
 
 
-def markdown(result: BenchResult, *, image: str | None = "bench.png", command: str | None = None) -> str:
+def markdown(
+    result: BenchResult, *, image: str | None = "bench.png", command: str | None = None
+) -> str:
     """The report as markdown: machine, limits, results table, targets, time breakdowns, checks."""
     m = result.machine
     cfg = result.config
@@ -251,7 +253,9 @@ def markdown(result: BenchResult, *, image: str | None = "bench.png", command: s
     ]
     for row in rows:
         if row["error"]:
-            out.append(f"| {row['config']} | {row['design']} | failed: {row['error']} |" + " |" * 14)
+            out.append(
+                f"| {row['config']} | {row['design']} | failed: {row['error']} |" + " |" * 14
+            )
             continue
         out.append(
             f"| {row['config']} | {row['design']} | {_f(row['stall_ms'])} | {_f(row['stall_x'], '{:.1f}x', '')} "
@@ -325,7 +329,11 @@ def _load(machine: dict[str, Any]) -> str:
 
 
 def _targets_section(rows: list[dict[str, Any]]) -> list[str]:
-    out = ["## Targets", "", "| model, engines | design | " + " | ".join(t for t, _ in TARGETS.values()) + " |"]
+    out = [
+        "## Targets",
+        "",
+        "| model, engines | design | " + " | ".join(t for t, _ in TARGETS.values()) + " |",
+    ]
     out.append("| --- | --- |" + " --- |" * len(TARGETS))
     for row in rows:
         if not row["targets"]:
@@ -358,16 +366,29 @@ def _breakdown_section(result: BenchResult) -> list[str]:
             "| part | ms | GB/s | % of quiet build | note |",
             "| --- | ---: | ---: | ---: | --- |",
             line("group + layout (`TensorStream`, `layout`)", b.group_s),
-            line("flat `copy_` of as many bytes, bucket-sized touched buffers", b.flat_copy_s,
-                 "the copy limit, in this process, now"),
-            line("`copy_` of the model's tensors into touched buffers", b.copy_s,
-                 f"limits table: {limit:.2f} GB/s"),
+            line(
+                "flat `copy_` of as many bytes, bucket-sized touched buffers",
+                b.flat_copy_s,
+                "the copy limit, in this process, now",
+            ),
+            line(
+                "`copy_` of the model's tensors into touched buffers",
+                b.copy_s,
+                f"limits table: {limit:.2f} GB/s",
+            ),
             line("xxh3 checksum of the payloads", b.checksum_s),
             line("`fill_buffer` into touched buffers", b.fill_s, "the cache's worker, per bucket"),
-            line("`fill_buffer` with checksums of earlier buckets in a 2nd thread",
-                 b.pipelined_s, "the cache's schedule, no event loop"),
+            line(
+                "`fill_buffer` with checksums of earlier buckets in a 2nd thread",
+                b.pipelined_s,
+                "the cache's schedule, no event loop",
+            ),
             line(f"thread hops ({b.hops} x `asyncio.to_thread`)", b.hop_s),
-            line("page faults of fresh buffers (first build only)", b.alloc_fault_s, "fresh copy - touched copy"),
+            line(
+                "page faults of fresh buffers (first build only)",
+                b.alloc_fault_s,
+                "fresh copy - touched copy",
+            ),
             line("real build, pooled buffers, nothing else running", b.quiet_build_s),
             line("first build of the run (fresh buffers)", b.first_build_s),
             line("median build during the run", in_run, "competes with sessions and training"),
@@ -385,7 +406,9 @@ def _breakdown_section(result: BenchResult) -> list[str]:
             f"0.3 s just before: p99 {_f(b.idle_lag.p99_ms, '{:.1f}')} ms (max {_f(b.idle_lag.max_ms, '{:.1f}')} ms).",
             "",
         ]
-    sessions = [r for r in result.runs if r.design != BASELINE and not r.error and r.session_parts_s]
+    sessions = [
+        r for r in result.runs if r.design != BASELINE and not r.error and r.session_parts_s
+    ]
     if sessions:
         out += [
             "### Sessions (medians; seconds per session unless noted)",
@@ -423,7 +446,8 @@ def _breakdown_section(result: BenchResult) -> list[str]:
             pool = "n/a" if run.design == BASELINE else f"{bu['pool_hits']:.0f}/{bu['count']:.0f}"
             sess = (
                 f"{ss['wall_ms']:.0f} | {ss['user_ms']:.0f}/{ss['sys_ms']:.0f} | {ss['fault_mib']:.0f}"
-                if ss else "| |"
+                if ss
+                else "| |"
             )
             out.append(
                 f"| {run.config_label} | {run.label} | {bu['wall_ms']:.0f} | {bu['user_ms']:.0f}/{bu['sys_ms']:.0f} "
@@ -487,7 +511,11 @@ def plot(result: BenchResult, path: Path) -> None:
                     ys.append(value)
             if xs:
                 bars = ax.bar(xs, ys, width, label=design)
-                fmt = "{:.0%}" if key == "build_frac" else ("{:.0f}" if key == "stall_ms" else "{:.2f}")
+                fmt = (
+                    "{:.0%}"
+                    if key == "build_frac"
+                    else ("{:.0f}" if key == "stall_ms" else "{:.2f}")
+                )
                 ax.bar_label(bars, labels=[fmt.format(y) for y in ys], fontsize=7)
         ax.set_xticks(range(len(configs)), configs)
         ax.set_title(title)
@@ -515,24 +543,42 @@ def chrome_trace(result: BenchResult) -> dict[str, Any]:
     events: list[dict[str, Any]] = []
     origin = result.started_at
     for pid, run in enumerate(result.runs, start=1):
-        events.append({"name": "process_name", "ph": "M", "pid": pid, "tid": 0,
-                       "args": {"name": f"{run.config_label} {run.label}"}})
-        events.append({"name": "process_sort_index", "ph": "M", "pid": pid, "tid": 0,
-                       "args": {"sort_index": pid}})
+        events.append(
+            {
+                "name": "process_name",
+                "ph": "M",
+                "pid": pid,
+                "tid": 0,
+                "args": {"name": f"{run.config_label} {run.label}"},
+            }
+        )
+        events.append(
+            {
+                "name": "process_sort_index",
+                "ph": "M",
+                "pid": pid,
+                "tid": 0,
+                "args": {"sort_index": pid},
+            }
+        )
         for kind, tid in _LANES.items():
             label = "train loop waits (driver)" if kind == "stall" else kind
-            events.append({"name": "thread_name", "ph": "M", "pid": pid, "tid": tid, "args": {"name": label}})
+            events.append(
+                {"name": "thread_name", "ph": "M", "pid": pid, "tid": tid, "args": {"name": label}}
+            )
         for span in run.spans:
-            events.append({
-                "name": f"{span.kind} {span.step}",
-                "cat": span.kind,
-                "ph": "X",
-                "ts": round((span.start - origin) * 1e6, 1),
-                "dur": round(max(0.0, span.end - span.start) * 1e6, 1),
-                "pid": pid,
-                "tid": _LANES.get(span.kind, 9),
-                "args": {"step": span.step, "ok": span.ok},
-            })
+            events.append(
+                {
+                    "name": f"{span.kind} {span.step}",
+                    "cat": span.kind,
+                    "ph": "X",
+                    "ts": round((span.start - origin) * 1e6, 1),
+                    "dur": round(max(0.0, span.end - span.start) * 1e6, 1),
+                    "pid": pid,
+                    "tid": _LANES.get(span.kind, 9),
+                    "args": {"step": span.step, "ok": span.ok},
+                }
+            )
     return {"traceEvents": events, "displayTimeUnit": "ms"}
 
 
@@ -553,7 +599,9 @@ def write_outputs(result: BenchResult, out_dir: Path | str) -> dict[str, Path]:
     return paths
 
 
-def publish(result: BenchResult, plot_path: Path, root: Path | str, command: str) -> dict[str, Path]:
+def publish(
+    result: BenchResult, plot_path: Path, root: Path | str, command: str
+) -> dict[str, Path]:
     """Write ``BENCHMARKS.md`` and ``benchmarks/bench.png`` under ``root`` (the repository)."""
     base = Path(root)
     (base / "benchmarks").mkdir(parents=True, exist_ok=True)

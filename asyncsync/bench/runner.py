@@ -198,7 +198,9 @@ async def run_bench(config: BenchConfig, *, log: Log | None = None) -> BenchResu
     machine = await asyncio.to_thread(machine_info)
     probe = limits_probe_actor().remote()
     try:
-        say(f"limits: copy, checksum and object store with {format_bytes(config.limit_bytes)} buffers")
+        say(
+            f"limits: copy, checksum and object store with {format_bytes(config.limit_bytes)} buffers"
+        )
         host_start = await probe.host.remote(config.limit_bytes)
         store = await _object_store_limits(probe, config.limit_bytes)
         device = await _device_limits(config.limit_bytes)
@@ -279,7 +281,9 @@ async def _lag_floor(probe: Any, nbytes: int, seconds: float = 1.0) -> LagFloor:
         t1 = time.time()
         await probe.busy_copy.remote(size, seconds)
         t2 = time.time()
-        await asyncio.gather(probe.busy_copy.remote(size, seconds), other.busy_copy.remote(size, seconds))
+        await asyncio.gather(
+            probe.busy_copy.remote(size, seconds), other.busy_copy.remote(size, seconds)
+        )
         t3 = time.time()
     finally:
         lag.stop()
@@ -293,7 +297,10 @@ async def _device_limits(nbytes: int) -> DeviceLimits:
 
     gpus = (await asyncio.to_thread(ray.cluster_resources)).get("GPU", 0)
     if gpus < 1:
-        return DeviceLimits(nbytes, skipped="no GPU in this Ray cluster; device-to-host build bandwidth not measured")
+        return DeviceLimits(
+            nbytes,
+            skipped="no GPU in this Ray cluster; device-to-host build bandwidth not measured",
+        )
     probe = limits_probe_actor(num_gpus=1).remote()
     try:
         result: DeviceLimits = await probe.device_to_host.remote(nbytes)
@@ -348,7 +355,9 @@ async def _run_one(
         else:
             await _run_asyncsync(run, spec, config, profile)
     except Exception as exc:
-        run.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+        run.error = (
+            f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+        )
     return run
 
 
@@ -360,7 +369,9 @@ async def _ping_during(handle: Any, delay_s: float = 0.005) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
-async def _run_asyncsync(run: RunResult, spec: ModelSpec, config: BenchConfig, profile: bool) -> None:
+async def _run_asyncsync(
+    run: RunResult, spec: ModelSpec, config: BenchConfig, profile: bool
+) -> None:
     trainer = bench_trainer_actor().remote(
         spec, seed=config.seed, bucket_bytes=config.bucket_bytes, train_gflop=config.train_gflop
     )
@@ -444,7 +455,9 @@ async def _run_baseline(run: RunResult, spec: ModelSpec, config: BenchConfig) ->
     )
     engines = [baseline_engine_actor().remote(spec) for _ in range(run.engines)]
     try:
-        await asyncio.gather(trainer.start_probes.remote(), *(e.reset_probes.remote() for e in engines))
+        await asyncio.gather(
+            trainer.start_probes.remote(), *(e.reset_probes.remote() for e in engines)
+        )
         stall_spans: list[Span] = []
         first = config.warmup
         start_run = time.time()
@@ -531,12 +544,16 @@ def check_delivery(runs: Sequence[RunResult]) -> list[str]:
         if run.error:
             continue
         where = f"{run.config_label} {run.label}"
-        for i, (version, digest) in enumerate(zip(run.engine_versions, run.engine_digests, strict=True)):
+        for i, (version, digest) in enumerate(
+            zip(run.engine_versions, run.engine_digests, strict=True)
+        ):
             last = run.warmup + run.steps - 1
             if version != last:
                 failures.append(f"{where}: engine{i} serves version {version}, expected {last}")
             if digest != run.trainer_digest:
-                failures.append(f"{where}: engine{i} weights {digest} != trainer's {run.trainer_digest}")
+                failures.append(
+                    f"{where}: engine{i} weights {digest} != trainer's {run.trainer_digest}"
+                )
         by_size.setdefault(run.model_bytes, set()).add(run.trainer_digest)
     for nbytes, digests in by_size.items():
         if len(digests) > 1:

@@ -162,7 +162,9 @@ def _qkv(name: str, shards: Sequence[torch.Tensor], dims: ModelDims) -> tuple[to
     return torch.cat(qs), torch.cat(ks), torch.cat(vs)
 
 
-def _gate_up(name: str, shards: Sequence[torch.Tensor], dims: ModelDims) -> tuple[torch.Tensor, ...]:
+def _gate_up(
+    name: str, shards: Sequence[torch.Tensor], dims: ModelDims
+) -> tuple[torch.Tensor, ...]:
     # Each TP rank's linear_fc1 shard is [gate_r; up_r]: split per shard, then
     # concatenate the gate halves and the up halves in rank order.
     gates, ups = [], []
@@ -223,7 +225,9 @@ class Rule:
         sources = set(_PLACEHOLDER.findall(self.source))
         for target in self.targets:
             if set(_PLACEHOLDER.findall(target)) - sources:
-                raise ValueError(f"rule {self.source!r}: target {target!r} uses a placeholder the source lacks")
+                raise ValueError(
+                    f"rule {self.source!r}: target {target!r} uses a placeholder the source lacks"
+                )
 
     @property
     def expert(self) -> bool:
@@ -264,7 +268,9 @@ def shared_rules(mlp: Iterable[Rule] = ()) -> tuple[Rule, ...]:
             QKV,
         ),
         rule(f"{layer}.self_attention.linear_proj.weight", f"{hf}.self_attn.o_proj.weight", ROW),
-        rule(f"{layer}.pre_mlp_layernorm.weight", f"{hf}.post_attention_layernorm.weight", REPLICATED),
+        rule(
+            f"{layer}.pre_mlp_layernorm.weight", f"{hf}.post_attention_layernorm.weight", REPLICATED
+        ),
         rule(
             f"{layer}.mlp.linear_fc1.layer_norm_weight",
             f"{hf}.post_attention_layernorm.weight",
@@ -297,6 +303,7 @@ QK_NORM = (
     ),
 )
 """Per-head q/k RMSNorm rules (Qwen3, Qwen3-MoE)."""
+
 
 def expert_rules(block: str, gate: str, up: str, down: str) -> tuple[Rule, ...]:
     """Router and expert rules for an HF MoE block named ``block`` with per-expert names.
@@ -403,9 +410,13 @@ class ConversionTable:
             elif isinstance(value, Sequence) and all(isinstance(v, torch.Tensor) for v in value):
                 shards = value
             else:
-                raise TypeError(f"{name}: expected a tensor or a sequence of TP shards, got {type(value).__name__}")
+                raise TypeError(
+                    f"{name}: expected a tensor or a sequence of TP shards, got {type(value).__name__}"
+                )
             for hf_name, tensor in self.convert(name, shards, dims):
                 if hf_name in out:
-                    raise ConversionError(f"{name!r} and another parameter both map to {hf_name!r} ({self.family})")
+                    raise ConversionError(
+                        f"{name!r} and another parameter both map to {hf_name!r} ({self.family})"
+                    )
                 out[hf_name] = tensor
         return out

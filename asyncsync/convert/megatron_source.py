@@ -132,7 +132,9 @@ class MegatronWeightSource:
     ) -> None:
         from megatron.core.utils import unwrap_model
 
-        chunks = [unwrap_model(m) for m in ([model] if isinstance(model, torch.nn.Module) else model)]
+        chunks = [
+            unwrap_model(m) for m in ([model] if isinstance(model, torch.nn.Module) else model)
+        ]
         if not chunks:
             raise ValueError("model: no model chunks given")
         self.table: ConversionTable = conversion_table(family)
@@ -144,7 +146,9 @@ class MegatronWeightSource:
                 f"expert parallelism {g.ep_size} is not supported: experts would have to be "
                 "gathered across data-parallel ranks; use expert_model_parallel_size=1"
             )
-        if g.etp_size not in (1, g.tp_size) or (g.etp_size == g.tp_size and g.etp_rank != g.tp_rank):
+        if g.etp_size not in (1, g.tp_size) or (
+            g.etp_size == g.tp_size and g.etp_rank != g.tp_rank
+        ):
             raise ValueError(
                 f"expert tensor parallelism {g.etp_size} (rank {g.etp_rank}) must be 1 or equal "
                 f"to tensor parallelism {g.tp_size} (rank {g.tp_rank})"

@@ -13,4 +13,6 @@ from ._common import ConversionTable, expert_rules, shared_rules
 
 __all__ = ["MIXTRAL"]
 
-MIXTRAL = ConversionTable("mixtral", shared_rules(expert_rules("block_sparse_moe", "w1", "w3", "w2")))
+MIXTRAL = ConversionTable(
+    "mixtral", shared_rules(expert_rules("block_sparse_moe", "w1", "w3", "w2"))
+)

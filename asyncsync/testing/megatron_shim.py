@@ -85,7 +85,9 @@ def cpu_megatron() -> Iterator[None]:
         stack.enter_context(mock.patch("torch.cuda.current_device", lambda: torch.device("cpu")))
         stack.enter_context(mock.patch.object(mrandom.CudaRNGStatesTracker, "fork", cpu_fork))
         stack.enter_context(
-            mock.patch("megatron.core.fusions.fused_softmax.get_default_causal_mask", cpu_causal_mask)
+            mock.patch(
+                "megatron.core.fusions.fused_softmax.get_default_causal_mask", cpu_causal_mask
+            )
         )
         stack.enter_context(mock.patch.object(moe_utils, "te_general_gemm", None, create=True))
         yield
@@ -274,7 +276,11 @@ def build_tiny_gpt(family: str, *, tied: bool = False, seed: int = 0) -> Any:
             rotary_base=int(_THETA),
         )
     randomize_(model, seed)
-    if tied and ps.get_pipeline_model_parallel_world_size() > 1 and (model.pre_process or model.post_process):
+    if (
+        tied
+        and ps.get_pipeline_model_parallel_world_size() > 1
+        and (model.pre_process or model.post_process)
+    ):
         # As Megatron does at construction: zero the last stage's embedding copy and
         # all-reduce it with the first stage's, which randomize_ just changed.
         weight = model.shared_embedding_or_output_weight()
@@ -299,7 +305,9 @@ def randomize_(model: torch.nn.Module, seed: int) -> None:
     with torch.no_grad():
         for name, param in model.named_parameters():
             partitioned = bool(getattr(param, "tensor_model_parallel", False))
-            key = zlib.crc32(name.encode()) ^ (seed * 7919) ^ (tp_rank * 104729 if partitioned else 0)
+            key = (
+                zlib.crc32(name.encode()) ^ (seed * 7919) ^ (tp_rank * 104729 if partitioned else 0)
+            )
             gen = torch.Generator().manual_seed(key)
             noise = torch.randn(param.shape, generator=gen, dtype=torch.float32)
             if param.dim() == 1 and "bias" not in name:

@@ -32,7 +32,11 @@ def load_hf(family: str, tied: bool, weights: dict[str, torch.Tensor], tmp: Path
     config = hf_config(family, tied=tied)
     if FAMILY_PRESETS[family].num_experts is not None:
         config.save_pretrained(tmp)
-        save_file({k: v.contiguous() for k, v in weights.items()}, tmp / "model.safetensors", metadata={"format": "pt"})
+        save_file(
+            {k: v.contiguous() for k, v in weights.items()},
+            tmp / "model.safetensors",
+            metadata={"format": "pt"},
+        )
         model, info = transformers.AutoModelForCausalLM.from_pretrained(
             tmp, output_loading_info=True, dtype=torch.float32, local_files_only=True
         )

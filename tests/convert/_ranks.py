@@ -43,7 +43,9 @@ class Case:
 def tokens() -> torch.Tensor:
     from asyncsync.testing.megatron_shim import VOCAB_SIZE
 
-    return torch.randint(0, VOCAB_SIZE, (2, 12), generator=torch.Generator().manual_seed(TOKENS_SEED))
+    return torch.randint(
+        0, VOCAB_SIZE, (2, 12), generator=torch.Generator().manual_seed(TOKENS_SEED)
+    )
 
 
 async def build_through_cache(source: Any) -> tuple[int, dict[str, torch.Tensor]]:

@@ -45,7 +45,9 @@ def _check(case: Case, ranks: list[dict[str, Any]], tmp_path: Path) -> None:
         assert bool(result["weights"]) == (r == 0), f"{case.id}: rank {r}"
     (logits,) = [result["logits"] for result in ranks if result["logits"] is not None][:1]
     owner = ranks[0]
-    diff = max_logit_diff(case.family, case.tied, owner["weights"], owner["tokens"], logits, tmp_path)
+    diff = max_logit_diff(
+        case.family, case.tied, owner["weights"], owner["tokens"], logits, tmp_path
+    )
     dp = len(ranks) // (case.tp * case.pp)
     print(f"{case.id} (dp{dp}, {len(ranks)} gloo ranks): max |logit diff| = {diff:.3g}")
     assert diff < TOLERANCE

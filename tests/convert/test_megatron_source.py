@@ -54,12 +54,16 @@ async def test_tp1_logits_match_transformers(
     assert diff < TOLERANCE
 
 
-async def test_the_logit_check_catches_a_layout_mistake(megatron_world: None, tmp_path: Path) -> None:
+async def test_the_logit_check_catches_a_layout_mistake(
+    megatron_world: None, tmp_path: Path
+) -> None:
     # A control for the check above: one layer's gate and up swapped must show.
     model = shim.build_tiny_gpt("llama")
     toks = tokens()
     reference = shim.megatron_logits(model, toks)
-    _, weights = await build_through_cache(MegatronWeightSource(model, "llama", vocab_size=shim.VOCAB_SIZE))
+    _, weights = await build_through_cache(
+        MegatronWeightSource(model, "llama", vocab_size=shim.VOCAB_SIZE)
+    )
     gate, up = "model.layers.1.mlp.gate_proj.weight", "model.layers.1.mlp.up_proj.weight"
     weights[gate], weights[up] = weights[up], weights[gate]
     assert max_logit_diff("llama", False, weights, toks, reference, tmp_path) > 100 * TOLERANCE
@@ -79,9 +83,13 @@ def test_the_source_can_be_iterated_for_every_build(megatron_world: None) -> Non
     assert "owner=True" in repr(source) and "qwen3" in repr(source)
 
 
-def test_wrong_family_fails_at_construction_naming_parameter_and_family(megatron_world: None) -> None:
+def test_wrong_family_fails_at_construction_naming_parameter_and_family(
+    megatron_world: None,
+) -> None:
     model = shim.build_tiny_gpt("qwen3")
-    with pytest.raises(ConversionError, match=r"decoder\.layers\.0\.self_attention\.q_layernorm\.weight.*'llama'"):
+    with pytest.raises(
+        ConversionError, match=r"decoder\.layers\.0\.self_attention\.q_layernorm\.weight.*'llama'"
+    ):
         MegatronWeightSource(model, "llama", vocab_size=shim.VOCAB_SIZE)
 
 
@@ -91,7 +99,9 @@ def test_table_that_disagrees_with_megatrons_partitioning_is_refused(
     model = shim.build_tiny_gpt("llama")
     weight = model.decoder.layers[1].self_attention.linear_qkv.weight
     monkeypatch.setattr(weight, "partition_dim", 1)
-    with pytest.raises(ConversionError, match=r"decoder\.layers\.1\.self_attention\.linear_qkv\.weight.*dim 1"):
+    with pytest.raises(
+        ConversionError, match=r"decoder\.layers\.1\.self_attention\.linear_qkv\.weight.*dim 1"
+    ):
         MegatronWeightSource(model, "llama", vocab_size=shim.VOCAB_SIZE)
 
 

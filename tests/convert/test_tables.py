@@ -65,7 +65,11 @@ def test_a_parameter_of_another_family_is_unknown() -> None:
 def test_qkv_split_at_tp1() -> None:
     q, k, v = _qkv_parts()[:3]
     fused = _qkv_parts()[3]
-    out = dict(conversion_table("llama").convert("decoder.layers.12.self_attention.linear_qkv.weight", [fused], DIMS))
+    out = dict(
+        conversion_table("llama").convert(
+            "decoder.layers.12.self_attention.linear_qkv.weight", [fused], DIMS
+        )
+    )
     assert list(out) == [
         "model.layers.12.self_attn.q_proj.weight",
         "model.layers.12.self_attn.k_proj.weight",
@@ -80,7 +84,9 @@ def test_qkv_split_per_tp2_shard() -> None:
     q, k, v, fused = _qkv_parts()
     # TP rank r holds query group r: rows of one group each.
     shards = list(fused.chunk(2))
-    out = conversion_table("qwen3").convert("decoder.layers.0.self_attention.linear_qkv.weight", shards, DIMS)
+    out = conversion_table("qwen3").convert(
+        "decoder.layers.0.self_attention.linear_qkv.weight", shards, DIMS
+    )
     got = [t for _, t in out]
     assert torch.equal(got[0], q) and torch.equal(got[1], k) and torch.equal(got[2], v)
 
@@ -88,7 +94,11 @@ def test_qkv_split_per_tp2_shard() -> None:
 def test_qkv_bias_splits_like_the_weight_rows() -> None:
     q, k, v, fused = _qkv_parts()
     bias_shards = [s[:, 0].clone() for s in fused.chunk(2)]  # one value per fused row
-    out = dict(conversion_table("qwen2").convert("decoder.layers.1.self_attention.linear_qkv.bias", bias_shards, DIMS))
+    out = dict(
+        conversion_table("qwen2").convert(
+            "decoder.layers.1.self_attention.linear_qkv.bias", bias_shards, DIMS
+        )
+    )
     assert torch.equal(out["model.layers.1.self_attn.q_proj.bias"], q[:, 0])
     assert torch.equal(out["model.layers.1.self_attn.k_proj.bias"], k[:, 0])
     assert torch.equal(out["model.layers.1.self_attn.v_proj.bias"], v[:, 0])
@@ -96,12 +106,18 @@ def test_qkv_bias_splits_like_the_weight_rows() -> None:
 
 def test_qkv_shape_mismatch_names_the_parameter() -> None:
     with pytest.raises(ValueError, match=r"linear_qkv.weight: shard has 7 rows"):
-        conversion_table("llama").convert("decoder.layers.0.self_attention.linear_qkv.weight", [torch.zeros(7, 5)], DIMS)
+        conversion_table("llama").convert(
+            "decoder.layers.0.self_attention.linear_qkv.weight", [torch.zeros(7, 5)], DIMS
+        )
 
 
 def test_gate_up_split_at_tp1() -> None:
     gate, up = torch.randn(6, HIDDEN), torch.randn(6, HIDDEN)
-    out = dict(conversion_table("llama").convert("decoder.layers.0.mlp.linear_fc1.weight", [torch.cat([gate, up])], DIMS))
+    out = dict(
+        conversion_table("llama").convert(
+            "decoder.layers.0.mlp.linear_fc1.weight", [torch.cat([gate, up])], DIMS
+        )
+    )
     assert torch.equal(out["model.layers.0.mlp.gate_proj.weight"], gate)
     assert torch.equal(out["model.layers.0.mlp.up_proj.weight"], up)
 
@@ -110,7 +126,9 @@ def test_gate_up_split_per_tp2_shard_then_concatenated() -> None:
     gate, up = torch.randn(6, HIDDEN), torch.randn(6, HIDDEN)
     # Megatron's TP rank r holds [gate rows of r; up rows of r].
     shards = [torch.cat([gate[:3], up[:3]]), torch.cat([gate[3:], up[3:]])]
-    out = dict(conversion_table("llama").convert("decoder.layers.0.mlp.linear_fc1.weight", shards, DIMS))
+    out = dict(
+        conversion_table("llama").convert("decoder.layers.0.mlp.linear_fc1.weight", shards, DIMS)
+    )
     assert torch.equal(out["model.layers.0.mlp.gate_proj.weight"], gate)
     assert torch.equal(out["model.layers.0.mlp.up_proj.weight"], up)
     # Concatenating first and splitting after would be wrong: this is what the per-shard split prevents.
@@ -120,14 +138,19 @@ def test_gate_up_split_per_tp2_shard_then_concatenated() -> None:
 
 def test_row_parallel_shards_join_on_the_input_dim() -> None:
     w = torch.randn(HIDDEN, 8)
-    out = conversion_table("llama").convert("decoder.layers.0.self_attention.linear_proj.weight", list(w.chunk(2, dim=1)), DIMS)
+    out = conversion_table("llama").convert(
+        "decoder.layers.0.self_attention.linear_proj.weight", list(w.chunk(2, dim=1)), DIMS
+    )
     assert out[0][0] == "model.layers.0.self_attn.o_proj.weight"
     assert torch.equal(out[0][1], w)
 
 
 def test_vocab_padding_is_dropped_after_joining_shards() -> None:
     padded = torch.randn(12, HIDDEN)
-    for name, hf in (("embedding.word_embeddings.weight", "model.embed_tokens.weight"), ("output_layer.weight", "lm_head.weight")):
+    for name, hf in (
+        ("embedding.word_embeddings.weight", "model.embed_tokens.weight"),
+        ("output_layer.weight", "lm_head.weight"),
+    ):
         ((got_name, got),) = conversion_table("qwen3").convert(name, list(padded.chunk(2)), DIMS)
         assert got_name == hf
         assert torch.equal(got, padded[:10])
@@ -137,39 +160,77 @@ def test_vocab_padding_is_dropped_after_joining_shards() -> None:
 
 def test_replicated_parameters_take_one_copy() -> None:
     norm = torch.randn(3)
-    ((name, got),) = conversion_table("qwen3").convert("decoder.layers.0.self_attention.k_layernorm.weight", [norm, norm.clone()], DIMS)
+    ((name, got),) = conversion_table("qwen3").convert(
+        "decoder.layers.0.self_attention.k_layernorm.weight", [norm, norm.clone()], DIMS
+    )
     assert name == "model.layers.0.self_attn.k_norm.weight"
     assert torch.equal(got, norm)
 
 
 def test_transformer_engine_fused_norm_names_map_to_the_hf_norms() -> None:
     table = conversion_table("llama")
-    assert table.convert("decoder.layers.2.self_attention.linear_qkv.layer_norm_weight", [torch.ones(5)], DIMS)[0][0] == "model.layers.2.input_layernorm.weight"
-    assert table.convert("decoder.layers.2.mlp.linear_fc1.layer_norm_weight", [torch.ones(5)], DIMS)[0][0] == "model.layers.2.post_attention_layernorm.weight"
+    assert (
+        table.convert(
+            "decoder.layers.2.self_attention.linear_qkv.layer_norm_weight", [torch.ones(5)], DIMS
+        )[0][0]
+        == "model.layers.2.input_layernorm.weight"
+    )
+    assert (
+        table.convert("decoder.layers.2.mlp.linear_fc1.layer_norm_weight", [torch.ones(5)], DIMS)[
+            0
+        ][0]
+        == "model.layers.2.post_attention_layernorm.weight"
+    )
 
 
 @pytest.mark.parametrize(
     ("family", "router", "gate", "up", "down"),
     [
-        ("qwen3_moe", "mlp.gate", "mlp.experts.7.gate_proj", "mlp.experts.7.up_proj", "mlp.experts.7.down_proj"),
-        ("mixtral", "block_sparse_moe.gate", "block_sparse_moe.experts.7.w1", "block_sparse_moe.experts.7.w3", "block_sparse_moe.experts.7.w2"),
+        (
+            "qwen3_moe",
+            "mlp.gate",
+            "mlp.experts.7.gate_proj",
+            "mlp.experts.7.up_proj",
+            "mlp.experts.7.down_proj",
+        ),
+        (
+            "mixtral",
+            "block_sparse_moe.gate",
+            "block_sparse_moe.experts.7.w1",
+            "block_sparse_moe.experts.7.w3",
+            "block_sparse_moe.experts.7.w2",
+        ),
     ],
 )
 def test_expert_and_router_names(family: str, router: str, gate: str, up: str, down: str) -> None:
     table = conversion_table(family)
     fc1 = [torch.randn(4, HIDDEN), torch.randn(4, HIDDEN)]
     for fc1_name, fc2_name in (
-        ("decoder.layers.1.mlp.experts.local_experts.7.linear_fc1.weight", "decoder.layers.1.mlp.experts.local_experts.7.linear_fc2.weight"),
-        ("decoder.layers.1.mlp.experts.linear_fc1.weight7", "decoder.layers.1.mlp.experts.linear_fc2.weight7"),
+        (
+            "decoder.layers.1.mlp.experts.local_experts.7.linear_fc1.weight",
+            "decoder.layers.1.mlp.experts.local_experts.7.linear_fc2.weight",
+        ),
+        (
+            "decoder.layers.1.mlp.experts.linear_fc1.weight7",
+            "decoder.layers.1.mlp.experts.linear_fc2.weight7",
+        ),
     ):
         out = dict(table.convert(fc1_name, fc1, DIMS))
-        assert torch.equal(out[f"model.layers.1.{gate}.weight"], torch.cat([fc1[0][:2], fc1[1][:2]]))
+        assert torch.equal(
+            out[f"model.layers.1.{gate}.weight"], torch.cat([fc1[0][:2], fc1[1][:2]])
+        )
         assert torch.equal(out[f"model.layers.1.{up}.weight"], torch.cat([fc1[0][2:], fc1[1][2:]]))
-        assert table.convert(fc2_name, [torch.randn(HIDDEN, 2)], DIMS)[0][0] == f"model.layers.1.{down}.weight"
+        assert (
+            table.convert(fc2_name, [torch.randn(HIDDEN, 2)], DIMS)[0][0]
+            == f"model.layers.1.{down}.weight"
+        )
         assert table.lookup(fc1_name)[0].expert
     router_rule, _ = table.lookup("decoder.layers.1.mlp.router.weight")
     assert not router_rule.expert
-    assert table.convert("decoder.layers.1.mlp.router.weight", [torch.randn(8, HIDDEN)], DIMS)[0][0] == f"model.layers.1.{router}.weight"
+    assert (
+        table.convert("decoder.layers.1.mlp.router.weight", [torch.randn(8, HIDDEN)], DIMS)[0][0]
+        == f"model.layers.1.{router}.weight"
+    )
 
 
 def test_to_hf_converts_a_state_dict_of_tensors_and_shard_lists() -> None:

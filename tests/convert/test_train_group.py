@@ -51,12 +51,19 @@ async def test_tp2_train_actors_publish_and_the_owner_syncs_an_hf_engine(ray_loc
         actor_kwargs={"bucket_bytes": 16 << 10},
         num_cpus=0,
     )
-    engine = engine_actor(num_cpus=0).remote(family, hf_config_kwargs(family, tied=tied), num_threads=1)
+    engine = engine_actor(num_cpus=0).remote(
+        family, hf_config_kwargs(family, tied=tied), num_threads=1
+    )
     try:
         assert group.owner_rank == 0
-        assert await asyncio.gather(*(a.cache_owner.remote() for a in group.actors)) == [True, False]
+        assert await asyncio.gather(*(a.cache_owner.remote() for a in group.actors)) == [
+            True,
+            False,
+        ]
         toks = tokens()
-        reference = (await asyncio.gather(*(a.megatron_logits.remote(toks) for a in group.actors)))[0]
+        reference = (await asyncio.gather(*(a.megatron_logits.remote(toks) for a in group.actors)))[
+            0
+        ]
 
         assert await group.build(0) == 0
 
@@ -74,7 +81,9 @@ async def test_tp2_train_actors_publish_and_the_owner_syncs_an_hf_engine(ray_loc
         assert await engine.served_version.remote() == 0
         served = await engine.logits.remote(toks.tolist())
         diff = float((served - reference[..., :VOCAB_SIZE]).abs().max())
-        print(f"{family} tp2 via Ray actors + sync session into HFEngine: max |logit diff| = {diff:.3g}")
+        print(
+            f"{family} tp2 via Ray actors + sync session into HFEngine: max |logit diff| = {diff:.3g}"
+        )
         assert diff < TOLERANCE
     finally:
         ray.kill(engine, no_restart=True)
