@@ -6,8 +6,10 @@ from .actor import WeightSyncActor, cache_method, train_actor
 from .buckets import Bucket, BucketManifest, TensorMeta, pack
 from .cache import BucketCache, BuildHandle, CacheStats, Snapshot
 from .coordinator import SyncCoordinator
+from .fleet import EngineFleet, EngineState, FleetView, Health
 from .errors import (
     ActorDefinitionError,
+    AdmissionError,
     AsyncSyncError,
     BucketError,
     BuildInProgressError,
@@ -16,9 +18,13 @@ from .errors import (
     ChecksumMismatchError,
     ConfigError,
     ConversionError,
+    CoordinatorClosedError,
+    FleetError,
     IncompleteSessionError,
     InvalidStepError,
     ManifestMismatchError,
+    PayloadError,
+    QuorumError,
     ReadTimeoutError,
     ReceiverError,
     ResidentLimitError,
@@ -26,10 +32,11 @@ from .errors import (
     SessionIdReusedError,
     SessionTimeoutError,
     StaleStepError,
+    TopologyError,
     UnknownSessionError,
     WrongLoopError,
 )
-from .receiver import ReceiverStats, StagingReceiver
+from .receiver import EngineInfo, ReceiverStats, StagingReceiver
 from .session import SyncPlan, SyncReport, TargetReport
 
 __version__ = "0.1.0"
@@ -49,16 +56,23 @@ __all__ = [
     "WeightSyncActor",
     "cache_method",
     "train_actor",
-    # sessions: one all-or-nothing transfer, driven from any asyncio program
+    # sessions: one transfer committed by a policy, driven from any asyncio program
     "SyncCoordinator",
     "SyncPlan",
     "SyncReport",
     "TargetReport",
+    # fleet: the engines, their health and versions, every call to them
+    "EngineFleet",
+    "EngineState",
+    "FleetView",
+    "Health",
     # engine side: the receiver protocol
+    "EngineInfo",
     "ReceiverStats",
     "StagingReceiver",
     # errors: one hierarchy
     "ActorDefinitionError",
+    "AdmissionError",
     "AsyncSyncError",
     "BucketError",
     "BuildInProgressError",
@@ -67,9 +81,13 @@ __all__ = [
     "ChecksumMismatchError",
     "ConfigError",
     "ConversionError",
+    "CoordinatorClosedError",
+    "FleetError",
     "IncompleteSessionError",
     "InvalidStepError",
     "ManifestMismatchError",
+    "PayloadError",
+    "QuorumError",
     "ReadTimeoutError",
     "ReceiverError",
     "ResidentLimitError",
@@ -77,6 +95,7 @@ __all__ = [
     "SessionIdReusedError",
     "SessionTimeoutError",
     "StaleStepError",
+    "TopologyError",
     "UnknownSessionError",
     "WrongLoopError",
 ]

@@ -26,22 +26,29 @@ one lock only guards one loop. :func:`train_actor` refuses classes that break th
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import inspect
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar
 
 import torch
 
 from .buckets import tensor_digest
 from .cache import DEFAULT_BUCKET_BYTES, BucketCache, CacheStats
-from .errors import ActorDefinitionError
+from .errors import ActorDefinitionError, AdmissionError, CacheClosedError
+from .fleet import EngineFleet, EngineState, FleetView, Health
+from .receiver import current_node
 from .session import SyncPlan, SyncReport, run_session
 from .spans import Span, SpanLog
-from .transport import Transport, make_transport
+from .transport import Transport, backend
 
 __all__ = [
     "CACHE_METHODS",
     "DEFAULT_MAX_CONCURRENCY",
+    "RESERVED_SLOTS",
+    "ActorSlots",
     "WeightSyncActor",
     "cache_method",
     "train_actor",
@@ -51,6 +58,10 @@ DEFAULT_MAX_CONCURRENCY = 16
 """Default ``max_concurrency`` of a train actor: room for a build, several sessions,
 the user's own calls (a train step, stats) and readers, without unbounded fan-in."""
 
+RESERVED_SLOTS = 2
+"""Slots of ``max_concurrency`` that sessions never take: one for a build, one for a
+control call (ready step, stats, fleet changes, the user's train step)."""
+
 CACHE_METHODS = (
     "build_cpu_bucket_cache",
     "run_sync_session",
@@ -58,6 +69,11 @@ CACHE_METHODS = (
     "cache_stats",
     "ready_snapshot_digests",
     "sync_spans",
+    "fleet_add",
+    "fleet_remove",
+    "fleet_view",
+    "fleet_refresh",
+    "close",
 )
 
 _MARK = "__asyncsync_cache_method__"
@@ -70,15 +86,42 @@ def cache_method(fn: F) -> F:
     return fn
 
 
+@dataclass(frozen=True)
+class ActorSlots:
+    """How a train actor's ``max_concurrency`` slots are shared.
+
+    Every call in flight holds a slot, a session waiting for its step included. At
+    most :attr:`sessions` sessions are admitted at once; the ``reserved`` slots
+    stay free for builds and control calls, so however many sessions are sent, a
+    build always gets to run (and the step they wait for gets built).
+    """
+
+    max_concurrency: int
+    reserved: int
+
+    @property
+    def sessions(self) -> int:
+        return self.max_concurrency - self.reserved
+
+
 class WeightSyncActor:
-    """Base class of train actors: owns the bucket cache and the weight-sync methods.
+    """Base class of train actors: owns the bucket cache, the fleet and the weight-sync methods.
 
     Args:
         bucket_bytes: payload budget per bucket (see :class:`~asyncsync.BucketCache`).
         max_resident_bytes: bound on the cache's host memory (``None``: unbounded).
         transport_options: per-transport keyword arguments, e.g.
-            ``{"shm": {"directory": "/dev/shm"}}``.
+            ``{"collective": {"timeout_s": 60}}``.
+        fleet_probe_interval_s: how often the fleet probes its engines (restarts,
+            deaths) and catches up those that are not serving.
+        engine_call_timeout_s: bound on each control call to an engine (probe,
+            begin, set-up).
+
+    Create it with :func:`train_actor`, which sets ``max_concurrency`` and tells the
+    instance how many sessions it may admit (:class:`ActorSlots`).
     """
+
+    _asyncsync_slots: ClassVar[ActorSlots] = ActorSlots(DEFAULT_MAX_CONCURRENCY, RESERVED_SLOTS)
 
     def __init__(
         self,
@@ -86,11 +129,26 @@ class WeightSyncActor:
         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
         max_resident_bytes: int | None = None,
         transport_options: dict[str, dict[str, Any]] | None = None,
+        fleet_probe_interval_s: float = 2.0,
+        engine_call_timeout_s: float = 60.0,
     ) -> None:
         self.weight_cache = BucketCache(bucket_bytes, max_resident_bytes)
         self.sync_span_log = SpanLog()
+        self.fleet = EngineFleet(
+            call_timeout_s=engine_call_timeout_s, probe_interval_s=fleet_probe_interval_s
+        )
+        self._engine_call_timeout_s = engine_call_timeout_s
         self._transport_options = dict(transport_options or {})
+        for name in self._transport_options:
+            backend(name)  # ConfigError for an unknown transport, at construction
         self._transports: dict[str, Transport] = {}
+        self._sessions_in_flight = 0
+        self._sessions_refused = 0
+        # The options of the last session sent to the fleet: catch-ups reuse them.
+        self._fleet_plan = SyncPlan()
+        # Sessions' work that outlives their call (stragglers, commits still applying).
+        self._background: set[asyncio.Task[None]] = set()
+        self._closed = False
 
     # ------------------------------------------------------------ for subclasses
 
@@ -123,14 +181,39 @@ class WeightSyncActor:
         return step
 
     async def run_sync_session(self, plan: SyncPlan) -> SyncReport:
-        """Stream the newest ready snapshot >= ``plan.version`` to ``plan.targets``.
+        """Stream the newest ready snapshot >= ``plan.min_step`` to the engines.
 
-        All or nothing (see :mod:`asyncsync.session`); the report's ``step`` is the
-        step actually sent.
+        ``plan.targets=None`` syncs this actor's fleet (see :meth:`fleet_add`);
+        a mapping runs an ad-hoc session to those engines. Commit semantics follow
+        ``plan.policy`` (see :mod:`asyncsync.session`); the report's ``step`` is the
+        step actually sent. Raises :class:`~asyncsync.AdmissionError` at once when
+        the actor already runs as many sessions as it admits (see
+        :class:`ActorSlots`), and :class:`~asyncsync.CacheClosedError` after
+        :meth:`close`.
         """
-        return await run_session(
-            self.weight_cache, plan, self._transport(plan.transport), spans=self.sync_span_log
-        )
+        with self._admitted():
+            if plan.targets is None:
+                self._fleet_plan = plan
+                self._start_keeper()
+                fleet, names = self.fleet, None
+            else:
+                fleet = EngineFleet(
+                    plan.targets,
+                    initial=Health.SERVING,
+                    call_timeout_s=self._engine_call_timeout_s,
+                    abort_timeout_s=plan.abort_timeout_s,
+                )
+                names = list(plan.targets)
+            return await run_session(
+                self.weight_cache,
+                plan,
+                fleet,
+                self._transport,
+                names=names,
+                owner_node=current_node(),
+                background=self._background,
+                spans=self.sync_span_log,
+            )
 
     async def cache_ready_step(self) -> int | None:
         """The newest published step (``None`` before the first build)."""
@@ -151,12 +234,106 @@ class WeightSyncActor:
         """Recorded build and session spans (wall-clock), newest last."""
         return self.sync_span_log.snapshot()
 
+    async def fleet_add(self, name: str, engine: Any) -> EngineState:
+        """Add an engine to this actor's fleet; it is caught up to the newest ready step
+        in the background before it counts as serving (see :class:`~asyncsync.EngineFleet`).
+
+        Raises :class:`~asyncsync.FleetError` for a name in use or an engine that
+        cannot be reached or is not a receiver.
+        """
+        self._check_open()
+        state = await self.fleet.add(name, engine)
+        self._start_keeper()
+        return state
+
+    async def fleet_remove(self, name: str) -> EngineState:
+        """Take an engine out of the fleet (sessions running on it abort it and go on)."""
+        return await self.fleet.remove(name)
+
+    async def fleet_view(self) -> FleetView:
+        """Which engine serves which version, and each engine's health, now."""
+        return self.fleet.view()
+
+    async def fleet_refresh(self) -> FleetView:
+        """Probe every engine now and return the view."""
+        return await self.fleet.refresh()
+
+    async def close(self) -> None:
+        """Shut the actor's weight sync down: no new session or build starts.
+
+        Stops the fleet's keeper and catch-ups, waits for sessions' background work
+        (commits in flight finish; stragglers are aborted), closes every transport
+        and the cache. Idempotent.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        await self.fleet.close()
+        background = list(self._background)
+        for task in background:
+            task.cancel()
+        if background:
+            await asyncio.gather(*background, return_exceptions=True)
+        for transport in self._transports.values():
+            with contextlib.suppress(Exception):
+                await transport.close()
+        self._transports.clear()
+        await self.weight_cache.close()
+
     # ------------------------------------------------------------ helpers
+
+    @contextlib.contextmanager
+    def _admitted(self) -> Iterator[None]:
+        self._check_open()
+        slots = self._asyncsync_slots
+        if self._sessions_in_flight >= slots.sessions:
+            self._sessions_refused += 1
+            raise AdmissionError(
+                f"the train actor admits at most {slots.sessions} sessions at once "
+                f"(max_concurrency={slots.max_concurrency} minus {slots.reserved} slots "
+                f"reserved for builds and control calls); {self._sessions_in_flight} are "
+                "in flight, waiting for their step or streaming. Retry later, or create the "
+                "actor with a larger max_concurrency"
+            )
+        self._sessions_in_flight += 1
+        try:
+            yield
+        finally:
+            self._sessions_in_flight -= 1
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise CacheClosedError("the train actor was closed; it runs no more sessions")
+
+    def _start_keeper(self) -> None:
+        self.fleet.start(self._catch_up, lambda: self.weight_cache.ready_step)
+
+    async def _catch_up(self, name: str) -> None:
+        """Bring one engine of the fleet to the newest ready step (run by the fleet's keeper)."""
+        plan = dataclasses.replace(
+            self._fleet_plan,
+            targets=None,
+            min_step=None,
+            policy="per_engine",
+            min_engines=1,
+            max_updating=None,
+        )
+        await run_session(
+            self.weight_cache,
+            plan,
+            self.fleet,
+            self._transport,
+            names=[name],
+            owner_node=current_node(),
+            background=self._background,
+            spans=self.sync_span_log,
+            kind="catch_up",
+        )
 
     def _transport(self, name: str) -> Transport:
         transport = self._transports.get(name)
         if transport is None:
-            transport = make_transport(name, **self._transport_options.get(name, {}))
+            transport = backend(name).make(**self._transport_options.get(name, {}))
             self._transports[name] = transport
         return transport
 
@@ -176,23 +353,33 @@ def train_actor(
     cls: type[WeightSyncActor],
     *,
     max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+    reserved_slots: int = RESERVED_SLOTS,
     **ray_options: Any,
 ) -> Any:
     """``ray.remote(cls)`` with an explicit ``max_concurrency``, after checking ``cls``.
 
+    The actor admits at most ``max_concurrency - reserved_slots`` sessions at once
+    (see :class:`ActorSlots`); raise ``reserved_slots`` if your own methods (a train
+    step, generation requests) run beside builds and sessions.
+
     Raises :class:`~asyncsync.ActorDefinitionError` if ``cls`` is not a
-    :class:`WeightSyncActor`, if ``max_concurrency < 2`` (a build could never overlap
-    a session), or if a cache method (the built-in ones and those marked with
-    :func:`cache_method`) is not ``async def`` or is put in a concurrency group:
-    each group runs on its own loop and thread, where the cache's lock cannot guard it.
-    ``ray_options`` go to ``.options()`` (``num_cpus``, ``concurrency_groups``, ...).
+    :class:`WeightSyncActor`, if ``max_concurrency`` leaves no slot for a session
+    beside the reserved ones, or if a cache method (the built-in ones and those
+    marked with :func:`cache_method`) is not ``async def`` or is put in a
+    concurrency group: each group runs on its own loop and thread, where the
+    cache's lock cannot guard it. ``ray_options`` go to ``.options()``
+    (``num_cpus``, ``concurrency_groups``, ...).
     """
     if not (isinstance(cls, type) and issubclass(cls, WeightSyncActor)):
         raise ActorDefinitionError(f"{cls!r} is not a subclass of WeightSyncActor")
-    if not isinstance(max_concurrency, int) or max_concurrency < 2:
+    if not isinstance(reserved_slots, int) or reserved_slots < 1:
         raise ActorDefinitionError(
-            f"max_concurrency={max_concurrency!r}: a train actor needs >= 2 so a build "
-            "can overlap a sync session"
+            f"reserved_slots={reserved_slots!r}: at least one slot must stay free for builds"
+        )
+    if not isinstance(max_concurrency, int) or max_concurrency < reserved_slots + 1:
+        raise ActorDefinitionError(
+            f"max_concurrency={max_concurrency!r}: a train actor needs at least "
+            f"reserved_slots + 1 = {reserved_slots + 1} so a session can run beside a build"
         )
     for name, fn in inspect.getmembers(cls, inspect.isfunction):
         if name not in CACHE_METHODS and not getattr(fn, _MARK, False):
@@ -211,11 +398,23 @@ def train_actor(
             )
     import ray
 
+    # The instance must know how many of its slots sessions may take; Ray does not
+    # tell an actor its max_concurrency, so a subclass carries it (pickled by value).
+    configured = type(
+        cls.__name__,
+        (cls,),
+        {
+            "__module__": cls.__module__,
+            "__qualname__": cls.__qualname__,
+            "__doc__": cls.__doc__,
+            "_asyncsync_slots": ActorSlots(max_concurrency, reserved_slots),
+        },
+    )
     # Ray takes concurrency groups only at decoration time, not in .options().
     groups = ray_options.pop("concurrency_groups", None)
     remote_class = (
-        ray.remote(concurrency_groups=groups)(cls)  # type: ignore[call-overload]
+        ray.remote(concurrency_groups=groups)(configured)  # type: ignore[call-overload]
         if groups
-        else ray.remote(cls)
+        else ray.remote(configured)
     )
     return remote_class.options(max_concurrency=max_concurrency, **ray_options)

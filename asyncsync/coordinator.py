@@ -1,50 +1,68 @@
-"""Driver side: run sync sessions from any asyncio program, with a staleness bound.
+"""Driver side: keep a train actor's fleet in sync from any asyncio program, within a staleness bound.
 
 An RL orchestrator calls :meth:`SyncCoordinator.after_build` after each published
 step. The coordinator keeps at most one session in flight, always asking for the
-newest built step, and records the version the engines committed as the step each
-session *reports* (never the step it asked for). ``after_build`` returns at once
-unless the engines would fall more than ``staleness`` versions behind the trainer;
-only then does the train loop wait, and only until the bound holds again.
+newest built step, and sends it to the train actor's fleet (the engines it was
+given are added to that fleet first). ``after_build`` returns at once unless the
+serving engines would fall more than ``staleness`` steps behind the trainer; only
+then does the train loop wait, and only until the bound holds again.
+
+What the engines serve is the fleet's view, as the engines report it
+(:attr:`SyncCoordinator.view`), never what a session meant to do:
+:attr:`SyncCoordinator.engine_version` is the oldest version a *serving* engine
+serves. Under ``policy="per_engine"`` an engine that fails or lags is quarantined or
+left catching up in the background, out of that minimum, so it never holds the
+train loop back. Under ``policy="fleet"`` a session that fails because of one
+engine quarantines that engine and the coordinator retries at once without it.
 
 Cancellation: awaiting an ``ObjectRef`` and cancelling the awaiting task does not
 stop the remote call, so the coordinator does it. When a task awaiting
-:meth:`SyncCoordinator.sync` is cancelled (or :meth:`SyncCoordinator.close` cancels
-the background session), the remote session is cancelled with ``ray.cancel``; it
-aborts on every engine, releases its pin and removes its temporary files, and the
-cancellation propagates only once the remote call has ended (bounded by
-``cancel_wait_s``). So after ``close()`` returns, or after a cancelled ``sync()``
-raised ``CancelledError``, no session of this coordinator is in flight.
+:meth:`SyncCoordinator.sync` is cancelled, or :meth:`SyncCoordinator.close` runs,
+the remote session is cancelled with ``ray.cancel``; it aborts on every engine,
+releases its pin, and the cancellation propagates only once the remote call has
+ended (bounded by ``cancel_wait_s``).
+
+Closing means closed: after :meth:`SyncCoordinator.close` returns no session of
+this coordinator is in flight and none starts; a train loop waiting in
+``after_build`` or ``drain`` wakes with :class:`~asyncsync.CoordinatorClosedError`,
+and every later call raises it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Mapping
 from typing import Any
 
 from . import aio
-from .errors import ConfigError
+from ._primitives import Signal
+from .errors import ConfigError, CoordinatorClosedError, SessionError
+from .fleet import EngineState, FleetView, Health
 from .session import SyncPlan, SyncReport
 
 __all__ = ["SyncCoordinator"]
 
+_BUSY_RETRY_S = 0.05
+"""Pause before the next session when every engine was busy with another one."""
+
 
 class SyncCoordinator:
-    """Chooses targets, runs sessions on the train actor, publishes what they report.
+    """Runs sessions on a train actor's fleet and waits only when staleness requires it.
 
     Args:
         trainer: handle of a train actor (see :func:`asyncsync.train_actor`).
-        engines: engine name -> actor handle; every session targets all of them.
-        staleness: the engines may serve a version at most this many steps older
+        engines: engine name -> actor handle, added to the trainer's fleet on first
+            use (``None``: the fleet as it is; add engines with :meth:`add_engine`).
+        staleness: serving engines may serve a version at most this many steps older
             than the newest built step (``0``: wait for every sync).
-        engine_version: the version the engines serve now (``-1``: base weights).
         cancel_wait_s: when a session is cancelled from the driver, how long to wait
             for the remote session to finish aborting before the cancellation
             propagates anyway.
-        plan_options: further :class:`~asyncsync.SyncPlan` fields (``transport``,
-            ``timeout_s``, ``max_inflight_buckets``, ...).
+        plan_options: further :class:`~asyncsync.SyncPlan` fields for every session
+            (``policy``, ``min_engines``, ``max_updating``, ``transport``,
+            ``timeout_s``, ...); checked here.
 
     Use from one event loop. Errors of background sessions are raised from the
     next :meth:`after_build` or :meth:`drain`.
@@ -53,38 +71,92 @@ class SyncCoordinator:
     def __init__(
         self,
         trainer: Any,
-        engines: Mapping[str, Any],
+        engines: Mapping[str, Any] | None = None,
         *,
         staleness: int = 1,
-        engine_version: int = -1,
         cancel_wait_s: float = 30.0,
         **plan_options: Any,
     ) -> None:
-        if staleness < 0:
-            raise ConfigError(f"staleness must be >= 0, got {staleness}")
-        SyncPlan(targets=engines, **plan_options)  # validate options early
+        if isinstance(staleness, bool) or not isinstance(staleness, int) or staleness < 0:
+            raise ConfigError(f"staleness must be an int >= 0, got {staleness!r}")
+        if "targets" in plan_options or "min_step" in plan_options:
+            raise ConfigError(
+                "SyncCoordinator chooses targets (its fleet) and min_step (the newest "
+                "built step) itself; pass engines= instead"
+            )
+        self.plan = SyncPlan(**plan_options)  # every option checked now
         self.trainer = trainer
-        self.engines = dict(engines)
         self.staleness = staleness
-        self.engine_version = engine_version
         self.cancel_wait_s = cancel_wait_s
         self.reports: list[SyncReport] = []
-        self._plan_options = plan_options
+        self.view: FleetView = FleetView({})
+        self._pending_engines = dict(engines or {})
         self._latest_built: int | None = None
         self._pump: asyncio.Task[None] | None = None
+        self._calls: set[asyncio.Task[Any]] = set()
         self._error: BaseException | None = None
-        self._progress = asyncio.Event()
+        self._progress = Signal()
+        self._joined = False
+        self._closed = False
 
-    async def sync(self, version: int | None = None) -> SyncReport:
-        """Run one session now (newest ready step >= ``version``) and publish its step.
+    @property
+    def policy(self) -> str:
+        return self.plan.policy
+
+    @property
+    def engine_version(self) -> int | None:
+        """The oldest version the engines that count serve (``-1``: initial weights).
+
+        The engines that count are the serving ones; while none is serving, those
+        catching up (a fleet that never synced must get its first step before the
+        train loop runs ahead). Quarantined and gone engines never count. ``None``:
+        no engine counts.
+        """
+        oldest = self.view.oldest_serving()
+        if oldest is None:
+            catching = [self.view.engines[n].version for n in self.view.names(Health.CATCHING_UP)]
+            oldest = min((-1 if v is None else v for v in catching), default=None)
+        return oldest
+
+    async def add_engine(self, name: str, handle: Any) -> EngineState:
+        """Add an engine to the fleet; it is caught up before it counts as serving."""
+        self._check_open()
+        state: EngineState = await aio.get(self.trainer.fleet_add.remote(name, handle))
+        await self.refresh()
+        return state
+
+    async def remove_engine(self, name: str) -> EngineState:
+        """Take an engine out of the fleet (a session running on it drops it)."""
+        self._check_open()
+        state: EngineState = await aio.get(self.trainer.fleet_remove.remote(name))
+        await self.refresh()
+        return state
+
+    async def refresh(self) -> FleetView:
+        """Fetch the fleet's view from the train actor now."""
+        self.view = await aio.get(self.trainer.fleet_view.remote())
+        return self.view
+
+    async def sync(self, min_step: int | None = None) -> SyncReport:
+        """Run one session now (newest ready step >= ``min_step``) on the fleet.
 
         Cancelling the awaiting task cancels the remote session too (see the module
-        docstring); ``CancelledError`` propagates once it has ended.
+        docstring); ``CancelledError`` propagates once it has ended. Raises
+        :class:`~asyncsync.CoordinatorClosedError` after :meth:`close`.
         """
-        plan = SyncPlan(targets=self.engines, version=version, **self._plan_options)
-        ref = self.trainer.run_sync_session.remote(plan)
-        report: SyncReport = await aio.get(ref, cancel_wait_s=self.cancel_wait_s)
-        self.engine_version = max(self.engine_version, report.step)
+        self._check_open()
+        await self._join_engines()
+        plan = dataclasses.replace(self.plan, min_step=min_step)
+        task = asyncio.current_task()
+        if task is not None:
+            self._calls.add(task)
+        try:
+            ref = self.trainer.run_sync_session.remote(plan)
+            report: SyncReport = await aio.get(ref, cancel_wait_s=self.cancel_wait_s)
+        finally:
+            if task is not None:
+                self._calls.discard(task)
+        self.view = report.view
         self.reports.append(report)
         return report
 
@@ -92,66 +164,114 @@ class SyncCoordinator:
         """Note that ``step`` was published; wait only if the staleness bound requires it.
 
         Starts a background session if none is running. Returns the seconds spent
-        waiting for the bound. Raises the error of a failed background session.
+        waiting for the bound. Raises the error of a failed background session, and
+        :class:`~asyncsync.CoordinatorClosedError` if the coordinator is (or gets)
+        closed.
         """
+        self._check_open()
+        await self._join_engines()
         self._latest_built = step if self._latest_built is None else max(self._latest_built, step)
         self._raise_pending()
         self._ensure_pump()
         start = time.monotonic()
-        while step - self.engine_version > self.staleness:
+        while self._behind(step - self.staleness):
             await self._wait_progress()
         return time.monotonic() - start
 
     async def drain(self) -> None:
-        """Wait until the engines serve the newest built step (or raise the failure)."""
+        """Wait until every serving engine serves the newest built step (or raise the failure)."""
+        self._check_open()
+        await self._join_engines()
         self._raise_pending()
         self._ensure_pump()
-        while self._latest_built is not None and self.engine_version < self._latest_built:
+        while self._latest_built is not None and self._behind(self._latest_built):
             await self._wait_progress()
 
     async def close(self) -> None:
-        """Cancel the session in flight, if any; return once it has aborted on every engine.
+        """Cancel every session of this coordinator in flight; return once each has aborted.
 
-        Waits at most ``cancel_wait_s`` for the remote session to end.
+        Waits at most ``cancel_wait_s`` per session for the remote side to end. Waiters
+        in ``after_build``/``drain`` wake with
+        :class:`~asyncsync.CoordinatorClosedError`. Idempotent.
         """
-        if self._pump is not None and not self._pump.done():
-            self._pump.cancel()
-            try:
-                await self._pump
-            except asyncio.CancelledError:
-                task = asyncio.current_task()
-                if task is not None and task.cancelling():
-                    raise  # close() itself was cancelled, not just the pump
+        self._closed = True
+        tasks = [t for t in [self._pump, *self._calls] if t is not None and not t.done()]
+        me = asyncio.current_task()
+        for task in tasks:
+            if task is not me:
+                task.cancel()
+        try:
+            if tasks:
+                await asyncio.gather(*(t for t in tasks if t is not me), return_exceptions=True)
+        finally:
+            self._progress.notify()
+
+    # ----------------------------------------------------------------- internals
+
+    def _behind(self, step: int) -> bool:
+        oldest = self.engine_version
+        return oldest is not None and oldest < step
+
+    async def _join_engines(self) -> None:
+        """Add the engines given at construction to the fleet, and learn the view (once)."""
+        if self._joined:
+            return
+        pending, self._pending_engines = self._pending_engines, {}
+        for name, handle in pending.items():
+            await aio.get(self.trainer.fleet_add.remote(name, handle))
+        await self.refresh()
+        self._joined = True
 
     def _ensure_pump(self) -> None:
-        if self._pump is None or self._pump.done():
+        if not self._closed and (self._pump is None or self._pump.done()):
             self._pump = asyncio.create_task(self._run_pump())
 
     async def _run_pump(self) -> None:
+        failures = 0
         try:
-            while self._latest_built is not None and self.engine_version < self._latest_built:
-                await self.sync(version=self._latest_built)
-                self._notify()
+            while self._latest_built is not None and (
+                not self.reports or self._behind(self._latest_built)
+            ):
+                try:
+                    report = await self.sync(min_step=self._latest_built)
+                    failures = 0
+                    if not report.targets:
+                        # Every engine is driven by another session right now.
+                        await asyncio.sleep(_BUSY_RETRY_S)
+                except SessionError as exc:
+                    # An engine that failed the session was quarantined: go on without it
+                    # (a catch-up brings it back), unless nothing changes between tries.
+                    view = await self.refresh()
+                    state = view.engines.get(exc.target) if exc.target else None
+                    failures += 1
+                    if state is None or state.health is Health.SERVING:
+                        raise
+                    if failures > len(view.engines):
+                        raise
+                self._progress.notify()
         except asyncio.CancelledError:
             raise
         except BaseException as exc:
             self._error = exc
         finally:
-            self._notify()
+            self._progress.notify()
 
     async def _wait_progress(self) -> None:
-        event = self._progress
+        event = self._progress.waiter()
         if self._pump is None or self._pump.done():
             self._raise_pending()
             self._ensure_pump()
         await event.wait()
+        self._check_open()
         self._raise_pending()
-
-    def _notify(self) -> None:
-        self._progress.set()
-        self._progress = asyncio.Event()
 
     def _raise_pending(self) -> None:
         if self._error is not None:
             error, self._error = self._error, None
             raise error
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise CoordinatorClosedError(
+                "the SyncCoordinator was closed; it starts no more sessions"
+            )

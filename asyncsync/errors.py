@@ -17,13 +17,19 @@ AsyncSyncError
 │   ├── CacheClosedError                 the cache was closed
 │   └── WrongLoopError (RuntimeError)    called from another event loop or thread
 ├── SessionError                         a sync session failed and was aborted everywhere
-│   └── SessionTimeoutError (TimeoutError)
+│   ├── SessionTimeoutError (TimeoutError)
+│   ├── AdmissionError                   more sessions than the train actor admits at once
+│   ├── TopologyError                    a same-node-only transport asked for an engine elsewhere
+│   └── QuorumError                      fewer engines than min_engines could commit
+├── FleetError                           a fleet call names an engine that is not a member, ...
+├── CoordinatorClosedError               the coordinator was closed
 ├── ReceiverError                        engine-side protocol violations
 │   ├── ManifestMismatchError (ValueError)
 │   ├── ChecksumMismatchError (ValueError)
 │   ├── UnknownSessionError (KeyError)
 │   ├── IncompleteSessionError
-│   └── SessionIdReusedError (ValueError)
+│   ├── SessionIdReusedError (ValueError)
+│   └── PayloadError (TypeError)         a payload no transport produces, or one that cannot load
 ├── ActorDefinitionError (TypeError)     a train-actor class that would break the one-loop contract
 └── ConversionError (KeyError)           a parameter name no conversion table knows
 ```
@@ -31,8 +37,11 @@ AsyncSyncError
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "ActorDefinitionError",
+    "AdmissionError",
     "AsyncSyncError",
     "BucketError",
     "BuildInProgressError",
@@ -41,9 +50,13 @@ __all__ = [
     "ChecksumMismatchError",
     "ConfigError",
     "ConversionError",
+    "CoordinatorClosedError",
+    "FleetError",
     "IncompleteSessionError",
     "InvalidStepError",
     "ManifestMismatchError",
+    "PayloadError",
+    "QuorumError",
     "ReadTimeoutError",
     "ReceiverError",
     "ResidentLimitError",
@@ -51,6 +64,7 @@ __all__ = [
     "SessionIdReusedError",
     "SessionTimeoutError",
     "StaleStepError",
+    "TopologyError",
     "UnknownSessionError",
     "WrongLoopError",
 ]
@@ -110,8 +124,9 @@ class WrongLoopError(CacheError, RuntimeError):
 class SessionError(AsyncSyncError):
     """A sync session failed; it was aborted on every target and its pin released.
 
-    ``session_id`` and ``step`` identify the session; ``target`` names the target that
-    failed first (``None`` when the failure was not target-specific).
+    ``session_id`` and ``step`` identify the session; ``target`` names the engine that
+    failed first, ``transport`` and ``bucket`` the transport step that failed (each
+    ``None`` when the failure was not specific to one).
     """
 
     def __init__(
@@ -121,32 +136,78 @@ class SessionError(AsyncSyncError):
         session_id: str | None = None,
         step: int | None = None,
         target: str | None = None,
+        transport: str | None = None,
+        bucket: int | None = None,
     ) -> None:
         super().__init__(message)
         self.session_id = session_id
         self.step = step
         self.target = target
+        self.transport = transport
+        self.bucket = bucket
 
     def __reduce__(self) -> tuple[object, ...]:
         # Keyword-only fields must survive pickling across Ray processes.
         return (
             _rebuild_session_error,
-            (type(self), str(self), self.session_id, self.step, self.target),
+            (
+                type(self),
+                str(self),
+                {
+                    "session_id": self.session_id,
+                    "step": self.step,
+                    "target": self.target,
+                    "transport": self.transport,
+                    "bucket": self.bucket,
+                },
+            ),
         )
 
 
 def _rebuild_session_error(
-    cls: type[SessionError],
-    message: str,
-    session_id: str | None,
-    step: int | None,
-    target: str | None,
+    cls: type[SessionError], message: str, fields: dict[str, Any]
 ) -> SessionError:
-    return cls(message, session_id=session_id, step=step, target=target)
+    return cls(message, **fields)
 
 
 class SessionTimeoutError(SessionError, TimeoutError):
     """A sync session ran past its timeout and was aborted everywhere."""
+
+
+class AdmissionError(SessionError):
+    """The train actor already runs as many sessions as it admits; this one never started.
+
+    Every session (waiting for its step or streaming) holds one of the actor's
+    ``max_concurrency`` slots; the actor admits at most ``max_concurrency`` minus
+    the slots reserved for builds and control calls, so those always run. Nothing
+    was pinned or sent; retry later or raise ``max_concurrency``.
+    """
+
+
+class TopologyError(SessionError):
+    """A transport that only works on one node was asked for an engine on another node.
+
+    Raised before anything moves; names the engine, the transport and both nodes.
+    """
+
+
+class QuorumError(SessionError):
+    """Under the ``per_engine`` policy, fewer than ``min_engines`` engines could commit.
+
+    Engines that did commit serve the new step (the message names them); the others
+    keep their version and are quarantined.
+    """
+
+
+class FleetError(AsyncSyncError, KeyError):
+    """A fleet operation names an engine that is not a member, or adds a name twice."""
+
+    def __str__(self) -> str:  # KeyError quotes its argument; keep the message readable
+        return str(self.args[0]) if self.args else ""
+
+
+class CoordinatorClosedError(AsyncSyncError):
+    """The :class:`~asyncsync.SyncCoordinator` was closed; it starts no more sessions."""
 
 
 class ReceiverError(AsyncSyncError):
@@ -174,6 +235,10 @@ class IncompleteSessionError(ReceiverError):
 
 class SessionIdReusedError(ReceiverError, ValueError):
     """``begin`` with a session id the receiver has already seen."""
+
+
+class PayloadError(ReceiverError, TypeError):
+    """An engine got a payload that no transport produces, or one its transport cannot load."""
 
 
 class ActorDefinitionError(AsyncSyncError, TypeError):

@@ -12,13 +12,27 @@ does not have, before any bucket moves) and :meth:`StagingReceiver.apply` (make 
 staged tensors the model's weights, atomically with respect to its readers).
 All methods are ``async`` and run on the engine actor's one event loop; loading
 and hashing run in worker threads.
+
+Nothing is held forever: a session's staging (its buckets, and the shared memory
+they map) is dropped as soon as the session can no longer commit: when it is
+aborted, when a newer version is committed, or when its time to live (announced at
+``begin``, at least the session's own timeout) has passed, which is how staging
+left behind by a train actor that died mid-session goes away.
+:meth:`StagingReceiver.receiver_stats` counts each.
+
+Every engine reports what it is (:class:`EngineInfo`): an incarnation that changes
+whenever the actor is (re)created, so a fleet can tell an engine that Ray restarted
+(and that now serves its initial weights) from the one it knew, its Ray node, and
+the version it serves. A fleet never infers an engine's version; it asks.
 """
 
 from __future__ import annotations
 
 import asyncio
-import importlib
-from collections import OrderedDict
+import os
+import time
+import uuid
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,28 +46,74 @@ from .errors import (
     StaleStepError,
     UnknownSessionError,
 )
-from .transport import load_payload, transport_names
+from .transport import backend, load_payload
 
-__all__ = ["ReceiverStats", "StagingReceiver"]
+__all__ = [
+    "DEFAULT_STAGING_TTL_S",
+    "EngineInfo",
+    "ReceiverStats",
+    "StagingReceiver",
+    "current_node",
+]
 
 _REMEMBERED_SESSIONS = 4096
+
+DEFAULT_STAGING_TTL_S = 600.0
+"""Time to live of a session's staging when ``begin`` does not say (seconds after begin)."""
+
+_REAP_INTERVAL_S = 1.0
+"""Longest sleep of the task that drops expired staging (it sleeps less when one expires sooner)."""
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What an engine reports about itself; the only source of a fleet's view of it.
+
+    ``incarnation`` is new every time the actor is constructed (a Ray restart
+    included); ``node_id`` is its Ray node (``None`` outside Ray); ``version`` the
+    step it serves (``None``: its initial weights, never updated).
+    """
+
+    incarnation: str
+    node_id: str | None
+    pid: int
+    version: int | None
+    open_sessions: int
+    staged_bytes: int
 
 
 @dataclass(eq=False)
 class _Staging:
-    version: int
+    step: int
     manifest: tuple[BucketManifest, ...]
+    expires_at: float
     buckets: dict[int, Bucket] = field(default_factory=dict)
     receiving: set[int] = field(default_factory=set)
+    # Set once apply() runs: such staging is never dropped (its buckets are being read).
+    applying: bool = False
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.nbytes for b in self.buckets.values())
 
 
 @dataclass(frozen=True)
 class ReceiverStats:
+    """The receiver at one instant.
+
+    ``dropped`` counts staging dropped without a commit, by reason: ``"aborted"``,
+    ``"superseded"`` (a newer version was committed), ``"expired"`` (its time to
+    live passed), ``"stale"`` (its commit came after a newer one).
+    """
+
     version: int | None
+    incarnation: str
     open_sessions: tuple[str, ...]
+    staged_bytes: int
     commits: int
     aborts: int
     rejected_buckets: int
+    dropped: dict[str, int]
 
 
 class StagingReceiver:
@@ -61,14 +121,17 @@ class StagingReceiver:
 
     def __init__(self) -> None:
         self.version: int | None = None
+        self.incarnation = uuid.uuid4().hex
         # Per-transport state (e.g. a process group kept between sessions).
         self.transport_state: dict[str, Any] = {}
         self._sessions: dict[str, _Staging] = {}
-        # Ids already used, so a replayed or reused id is refused (bounded memory).
-        self._seen: OrderedDict[str, None] = OrderedDict()
+        # Ids already used, so a replayed or reused id is refused, and why each one
+        # that did not commit ended (bounded memory).
+        self._seen: OrderedDict[str, str | None] = OrderedDict()
         self._commits = 0
-        self._aborts = 0
         self._rejected = 0
+        self._dropped: Counter[str] = Counter()
+        self._reaper: asyncio.Task[None] | None = None
         # Serializes commits: the staleness check and the switch of version must be
         # one critical section, or two sessions committing at once could apply the
         # older version over the newer one.
@@ -85,39 +148,64 @@ class StagingReceiver:
     async def apply(self, buckets: Sequence[Bucket], version: int) -> None:
         """Make the staged buckets the model's weights (all of them, atomically).
 
-        Called by ``commit`` once every bucket was received and validated.
+        Called by ``commit`` once every bucket was received and validated. The
+        buckets may map the train actor's shared memory: read them here, do not
+        keep references to them after returning.
         """
         raise NotImplementedError
 
     # ----------------------------------------------------------------- protocol
 
-    async def begin(
-        self, session_id: str, version: int, manifest: Sequence[BucketManifest]
-    ) -> None:
-        """Open a session that will deliver ``manifest`` for ``version``.
+    async def engine_info(self) -> EngineInfo:
+        """What this engine is and serves (see :class:`EngineInfo`)."""
+        return EngineInfo(
+            incarnation=self.incarnation,
+            node_id=current_node(),
+            pid=os.getpid(),
+            version=self.version,
+            open_sessions=len(self._sessions),
+            staged_bytes=sum(s.nbytes for s in self._sessions.values()),
+        )
 
-        Raises :class:`SessionIdReusedError`, :class:`~asyncsync.StaleStepError` (a
-        version older than the committed one) or :class:`ManifestMismatchError` (a
+    async def begin(
+        self,
+        session_id: str,
+        step: int,
+        manifest: Sequence[BucketManifest],
+        ttl_s: float | None = None,
+    ) -> EngineInfo:
+        """Open a session that will deliver ``manifest`` for ``step``; report this engine.
+
+        The staging is dropped if the session has not committed ``ttl_s`` seconds
+        after this call (``None``: :data:`DEFAULT_STAGING_TTL_S`). Raises
+        :class:`SessionIdReusedError`, :class:`~asyncsync.StaleStepError` (a step
+        older than the committed version) or :class:`ManifestMismatchError` (a
         malformed index, a name twice, or what :meth:`check_manifest` refuses);
         nothing is opened then and the id stays unused.
         """
         if session_id in self._seen:
             raise SessionIdReusedError(f"session id {session_id!r} was already used")
-        if self.version is not None and version < self.version:
+        if self.version is not None and step < self.version:
             raise StaleStepError(
-                f"session {session_id!r} carries version {version}, older than the "
+                f"session {session_id!r} carries step {step}, older than the "
                 f"committed version {self.version}"
             )
+        ttl = DEFAULT_STAGING_TTL_S if ttl_s is None else ttl_s
+        if not ttl > 0:
+            raise ConfigError(f"session {session_id!r}: ttl_s must be positive, got {ttl_s!r}")
         check_manifests(manifest)
         self.check_manifest(manifest)
         self._remember(session_id)
-        self._sessions[session_id] = _Staging(version, tuple(manifest))
+        self._sessions[session_id] = _Staging(step, tuple(manifest), time.monotonic() + ttl)
+        self._ensure_reaper()
+        return await self.engine_info()
 
     async def receive(self, session_id: str, index: int, payload: Any) -> int:
         """Load bucket ``index`` from ``payload``, validate it and stage it; return its size.
 
-        Raises :class:`UnknownSessionError`, :class:`ManifestMismatchError` or
-        :class:`~asyncsync.ChecksumMismatchError`; nothing is staged then.
+        Raises :class:`UnknownSessionError`, :class:`ManifestMismatchError`,
+        :class:`~asyncsync.ChecksumMismatchError` or a
+        :class:`~asyncsync.ReceiverError` of the transport; nothing is staged then.
         """
         staging = self._staging(session_id)
         if not 0 <= index < len(staging.manifest):
@@ -140,7 +228,7 @@ class StagingReceiver:
             raise
         finally:
             staging.receiving.discard(index)
-        # The session may have been aborted while the bucket was loading.
+        # The session may have been dropped while the bucket was loading.
         if self._sessions.get(session_id) is staging:
             staging.buckets[index] = bucket
         return bucket.nbytes
@@ -169,75 +257,118 @@ class StagingReceiver:
     async def _commit(self, session_id: str, staging: _Staging) -> int:
         async with self._commit_lock:
             if self._sessions.get(session_id) is not staging:
-                raise UnknownSessionError(
-                    f"session {session_id!r} was aborted before its commit could run"
-                )
-            if self.version is not None and staging.version < self.version:
-                del self._sessions[session_id]
-                self._aborts += 1
+                # Dropped while this commit waited for the lock: say why.
+                self._staging(session_id)
+                raise UnknownSessionError(f"session {session_id!r} ended before its commit ran")
+            if self.version is not None and staging.step < self.version:
+                self._drop(session_id, "stale")
                 raise StaleStepError(
-                    f"session {session_id!r} carries version {staging.version}, older than "
+                    f"session {session_id!r} carries step {staging.step}, older than "
                     f"the version {self.version} committed meanwhile; dropped"
                 )
             ordered = [staging.buckets[i] for i in range(len(staging.manifest))]
-            await self.apply(ordered, staging.version)
+            staging.applying = True
+            try:
+                await self.apply(ordered, staging.step)
+            finally:
+                staging.applying = False
             self._sessions.pop(session_id, None)
-            self.version = staging.version
+            self.version = staging.step
             self._commits += 1
-            return staging.version
+            for other, held in list(self._sessions.items()):
+                if held.step < staging.step:
+                    self._drop(
+                        other,
+                        "superseded",
+                        f" by version {staging.step}, committed while it carried the older "
+                        f"step {held.step}",
+                    )
+            return staging.step
 
     async def abort(self, session_id: str) -> None:
-        """Drop the session's staging; idempotent, unknown ids are ignored."""
-        if self._sessions.pop(session_id, None) is not None:
-            self._aborts += 1
+        """Drop the session's staging; idempotent, unknown ids are ignored.
+
+        A commit already applying is not interrupted (see :meth:`commit`).
+        """
+        self._drop(session_id, "aborted")
 
     async def transport_setup(self, transport: str, config: Any) -> Any:
         """Run transport ``transport``'s engine-side set-up (e.g. join a process group).
 
         Called by the train side of transports that need one before they send.
-        Runs ``asyncsync.transport.<transport>.engine_setup(self.transport_state,
-        config)`` in a worker thread (it may block, e.g. on a rendezvous) and returns
-        its result. Raises :class:`~asyncsync.ConfigError` for an unknown transport or
+        Runs the set-up function the transport registry names for ``transport``
+        (see :mod:`asyncsync.transport`) in a worker thread (it may block, e.g. on
+        a rendezvous) with ``(self.transport_state, config)`` and returns its
+        result. Raises :class:`~asyncsync.ConfigError` for an unknown transport or
         one without an engine-side set-up.
         """
-        if transport not in transport_names():
-            raise ConfigError(
-                f"unknown transport {transport!r}; choose one of {', '.join(transport_names())}"
-            )
-        return await asyncio.to_thread(_transport_setup, transport, self.transport_state, config)
+        setup = backend(transport).engine_setup()
+        if setup is None:
+            raise ConfigError(f"transport {transport!r} has no engine-side set-up")
+        return await asyncio.to_thread(setup, self.transport_state, config)
 
     async def receiver_stats(self) -> ReceiverStats:
         return ReceiverStats(
             version=self.version,
+            incarnation=self.incarnation,
             open_sessions=tuple(self._sessions),
+            staged_bytes=sum(s.nbytes for s in self._sessions.values()),
             commits=self._commits,
-            aborts=self._aborts,
+            aborts=self._dropped["aborted"],
             rejected_buckets=self._rejected,
+            dropped=dict(self._dropped),
         )
 
     # ----------------------------------------------------------------- helpers
 
     def _staging(self, session_id: str) -> _Staging:
-        try:
-            return self._sessions[session_id]
-        except KeyError:
-            raise UnknownSessionError(
-                f"no open session {session_id!r} (never begun, committed or aborted)"
-            ) from None
+        staging = self._sessions.get(session_id)
+        if staging is not None:
+            return staging
+        ended = self._seen.get(session_id)
+        if ended is not None and ended.startswith("superseded"):
+            raise StaleStepError(f"session {session_id!r} was dropped: {ended}")
+        why = ended or "never begun, or already committed"
+        raise UnknownSessionError(f"no open session {session_id!r} ({why})")
+
+    def _drop(self, session_id: str, reason: str, detail: str = "") -> None:
+        staging = self._sessions.get(session_id)
+        if staging is not None and not staging.applying:
+            del self._sessions[session_id]
+            self._dropped[reason] += 1
+            if session_id in self._seen:
+                self._seen[session_id] = f"{reason}{detail}"
 
     def _remember(self, session_id: str) -> None:
         self._seen[session_id] = None
         while len(self._seen) > _REMEMBERED_SESSIONS:
             self._seen.popitem(last=False)
 
+    def _ensure_reaper(self) -> None:
+        if self._reaper is None or self._reaper.done():
+            self._reaper = asyncio.get_running_loop().create_task(self._reap())
 
-def _transport_setup(transport: str, state: dict[str, Any], config: Any) -> Any:
-    # In a worker thread: the first use imports the transport's module.
-    module = importlib.import_module(f"{__package__}.transport.{transport}")
-    setup = getattr(module, "engine_setup", None)
-    if setup is None:
-        raise ConfigError(f"transport {transport!r} has no engine-side set-up")
-    return setup(state, config)
+    async def _reap(self) -> None:
+        """Drop staging whose time to live passed; ends when no session is open."""
+        while self._sessions:
+            now = time.monotonic()
+            for session_id, staging in list(self._sessions.items()):
+                if staging.expires_at <= now:
+                    self._drop(session_id, "expired")
+            soonest = min((s.expires_at for s in self._sessions.values()), default=now)
+            await asyncio.sleep(min(max(soonest - now, 0.01), _REAP_INTERVAL_S))
+
+
+def current_node() -> str | None:
+    """The Ray node id of this process (``None`` outside Ray)."""
+    try:
+        import ray
+    except ImportError:  # an engine tested outside Ray
+        return None
+    if not ray.is_initialized():
+        return None
+    node: str = ray.get_runtime_context().get_node_id()
+    return node
 
 
 def _load_and_verify(payload: Any, expected: BucketManifest, state: dict[str, Any]) -> Bucket:

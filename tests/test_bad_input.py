@@ -49,7 +49,8 @@ from asyncsync import (
 )
 from asyncsync.engines import HFEngine
 from asyncsync.session import SyncPlan
-from asyncsync.transport import make_transport
+from asyncsync.fleet import EngineFleet, Health
+from asyncsync.transport import backend
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -233,9 +234,11 @@ async def test_session_asking_for_a_step_that_never_becomes_ready() -> None:
     cache = BucketCache(bucket_bytes=8 * KIB)
     await publish(cache, 2)
     before = await snapshot_state(cache)
-    plan = SyncPlan({"e": object()}, version=50, pin_timeout_s=0.05)
+    plan = SyncPlan({"e": object()}, min_step=50, pin_timeout_s=0.05)
+    assert plan.targets is not None
+    fleet = EngineFleet(plan.targets, initial=Health.SERVING)
     with raises_typed(ReadTimeoutError, "step >= 50", "ready step: 2"):
-        await run_session(cache, plan, make_transport("object_store"))
+        await run_session(cache, plan, fleet, lambda name: backend(name).make())
     await assert_cache_unchanged_and_usable(cache, before)
 
 
@@ -268,7 +271,22 @@ CONFIG_CASES: list[tuple[str, Callable[[], object], tuple[str, ...]]] = [
         ("max_inflight_buckets",),
     ),
     ("plan-timeout-zero", lambda: SyncPlan({"e": 1}, timeout_s=0), ("timeout_s",)),
-    ("unknown-transport", lambda: make_transport("carrier-pigeon"), ("'carrier-pigeon'",)),
+    ("unknown-transport", lambda: backend("carrier-pigeon"), ("'carrier-pigeon'",)),
+    (
+        "plan-unknown-transport",
+        lambda: SyncPlan(transport="carrier-pigeon"),
+        ("'carrier-pigeon'", "object_store"),
+    ),
+    ("plan-unknown-policy", lambda: SyncPlan(policy="quorum"), ("policy", "'quorum'")),
+    ("plan-min-engines-zero", lambda: SyncPlan(min_engines=0), ("min_engines", "0")),
+    ("plan-min-engines-fraction", lambda: SyncPlan(min_engines=1.5), ("min_engines", "1.5")),
+    ("plan-max-updating-zero", lambda: SyncPlan(max_updating=0), ("max_updating", "0")),
+    (
+        "plan-cross-node-shm",
+        lambda: SyncPlan(cross_node="shm"),
+        ("cross_node", "'shm'", "object_store"),
+    ),
+    ("plan-targets-not-mapping", lambda: SyncPlan(["e0"]), ("targets", "['e0']")),
 ]
 
 
@@ -616,7 +634,7 @@ async def test_stale_version_at_begin(engine: HFEngine, sender: Sender) -> None:
     before = await engine_state(engine)
     session = sid()
     with raises_typed(
-        StaleStepError, f"'{session}'", f"version {version - 1}", f"committed version {version}"
+        StaleStepError, f"'{session}'", f"step {version - 1}", f"committed version {version}"
     ):
         await engine.begin(session, version - 1, manifest(sender.buckets(version - 1)))
     await assert_engine_unchanged_and_usable(engine, sender, before)
@@ -635,7 +653,7 @@ async def test_stale_version_at_commit_never_goes_back(engine: HFEngine, sender:
         )
     assert await engine.commit(b) == newer
     _, _, digests = await engine_state(engine)
-    with raises_typed(StaleStepError, f"'{a}'", f"version {older}", f"version {newer} committed"):
+    with raises_typed(StaleStepError, f"'{a}'", f"step {older}", f"version {newer}"):
         await engine.commit(a)
     # Still the newer version, bit for bit; the stale session was dropped.
     after = (newer, (), digests)

@@ -117,8 +117,8 @@ async def test_asked_for_v_gets_newest_and_coordinator_publishes_it(rig: Rig) ->
     asked = await rig.publish()
     newest = await rig.publish()
     coordinator = SyncCoordinator(rig.trainer, rig.engines)
-    report = await coordinator.sync(version=asked)
-    assert report.requested_version == asked
+    report = await coordinator.sync(min_step=asked)
+    assert report.min_step == asked
     assert report.step == newest
     assert coordinator.engine_version == newest
     await assert_engines_hold(rig.trainer, rig.engines, newest)
@@ -128,7 +128,7 @@ async def test_coordinator_waits_only_when_staleness_bound_would_break(rig: Rig)
     trainer, engines = rig.trainer, rig.engines
     await engines["e0"].set_faults.remote(receive_delay_s=0.02)
     first = await rig.publish()
-    coordinator = SyncCoordinator(trainer, engines, staleness=1, engine_version=first - 1)
+    coordinator = SyncCoordinator(trainer, engines, staleness=1)
     await coordinator.after_build(first)
     for _ in range(3):
         step = await rig.publish()

@@ -33,7 +33,7 @@ from ..buckets import (
     layout,
 )
 from ..errors import ManifestMismatchError
-from ..receiver import StagingReceiver
+from ..receiver import EngineInfo, StagingReceiver
 from ..session import SyncPlan, SyncReport
 from .probes import LagSampler, RssSampler, UsageMeter, ValueSampler
 from .records import BuildBreakdown, EngineRecord, TrainerRecord
@@ -103,7 +103,7 @@ class BenchTrainer(WeightSyncActor):
 
     async def run_sync_session(self, plan: SyncPlan) -> SyncReport:
         """The inherited session, with its resource use recorded (step: the one asked for)."""
-        with self.usage.measure("session", -1 if plan.version is None else plan.version):
+        with self.usage.measure("session", -1 if plan.min_step is None else plan.min_step):
             return await super().run_sync_session(plan)
 
     async def train_step(self, step: int) -> float:
@@ -310,10 +310,15 @@ class BenchEngine(StagingReceiver):
                     )
 
     async def begin(
-        self, session_id: str, version: int, manifest: Sequence[BucketManifest]
-    ) -> None:
-        await super().begin(session_id, version, manifest)
-        self._steps[session_id] = version
+        self,
+        session_id: str,
+        step: int,
+        manifest: Sequence[BucketManifest],
+        ttl_s: float | None = None,
+    ) -> EngineInfo:
+        info = await super().begin(session_id, step, manifest, ttl_s)
+        self._steps[session_id] = step
+        return info
 
     async def receive(self, session_id: str, index: int, payload: Any) -> int:
         start = time.perf_counter()

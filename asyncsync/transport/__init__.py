@@ -1,41 +1,57 @@
 """Transports: how a pinned snapshot's buckets reach the engines.
 
-One small protocol, one module per backend, a tiny loader. The session calls a
-transport on the train actor's loop; every blocking step (object-store put, file
-write, collective) runs in a worker thread inside the transport. What a transport
-returns from :meth:`Transport.put` is passed to each engine's ``receive`` as the
-payload; the engine turns it back into a :class:`~asyncsync.Bucket` with
-:func:`load_payload`.
+One small protocol, one module per backend, one registry entry per backend naming
+both of its sides. The session calls a transport's train side on the train actor's
+loop; every blocking step (object-store put, collective) runs in a worker thread
+inside the transport. What :meth:`Transport.put` returns is passed to each
+engine's ``receive`` as the payload; the engine turns it back into a
+:class:`~asyncsync.Bucket` with :func:`load_payload`.
 
-Backends:
-    ``object_store`` (default)  each bucket put into the Ray object store once; every
-                                target maps the same object zero-copy; works across nodes
-    ``shm``                     safetensors files on ``/dev/shm`` (same node only)
+Backends (:data:`BACKENDS`):
+    ``shm``           same node only: the engine maps the pinned snapshot's shared
+                      memory read-only; no payload byte moves
+    ``object_store``  each bucket put into the Ray object store once; each node pulls
+                      it once and every engine there maps that copy
+    ``collective``    the cache owner broadcasts each bucket over a private
+                      torch.distributed group (gloo, or NCCL between GPUs)
+
+A plan may also ask for ``"auto"`` (the default): per engine, ``shm`` when the
+engine runs on the cache owner's node, else the plan's cross-node transport.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from ..buckets import Bucket, BucketManifest
-from ..errors import ConfigError
+from ..errors import ConfigError, PayloadError
 
 __all__ = [
+    "AUTO",
+    "BACKENDS",
+    "Backend",
     "BucketPayload",
     "SessionContext",
     "Transport",
+    "backend",
     "load_payload",
-    "make_transport",
     "transport_names",
 ]
+
+AUTO = "auto"
+"""Plan transport that picks a backend per engine by where the engine runs."""
 
 
 @dataclass(frozen=True)
 class SessionContext:
-    """What a transport knows about the session it serves."""
+    """What a transport knows about the session it serves.
+
+    ``targets`` are the engines this transport carries in this session (one
+    session may use several transports, each for some of its engines).
+    """
 
     session_id: str
     step: int
@@ -47,8 +63,8 @@ class SessionContext:
 class BucketPayload(Protocol):
     """Engine side: a payload that is not a bucket yet.
 
-    ``load`` is blocking (file or network I/O) and runs in a worker thread of the
-    engine. ``state`` is the receiver's per-transport state dictionary, for
+    ``load`` is blocking (mapping memory, network I/O) and runs in a worker thread
+    of the engine. ``state`` is the receiver's per-transport state dictionary, for
     transports that keep connections between sessions.
     """
 
@@ -76,31 +92,75 @@ class Transport(Protocol):
         """
 
     async def close(self) -> None:
-        """The train actor is shutting down."""
+        """The train actor is shutting down: release everything."""
 
 
-_BACKENDS = {
-    "object_store": ("asyncsync.transport.object_store", "ObjectStoreTransport"),
-    "shm": ("asyncsync.transport.shm", "ShmTransport"),
-    "collective": ("asyncsync.transport.collective", "CollectiveTransport"),
+@dataclass(frozen=True)
+class Backend:
+    """One transport: where its two sides live and where it can run.
+
+    Args:
+        name: the name plans use.
+        owner: ``"module:Class"`` of the train side (a :class:`Transport`).
+        engine: ``"module:function"`` of the engine-side set-up that the
+            receiver's ``transport_setup`` runs, or ``None`` when the engine
+            needs none (its payloads load themselves).
+        same_node_only: the engine must run on the cache owner's Ray node.
+    """
+
+    name: str
+    owner: str
+    engine: str | None
+    same_node_only: bool
+
+    def make(self, **options: Any) -> Transport:
+        """A new train side of this transport."""
+        transport: Transport = _resolve(self.owner)(**options)
+        return transport
+
+    def engine_setup(self) -> Callable[[dict[str, Any], Any], Any] | None:
+        """The engine-side set-up function, or ``None``."""
+        if self.engine is None:
+            return None
+        setup: Callable[[dict[str, Any], Any], Any] = _resolve(self.engine)
+        return setup
+
+
+BACKENDS: Mapping[str, Backend] = {
+    b.name: b
+    for b in (
+        Backend("shm", "asyncsync.transport.shm:ShmTransport", None, True),
+        Backend(
+            "object_store", "asyncsync.transport.object_store:ObjectStoreTransport", None, False
+        ),
+        Backend(
+            "collective",
+            "asyncsync.transport.collective:CollectiveTransport",
+            "asyncsync.transport.collective:engine_setup",
+            False,
+        ),
+    )
 }
 
 
 def transport_names() -> list[str]:
-    return list(_BACKENDS)
+    """Names of every backend (not ``"auto"``, which picks among them)."""
+    return list(BACKENDS)
 
 
-def make_transport(name: str, **options: Any) -> Transport:
-    """Create the train side of transport ``name`` (see :func:`transport_names`)."""
+def backend(name: str) -> Backend:
+    """The registry entry of ``name``; :class:`~asyncsync.ConfigError` if there is none."""
     try:
-        module_name, cls_name = _BACKENDS[name]
-    except KeyError:
+        return BACKENDS[name]
+    except (KeyError, TypeError):
         raise ConfigError(
             f"unknown transport {name!r}; choose one of {', '.join(transport_names())}"
         ) from None
-    cls = getattr(importlib.import_module(module_name), cls_name)
-    transport: Transport = cls(**options)
-    return transport
+
+
+def _resolve(path: str) -> Any:
+    module, _, attr = path.partition(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 def load_payload(payload: Any, state: dict[str, Any]) -> Bucket:
@@ -109,4 +169,6 @@ def load_payload(payload: Any, state: dict[str, Any]) -> Bucket:
         return payload
     if isinstance(payload, BucketPayload):
         return payload.load(state)
-    raise TypeError(f"cannot load a bucket from a {type(payload).__name__}")
+    raise PayloadError(
+        f"cannot load a bucket from a {type(payload).__name__}: not a payload of any transport"
+    )
