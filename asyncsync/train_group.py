@@ -331,10 +331,13 @@ async def _on_every_rank(
     finally:
         for task in tasks:
             task.cancel()
-    failed = [(rank, t.exception()) for rank, t in enumerate(tasks) if t in done and t.exception()]
+    failed = [
+        (rank, exc)
+        for rank, t in enumerate(tasks)
+        if t in done and (exc := t.exception()) is not None
+    ]
     if failed:
         rank, exc = failed[0]
-        assert exc is not None
         exc.add_note(f"raised by rank {rank} during {what}")
         raise exc
     if pending:

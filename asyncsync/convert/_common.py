@@ -103,16 +103,24 @@ class ModelDims:
         """Read the sizes from a megatron-core ``TransformerConfig``.
 
         ``vocab_size`` is the unpadded vocabulary (Megatron's config does not know it).
+        Raises :class:`~asyncsync.errors.ConfigError` naming a size the config lacks.
         """
-        heads = config.num_attention_heads
-        groups = config.num_query_groups
+        try:
+            heads = config.num_attention_heads
+            groups = config.num_query_groups
+            sizes = (config.kv_channels, config.num_layers, config.num_moe_experts)
+        except AttributeError as e:
+            raise ConfigError(
+                f"config {type(config).__name__} has no {e.name!r}: expected a megatron-core "
+                "TransformerConfig"
+            ) from None
         return cls(
             num_attention_heads=heads,
             num_query_groups=heads if groups is None else groups,
-            head_dim=config.kv_channels,
+            head_dim=sizes[0],
             vocab_size=vocab_size,
-            num_layers=config.num_layers,
-            num_experts=config.num_moe_experts,
+            num_layers=sizes[1],
+            num_experts=sizes[2],
         )
 
 
@@ -186,10 +194,20 @@ class Stage:
         """The stage a megatron-core ``GPTModel`` (one pipeline or virtual-pipeline chunk) holds.
 
         Read from its layers' ``layer_number`` (1-based, stage offset included)
-        and its ``pre_process`` / ``post_process`` flags. Raises
-        :class:`~asyncsync.errors.ConversionError` if its layers are not
-        numbered consecutively.
+        and its ``pre_process`` / ``post_process`` flags; wrappers (DDP,
+        ``Float16Module``) are unwrapped. Raises
+        :class:`~asyncsync.errors.ConfigError` for a model that is not a
+        ``GPTModel`` and :class:`~asyncsync.errors.ConversionError` if its layers
+        are not numbered consecutively.
         """
+        from megatron.core.models.gpt import GPTModel
+        from megatron.core.utils import unwrap_model
+
+        model = unwrap_model(model)
+        if not isinstance(model, GPTModel):
+            raise ConfigError(
+                f"Stage.of_megatron: model is a {type(model).__name__}, not a megatron-core GPTModel"
+            )
         layers = list(model.decoder.layers) if model.decoder is not None else []
         numbers = [int(layer.layer_number) - 1 for layer in layers]
         offset = numbers[0] if numbers else 0

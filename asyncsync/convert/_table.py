@@ -69,6 +69,12 @@ class _Slot(NamedTuple):
 def _merge(
     name: str, layout: Layout, shards: Sequence[torch.Tensor], dims: ModelDims
 ) -> tuple[torch.Tensor, ...]:
+    if isinstance(shards, torch.Tensor) or not isinstance(shards, Sequence):
+        # A bare tensor would be read as a sequence of its rows.
+        raise ShardError(
+            f"{name}: shards must be a sequence of tensors ([tensor] for one), "
+            f"got {type(shards).__name__}"
+        )
     if not shards:
         raise ShardError(f"{name}: no shards given")
     first = shards[0]
@@ -130,6 +136,11 @@ def _grouped(items: Sequence[tuple[str, str]]) -> list[str]:
 
 def _label(p: Planned) -> str:
     return p.key if p.key == p.name else f"{p.key} (= {p.name} of the model)"
+
+
+def _check_dims(dims: object) -> None:
+    if not isinstance(dims, ModelDims):
+        raise ConfigError(f"dims must be a ModelDims, got {type(dims).__name__}")
 
 
 def _check_tied(tied: object) -> None:
@@ -209,6 +220,7 @@ class ConversionTable:
         :class:`~asyncsync.errors.CoverageError` for a layer or expert beyond
         ``dims``, :class:`~asyncsync.errors.ShardError` when the shards do not fit.
         """
+        _check_dims(dims)
         r, m = self._match(name)
         places = m.groupdict()
         for key, limit, what in (
@@ -227,8 +239,7 @@ class ConversionTable:
     # ------------------------------------------------------------ state dicts
 
     def _stage(self, stage: Stage | None, dims: ModelDims) -> Stage:
-        if not isinstance(dims, ModelDims):
-            raise ConfigError(f"dims must be a ModelDims, got {type(dims).__name__}")
+        _check_dims(dims)
         if stage is None:
             return Stage.whole(dims.num_layers)
         if not isinstance(stage, Stage):

@@ -91,6 +91,12 @@ CASES = [
     Case("dims experts", lambda w: _dims(num_experts=0), "num_experts"),
     Case("stage offset", lambda w: Stage(-1, 1, True, True), "layer_offset"),
     Case("stage flag", lambda w: Stage(0, 1, 1, True), "pre_process"),  # type: ignore[arg-type]
+    Case("stage of a non-GPT", lambda w: Stage.of_megatron(torch.nn.Linear(2, 2)), "Linear"),
+    Case(
+        "dims of a non-config",
+        lambda w: ModelDims.from_megatron(object(), 10),
+        "num_attention_heads",
+    ),
     Case("pipeline rank", lambda w: Stage.of_pipeline(2, 2, 4), "rank=2"),
     Case("pipeline split", lambda w: Stage.of_pipeline(0, 3, 4), "num_layers=4"),
     # one parameter by name
@@ -129,6 +135,16 @@ CASES = [
         "convert non-tensor shard",
         lambda w: conversion_table("llama").convert(PROJ_NAME, [[1.0]], DIMS),  # type: ignore[list-item]
         PROJ_NAME,
+    ),
+    Case(
+        "convert bare tensor",
+        lambda w: conversion_table("llama").convert(PROJ_NAME, torch.zeros(5, 2), DIMS),  # type: ignore[arg-type]
+        PROJ_NAME,
+    ),
+    Case(
+        "convert dims",
+        lambda w: conversion_table("llama").convert(PROJ_NAME, [torch.zeros(5, 2)], {}),  # type: ignore[arg-type]
+        "dims",
     ),
     Case(
         "convert layer beyond",
