@@ -6,7 +6,6 @@ from .actor import WeightSyncActor, cache_method, train_actor
 from .buckets import Bucket, BucketManifest, TensorMeta, pack
 from .cache import BucketCache, BuildHandle, CacheStats, Snapshot
 from .coordinator import SyncCoordinator
-from .fleet import EngineFleet, EngineState, FleetView, Health
 from .errors import (
     ActorDefinitionError,
     AdmissionError,
@@ -19,6 +18,7 @@ from .errors import (
     ConfigError,
     ConversionError,
     CoordinatorClosedError,
+    CoverageError,
     FleetError,
     IncompleteSessionError,
     InvalidStepError,
@@ -31,11 +31,15 @@ from .errors import (
     SessionError,
     SessionIdReusedError,
     SessionTimeoutError,
+    ShardError,
     StaleStepError,
     TopologyError,
+    TrainGroupError,
+    TrainGroupTimeoutError,
     UnknownSessionError,
     WrongLoopError,
 )
+from .fleet import EngineFleet, EngineState, FleetView, Health
 from .receiver import EngineInfo, ReceiverStats, StagingReceiver
 from .session import SyncPlan, SyncReport, TargetReport
 
@@ -83,6 +87,7 @@ __all__ = [
     "ConversionError",
     "CoordinatorClosedError",
     "FleetError",
+    "CoverageError",
     "IncompleteSessionError",
     "InvalidStepError",
     "ManifestMismatchError",
@@ -94,8 +99,11 @@ __all__ = [
     "SessionError",
     "SessionIdReusedError",
     "SessionTimeoutError",
+    "ShardError",
     "StaleStepError",
     "TopologyError",
+    "TrainGroupError",
+    "TrainGroupTimeoutError",
     "UnknownSessionError",
     "WrongLoopError",
 ]

@@ -31,7 +31,11 @@ AsyncSyncError
 │   ├── SessionIdReusedError (ValueError)
 │   └── PayloadError (TypeError)         a payload no transport produces, or one that cannot load
 ├── ActorDefinitionError (TypeError)     a train-actor class that would break the one-loop contract
-└── ConversionError (KeyError)           a parameter name no conversion table knows
+├── ConversionError (KeyError)           a Megatron parameter or state dict that cannot be converted
+│   ├── CoverageError                    the parameters do not cover the model or stage exactly
+│   └── ShardError (ValueError)          a parameter's tensor-parallel shards do not fit its layout
+└── TrainGroupError (RuntimeError)       a rank of a train group failed its setup or build, or ranks disagree
+    └── TrainGroupTimeoutError (TimeoutError)
 ```
 """
 
@@ -52,6 +56,7 @@ __all__ = [
     "ConversionError",
     "CoordinatorClosedError",
     "FleetError",
+    "CoverageError",
     "IncompleteSessionError",
     "InvalidStepError",
     "ManifestMismatchError",
@@ -63,8 +68,11 @@ __all__ = [
     "SessionError",
     "SessionIdReusedError",
     "SessionTimeoutError",
+    "ShardError",
     "StaleStepError",
     "TopologyError",
+    "TrainGroupError",
+    "TrainGroupTimeoutError",
     "UnknownSessionError",
     "WrongLoopError",
 ]
@@ -246,10 +254,66 @@ class ActorDefinitionError(AsyncSyncError, TypeError):
 
 
 class ConversionError(AsyncSyncError, KeyError):
-    """A parameter name that the assumed model family's conversion table does not know."""
+    """A Megatron parameter that cannot be converted to Hugging Face.
+
+    Raised itself for a parameter name that the assumed model family's conversion
+    table does not know (or that two of its rules match); its subclasses name
+    other ways a conversion's input can be wrong.
+    """
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
+
+
+class CoverageError(ConversionError):
+    """The parameters given do not cover the model (or the pipeline stage) exactly.
+
+    ``missing`` holds the Hugging Face names that no given parameter produces (a
+    missing layer, a missing ``lm_head.weight`` of an untied model, ...);
+    ``extra`` the given Megatron names that must not be there (a layer beyond the
+    model or stage, a second parameter for the same weight, an
+    ``output_layer.weight`` the tie rules out, ...). Nothing was converted.
+    """
+
+    def __init__(
+        self, message: str, *, missing: tuple[str, ...] = (), extra: tuple[str, ...] = ()
+    ) -> None:
+        super().__init__(message)
+        self.missing = missing
+        self.extra = extra
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # Keyword-only fields must survive pickling across Ray processes.
+        return (_rebuild_coverage_error, (type(self), str(self), self.missing, self.extra))
+
+
+def _rebuild_coverage_error(
+    cls: type[CoverageError], message: str, missing: tuple[str, ...], extra: tuple[str, ...]
+) -> CoverageError:
+    return cls(message, missing=missing, extra=extra)
+
+
+class ShardError(ConversionError, ValueError):
+    """A parameter's value or tensor-parallel shards do not fit its layout or the model's sizes.
+
+    For example a fused q/k/v shard whose row count does not match the attention
+    heads, shards of unequal shapes, or a value that is not a tensor.
+    """
+
+
+class TrainGroupError(AsyncSyncError, RuntimeError):
+    """A rank of a :class:`~asyncsync.train_group.TrainGroup` is used out of order or failed.
+
+    For example a rank set up twice, or asked for weights before its setup; a group
+    in which not exactly one rank owns the cache; ranks that published different steps.
+    """
+
+
+class TrainGroupTimeoutError(TrainGroupError, TimeoutError):
+    """A collective call of a train group (setup, build, teardown) ran past its timeout.
+
+    The message names the ranks that had not answered.
+    """
 
 
 def first_session_error(group: BaseExceptionGroup[BaseException]) -> BaseException:

@@ -48,8 +48,8 @@ from asyncsync import (
     pack,
 )
 from asyncsync.engines import HFEngine
-from asyncsync.session import SyncPlan
 from asyncsync.fleet import EngineFleet, Health
+from asyncsync.session import SyncPlan
 from asyncsync.transport import backend
 
 pytestmark = pytest.mark.timeout(120)

@@ -1,13 +1,15 @@
-"""Shared machinery of the Megatron-core -> Hugging Face conversion tables.
+"""The vocabulary of the conversion tables: model sizes, pipeline stages, layouts, rules.
 
 A conversion table is data: a tuple of :class:`Rule` objects, each mapping one
 Megatron parameter name pattern to one or more Hugging Face names and naming the
 :class:`Layout` that says how the parameter is split across tensor-parallel
 ranks and how the HF tensors are cut out of it.
 
-Patterns use two placeholders: ``{L}`` is a global (pipeline-independent) layer
-number, ``{E}`` a global routed-expert number. A pattern containing ``{E}`` names a
-routed expert's weight; its shards live on the expert tensor-parallel group.
+Patterns use two placeholders: ``{L}`` is a layer number, ``{E}`` a routed-expert
+number. A pattern containing ``{E}`` names a routed expert's weight; its shards
+live on the expert tensor-parallel group. Every rule also says which part of the
+model holds its parameter (:data:`Part`), which decides the pipeline stage it
+lives on.
 
 Every conversion takes the tensor-parallel *shards* of a parameter, in rank
 order (one shard when tensor parallelism is 1 or the parameter is replicated),
@@ -19,13 +21,13 @@ rank's ``linear_fc1`` shard holds ``[gate_r; up_r]``, so the full gate is
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
-from ..errors import ConversionError
+from ..errors import ConfigError, ConversionError, ShardError
 
 __all__ = [
     "COLUMN",
@@ -36,14 +38,21 @@ __all__ = [
     "REPLICATED",
     "ROW",
     "VOCAB",
-    "ConversionTable",
     "Layout",
     "ModelDims",
+    "Part",
     "Rule",
+    "Stage",
     "expert_rules",
     "rule",
     "shared_rules",
 ]
+
+
+def _check_int(owner: str, name: str, value: object, minimum: int) -> None:
+    # bool is an int subclass; True layers or heads is a caller's mistake, not a size.
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ConfigError(f"{owner}.{name} must be an int >= {minimum}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -57,22 +66,33 @@ class ModelDims:
         vocab_size: the true vocabulary size (the HF ``config.vocab_size``).
             Megatron pads its embedding and output rows to a multiple of a
             divisor; rows beyond ``vocab_size`` are padding and are dropped.
+        num_layers: transformer layers of the whole model (all pipeline stages).
+        num_experts: routed experts per MoE layer; ``None`` for a dense model.
+            Required by the tables of MoE families, which check that every
+            expert of every layer is converted.
+
+    Raises :class:`~asyncsync.errors.ConfigError` naming the field for a size
+    that is not a positive int, or heads that do not divide into the groups.
     """
 
     num_attention_heads: int
     num_query_groups: int
     head_dim: int
     vocab_size: int
+    num_layers: int
+    num_experts: int | None = None
 
     def __post_init__(self) -> None:
+        for name in ("num_attention_heads", "num_query_groups", "head_dim", "vocab_size"):
+            _check_int("ModelDims", name, getattr(self, name), 1)
+        _check_int("ModelDims", "num_layers", self.num_layers, 1)
+        if self.num_experts is not None:
+            _check_int("ModelDims", "num_experts", self.num_experts, 1)
         if self.num_attention_heads % self.num_query_groups:
-            raise ValueError(
-                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+            raise ConfigError(
+                f"ModelDims.num_attention_heads={self.num_attention_heads} is not a multiple of "
                 f"num_query_groups={self.num_query_groups}"
             )
-        for name in ("num_attention_heads", "num_query_groups", "head_dim", "vocab_size"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 
     @property
     def heads_per_group(self) -> int:
@@ -83,15 +103,136 @@ class ModelDims:
         """Read the sizes from a megatron-core ``TransformerConfig``.
 
         ``vocab_size`` is the unpadded vocabulary (Megatron's config does not know it).
+        Raises :class:`~asyncsync.errors.ConfigError` naming a size the config lacks.
         """
-        heads = int(config.num_attention_heads)
-        groups = config.num_query_groups
+        try:
+            heads = config.num_attention_heads
+            groups = config.num_query_groups
+            sizes = (config.kv_channels, config.num_layers, config.num_moe_experts)
+        except AttributeError as e:
+            raise ConfigError(
+                f"config {type(config).__name__} has no {e.name!r}: expected a megatron-core "
+                "TransformerConfig"
+            ) from None
         return cls(
             num_attention_heads=heads,
-            num_query_groups=heads if groups is None else int(groups),
-            head_dim=int(config.kv_channels),
-            vocab_size=int(vocab_size),
+            num_query_groups=heads if groups is None else groups,
+            head_dim=sizes[0],
+            vocab_size=vocab_size,
+            num_layers=sizes[1],
+            num_experts=sizes[2],
         )
+
+
+@dataclass(frozen=True)
+class Stage:
+    """The part of a model one Megatron state dict holds, and how that dict numbers its layers.
+
+    Megatron names a pipeline stage's layers locally: a stage's first layer is
+    ``decoder.layers.0`` whatever its place in the model. The stage holds the
+    model's layers ``layer_offset`` to ``layer_offset + num_layers - 1``, named
+    ``decoder.layers.0`` to ``decoder.layers.{num_layers - 1}``. ``pre_process``
+    (Megatron's flag of that name) says it holds the input embedding, which only
+    the first stage does; ``post_process`` that it holds the final norm and the
+    output layer, which only the last stage does. A model without pipeline
+    parallelism is one stage that is both.
+
+    With tied embeddings, Megatron's last stage holds ``output_layer.weight`` when
+    it is not also the first: a copy of the embedding, kept equal to it. A
+    conversion drops that copy (a tied HF checkpoint has no ``lm_head.weight``).
+
+    Raises :class:`~asyncsync.errors.ConfigError` naming the field for a negative
+    offset or layer count or a flag that is not a bool.
+    """
+
+    layer_offset: int
+    num_layers: int
+    pre_process: bool
+    post_process: bool
+
+    def __post_init__(self) -> None:
+        _check_int("Stage", "layer_offset", self.layer_offset, 0)
+        _check_int("Stage", "num_layers", self.num_layers, 0)
+        for name in ("pre_process", "post_process"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"Stage.{name} must be a bool, got {getattr(self, name)!r}")
+
+    @property
+    def layers(self) -> range:
+        """The model's (global) numbers of this stage's layers."""
+        return range(self.layer_offset, self.layer_offset + self.num_layers)
+
+    @classmethod
+    def whole(cls, num_layers: int) -> Stage:
+        """The whole model as one stage (no pipeline parallelism)."""
+        return cls(0, num_layers, pre_process=True, post_process=True)
+
+    @classmethod
+    def of_pipeline(cls, rank: int, size: int, num_layers: int) -> Stage:
+        """Stage ``rank`` of a ``size``-stage pipeline that splits ``num_layers`` evenly.
+
+        That is Megatron's default split (no virtual pipeline, no
+        ``num_layers_in_first_pipeline_stage``); for any other, use
+        :meth:`of_megatron` or state the offset. Raises
+        :class:`~asyncsync.errors.ConfigError` if ``rank`` is not in
+        ``range(size)`` or ``size`` does not divide ``num_layers``.
+        """
+        _check_int("Stage.of_pipeline", "size", size, 1)
+        _check_int("Stage.of_pipeline", "num_layers", num_layers, 1)
+        if not isinstance(rank, int) or isinstance(rank, bool) or not 0 <= rank < size:
+            raise ConfigError(f"Stage.of_pipeline: rank={rank!r} is not in range({size})")
+        if num_layers % size:
+            raise ConfigError(
+                f"Stage.of_pipeline: num_layers={num_layers} does not split evenly into "
+                f"size={size} stages; state each stage's layer_offset and num_layers"
+            )
+        per = num_layers // size
+        return cls(per * rank, per, pre_process=rank == 0, post_process=rank == size - 1)
+
+    @classmethod
+    def of_megatron(cls, model: Any) -> Stage:
+        """The stage a megatron-core ``GPTModel`` (one pipeline or virtual-pipeline chunk) holds.
+
+        Read from its layers' ``layer_number`` (1-based, stage offset included)
+        and its ``pre_process`` / ``post_process`` flags; wrappers (DDP,
+        ``Float16Module``) are unwrapped. Raises
+        :class:`~asyncsync.errors.ConfigError` for a model that is not a
+        ``GPTModel`` and :class:`~asyncsync.errors.ConversionError` if its layers
+        are not numbered consecutively.
+        """
+        from megatron.core.models.gpt import GPTModel
+        from megatron.core.utils import unwrap_model
+
+        model = unwrap_model(model)
+        if not isinstance(model, GPTModel):
+            raise ConfigError(
+                f"Stage.of_megatron: model is a {type(model).__name__}, not a megatron-core GPTModel"
+            )
+        layers = list(model.decoder.layers) if model.decoder is not None else []
+        numbers = [int(layer.layer_number) - 1 for layer in layers]
+        offset = numbers[0] if numbers else 0
+        if numbers != list(range(offset, offset + len(numbers))):
+            raise ConversionError(
+                f"the model chunk's layers are numbered {numbers} (0-based), not consecutively; "
+                "a stage must hold a contiguous run of layers"
+            )
+        return cls(
+            offset,
+            len(numbers),
+            pre_process=bool(model.pre_process),
+            post_process=bool(model.post_process),
+        )
+
+    def describe(self, model_layers: int) -> str:
+        """A short description for messages: ``stage with layers 2-3 of 4 (post_process)``."""
+        if self == Stage.whole(model_layers):
+            return f"the whole model ({model_layers} layers)"
+        last = self.layer_offset + self.num_layers - 1
+        span = {0: "no layers", 1: f"layer {last}"}.get(
+            self.num_layers, f"layers {self.layer_offset}-{last}"
+        )
+        flags = [n for n in ("pre_process", "post_process") if getattr(self, n)]
+        return f"stage with {span} of {model_layers}" + (f" ({', '.join(flags)})" if flags else "")
 
 
 Merge = Callable[[str, Sequence[torch.Tensor], ModelDims], tuple[torch.Tensor, ...]]
@@ -105,13 +246,17 @@ class Layout:
     ``tp_dim`` is the dimension Megatron partitions along (``None``: every rank
     holds the whole tensor); it must agree with the ``partition_dim`` Megatron
     records on the parameter, and ``partition_stride`` must be one of
-    ``tp_strides``. ``merge`` turns the shards into the HF tensors.
+    ``tp_strides``. ``merge`` turns the shards into ``outputs`` HF tensors; it
+    may assume the shards share one shape, dtype and device, with more than
+    ``tp_dim`` dimensions, and raises :class:`~asyncsync.errors.ShardError` for
+    shards that do not fit the model's sizes.
     """
 
     name: str
     tp_dim: int | None
     merge: Merge = field(repr=False)
     tp_strides: tuple[int, ...] = (1,)
+    outputs: int = 1
 
 
 def _replicated(name: str, shards: Sequence[torch.Tensor], dims: ModelDims) -> tuple[torch.Tensor]:
@@ -129,7 +274,7 @@ def _cat(dim: int) -> Merge:
 def _vocab(name: str, shards: Sequence[torch.Tensor], dims: ModelDims) -> tuple[torch.Tensor]:
     full = shards[0] if len(shards) == 1 else torch.cat(list(shards), dim=0)
     if full.shape[0] < dims.vocab_size:
-        raise ValueError(
+        raise ShardError(
             f"{name}: {full.shape[0]} vocabulary rows is fewer than vocab_size={dims.vocab_size}"
         )
     # Megatron pads the vocabulary so it divides evenly across TP ranks; drop the pad rows.
@@ -143,7 +288,7 @@ def _qkv(name: str, shards: Sequence[torch.Tensor], dims: ModelDims) -> tuple[to
     qpg, hd = dims.heads_per_group, dims.head_dim
     rows_per_group = (qpg + 2) * hd
     if dims.num_query_groups % len(shards):
-        raise ValueError(
+        raise ShardError(
             f"{name}: {dims.num_query_groups} query groups do not divide across "
             f"{len(shards)} tensor-parallel shards"
         )
@@ -151,7 +296,7 @@ def _qkv(name: str, shards: Sequence[torch.Tensor], dims: ModelDims) -> tuple[to
     qs, ks, vs = [], [], []
     for shard in shards:
         if shard.shape[0] != groups * rows_per_group:
-            raise ValueError(
+            raise ShardError(
                 f"{name}: shard has {shard.shape[0]} rows, expected {groups} query groups x "
                 f"({qpg} q + 1 k + 1 v heads) x head_dim {hd} = {groups * rows_per_group}"
             )
@@ -170,7 +315,7 @@ def _gate_up(
     gates, ups = [], []
     for shard in shards:
         if shard.shape[0] % 2:
-            raise ValueError(f"{name}: fused gate/up shard has an odd row count {shard.shape[0]}")
+            raise ShardError(f"{name}: fused gate/up shard has an odd row count {shard.shape[0]}")
         gate, up = shard.chunk(2, dim=0)
         gates.append(gate)
         ups.append(up)
@@ -185,14 +330,24 @@ ROW = Layout("row", 1, _cat(1))
 """Row-parallel: input columns split across ranks."""
 VOCAB = Layout("vocab", 0, _vocab)
 """Vocabulary-parallel embedding or output layer: rows split, padding rows dropped."""
-QKV = Layout("qkv", 0, _qkv)
+QKV = Layout("qkv", 0, _qkv, outputs=3)
 """Column-parallel fused q/k/v, grouped per query group; yields (q, k, v)."""
-GATE_UP = Layout("gate_up", 0, _gate_up, tp_strides=(1, 2))
+GATE_UP = Layout("gate_up", 0, _gate_up, tp_strides=(1, 2), outputs=2)
 """Column-parallel fused SwiGLU input projection; yields (gate, up).
 
 Megatron marks it with partition stride 2 (each shard holds a gate and an up
 block), or 1 where a backend cannot record strides; the layout is the same."""
 
+Part = Literal["embedding", "layer", "head", "output"]
+"""Which part of the model holds a rule's parameter, and so which pipeline stage.
+
+``"embedding"``: the first stage (``pre_process``). ``"layer"``: the stage that
+holds layer ``{L}``. ``"head"``: the last stage (``post_process``), like the final
+norm. ``"output"``: the output layer, on the last stage; with tied embeddings a
+model has none on a stage that also holds the embedding, and the last stage's
+copy of the embedding is dropped."""
+
+_PARTS = ("embedding", "layer", "head", "output")
 _PLACEHOLDER = re.compile(r"\{([LE])\}")
 
 
@@ -212,22 +367,48 @@ class Rule:
     """One row of a conversion table.
 
     ``source`` is a Megatron name pattern, ``targets`` the HF names it becomes
-    (one per tensor the layout's merge returns), ``layout`` how it is sharded and cut.
+    (one per tensor the layout's merge returns), ``layout`` how it is sharded and
+    cut, ``part`` which part of the model holds it: ``"layer"`` for a pattern
+    with ``{L}`` (the default there); a pattern without ``{L}`` must say.
+
+    Raises :class:`~asyncsync.errors.ConfigError` naming the rule for a target
+    with a placeholder the source lacks, a target count other than the layout's
+    ``outputs``, or a ``part`` that does not fit the pattern.
     """
 
     source: str
     targets: tuple[str, ...]
     layout: Layout
+    part: Part | None = None
     regex: re.Pattern[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "regex", _compile(self.source))
         sources = set(_PLACEHOLDER.findall(self.source))
+        if not isinstance(self.targets, tuple) or not all(isinstance(t, str) for t in self.targets):
+            raise ConfigError(f"rule {self.source!r}: targets must be a tuple of str")
         for target in self.targets:
             if set(_PLACEHOLDER.findall(target)) - sources:
-                raise ValueError(
+                raise ConfigError(
                     f"rule {self.source!r}: target {target!r} uses a placeholder the source lacks"
                 )
+        if len(self.targets) != self.layout.outputs:
+            raise ConfigError(
+                f"rule {self.source!r}: layout {self.layout.name} makes {self.layout.outputs} "
+                f"tensors, but the rule names {len(self.targets)} targets"
+            )
+        has_layer = "L" in sources
+        part = self.part if self.part is not None else ("layer" if has_layer else None)
+        if part not in _PARTS or (part == "layer") != has_layer:
+            raise ConfigError(
+                f"rule {self.source!r}: part={self.part!r} does not fit the pattern; a pattern "
+                f"with {{L}} is part 'layer', one without is 'embedding', 'head' or 'output'"
+            )
+        if "E" in sources and not has_layer:
+            raise ConfigError(
+                f"rule {self.source!r}: an expert pattern ({{E}}) needs a layer ({{L}})"
+            )
+        object.__setattr__(self, "part", part)
 
     @property
     def expert(self) -> bool:
@@ -235,9 +416,11 @@ class Rule:
         return "{E}" in self.source
 
 
-def rule(source: str, targets: str | tuple[str, ...], layout: Layout) -> Rule:
+def rule(
+    source: str, targets: str | tuple[str, ...], layout: Layout, part: Part | None = None
+) -> Rule:
     """Shorthand for a :class:`Rule` with one target given as a plain string."""
-    return Rule(source, (targets,) if isinstance(targets, str) else targets, layout)
+    return Rule(source, (targets,) if isinstance(targets, str) else targets, layout, part)
 
 
 def shared_rules(mlp: Iterable[Rule] = ()) -> tuple[Rule, ...]:
@@ -249,9 +432,9 @@ def shared_rules(mlp: Iterable[Rule] = ()) -> tuple[Rule, ...]:
     layer = "decoder.layers.{L}"
     hf = "model.layers.{L}"
     return (
-        rule("embedding.word_embeddings.weight", "model.embed_tokens.weight", VOCAB),
-        rule("output_layer.weight", "lm_head.weight", VOCAB),
-        rule("decoder.final_layernorm.weight", "model.norm.weight", REPLICATED),
+        rule("embedding.word_embeddings.weight", "model.embed_tokens.weight", VOCAB, "embedding"),
+        rule("output_layer.weight", "lm_head.weight", VOCAB, "output"),
+        rule("decoder.final_layernorm.weight", "model.norm.weight", REPLICATED, "head"),
         rule(f"{layer}.input_layernorm.weight", f"{hf}.input_layernorm.weight", REPLICATED),
         rule(
             f"{layer}.self_attention.linear_qkv.layer_norm_weight",
@@ -310,6 +493,8 @@ def expert_rules(block: str, gate: str, up: str, down: str) -> tuple[Rule, ...]:
 
     Covers the local spec (``SequentialMLP``: ``local_experts.{E}.linear_fc1``) and
     the Transformer Engine grouped spec (``TEGroupedMLP``: ``linear_fc1.weight{E}``).
+    Expert numbers are the model's: a state dict of one expert-parallel rank
+    numbers its experts locally and is not convertible as it is.
     """
     hf = f"model.layers.{{L}}.{block}"
     mc = "decoder.layers.{L}.mlp"
@@ -322,101 +507,3 @@ def expert_rules(block: str, gate: str, up: str, down: str) -> tuple[Rule, ...]:
         rule(f"{mc}.experts.linear_fc1.weight{{E}}", gate_up, GATE_UP),
         rule(f"{mc}.experts.linear_fc2.weight{{E}}", down_, ROW),
     )
-
-
-_EXTRA_STATE = "._extra_state"
-
-
-class ConversionTable:
-    """The conversion of one model family: its name and its rules.
-
-    Look-up is by full match of a rule's pattern; patterns of one table must not
-    overlap (checked per name: a name matching two rules is an error).
-    """
-
-    def __init__(self, family: str, rules: Iterable[Rule]) -> None:
-        self.family = family
-        self.rules = tuple(rules)
-
-    def __repr__(self) -> str:
-        return f"<ConversionTable {self.family} rules={len(self.rules)}>"
-
-    def lookup(self, name: str) -> tuple[Rule, dict[str, str]]:
-        """The rule for Megatron parameter ``name`` (global layer numbers) and its placeholders.
-
-        Raises :class:`~asyncsync.errors.ConversionError` naming the parameter and
-        this family if no rule matches.
-        """
-        found: list[tuple[Rule, dict[str, str]]] = []
-        for r in self.rules:
-            m = r.regex.fullmatch(name)
-            if m is not None:
-                found.append((r, m.groupdict()))
-        if not found:
-            raise ConversionError(
-                f"parameter {name!r} is not known to the {self.family!r} conversion table "
-                f"(the model family assumed for this model). If the model is of another "
-                f"family, pass that family's name; if it is a {self.family} variant with extra "
-                f"parameters, add a rule for this name."
-            )
-        if len(found) > 1:
-            raise ConversionError(
-                f"parameter {name!r} matches {len(found)} rules of the {self.family!r} table: "
-                f"{[r.source for r, _ in found]}"
-            )
-        return found[0]
-
-    def convert(
-        self, name: str, shards: Sequence[torch.Tensor], dims: ModelDims
-    ) -> list[tuple[str, torch.Tensor]]:
-        """HF ``(name, tensor)`` pairs of one Megatron parameter given its TP shards in rank order.
-
-        ``shards`` holds one tensor for a replicated parameter or tensor parallelism 1.
-        Raises :class:`~asyncsync.errors.ConversionError` for an unknown name and
-        ``ValueError`` when the shards do not fit ``dims``.
-        """
-        if not shards:
-            raise ValueError(f"{name}: no shards given")
-        r, places = self.lookup(name)
-        tensors = r.layout.merge(name, [s.detach() for s in shards], dims)
-        if len(tensors) != len(r.targets):
-            raise ValueError(
-                f"{name}: layout {r.layout.name} made {len(tensors)} tensors for "
-                f"{len(r.targets)} targets"
-            )
-        return [(t.format(**places), x) for t, x in zip(r.targets, tensors, strict=True)]
-
-    def to_hf(
-        self,
-        state_dict: Mapping[str, torch.Tensor | Sequence[torch.Tensor] | object],
-        dims: ModelDims,
-    ) -> dict[str, torch.Tensor]:
-        """Convert a Megatron state dict (global layer numbers) to a HF state dict.
-
-        Values are tensors, or sequences of TP shards in rank order. Keys ending in
-        ``._extra_state`` (Transformer Engine / FP8 metadata, not weights) are
-        skipped. Tied embeddings: a Megatron model that shares its output layer has
-        no ``output_layer.weight``, so the result has no ``lm_head.weight``, as in a HF
-        checkpoint saved with ``tie_word_embeddings=True``. Raises
-        :class:`~asyncsync.errors.ConversionError` for the first unknown name.
-        """
-        out: dict[str, torch.Tensor] = {}
-        for name, value in state_dict.items():
-            if name.endswith(_EXTRA_STATE):
-                continue
-            shards: Sequence[torch.Tensor]
-            if isinstance(value, torch.Tensor):
-                shards = (value,)
-            elif isinstance(value, Sequence) and all(isinstance(v, torch.Tensor) for v in value):
-                shards = value
-            else:
-                raise TypeError(
-                    f"{name}: expected a tensor or a sequence of TP shards, got {type(value).__name__}"
-                )
-            for hf_name, tensor in self.convert(name, shards, dims):
-                if hf_name in out:
-                    raise ConversionError(
-                        f"{name!r} and another parameter both map to {hf_name!r} ({self.family})"
-                    )
-                out[hf_name] = tensor
-        return out

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from types import MappingProxyType
 
-from ._common import ConversionTable
+from ..errors import ConfigError
+from ._table import ConversionTable
 from .llama import LLAMA, MISTRAL
 from .mixtral import MIXTRAL
 from .qwen2 import QWEN2
@@ -21,10 +22,14 @@ FAMILIES: Mapping[str, ConversionTable] = MappingProxyType(
 
 
 def conversion_table(family: str) -> ConversionTable:
-    """The table of ``family``; raises ``ValueError`` listing the known families."""
-    try:
-        return FAMILIES[family]
-    except KeyError:
-        raise ValueError(
+    """The table of ``family`` (the HF ``config.model_type``).
+
+    Raises :class:`~asyncsync.errors.ConfigError` naming the family and listing
+    the known ones.
+    """
+    table = FAMILIES.get(family) if isinstance(family, str) else None
+    if table is None:
+        raise ConfigError(
             f"no conversion table for model family {family!r}; known: {sorted(FAMILIES)}"
-        ) from None
+        )
+    return table

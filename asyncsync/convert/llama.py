@@ -8,7 +8,8 @@ Llama's; it has its own family name so that the family is always explicit.
 
 from __future__ import annotations
 
-from ._common import DENSE_MLP, ConversionTable, shared_rules
+from ._common import DENSE_MLP, shared_rules
+from ._table import ConversionTable
 
 __all__ = ["LLAMA", "MISTRAL"]
 

@@ -22,7 +22,6 @@ rank, plus, on the owner, the tensors its consumer holds until it copies them
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -30,13 +29,12 @@ from typing import Any, NamedTuple
 import torch
 import torch.distributed as dist
 
-from ..errors import ConversionError
-from ._common import ConversionTable, ModelDims, Rule
+from ..errors import ConfigError, ConversionError
+from ._common import VOCAB, ModelDims, Stage
 from ._registry import conversion_table
+from ._table import ConversionTable, Planned
 
 __all__ = ["MegatronWeightSource", "ParallelGroups"]
-
-_LOCAL_LAYER = re.compile(r"decoder\.layers\.(\d+)\.(.+)")
 
 
 @dataclass(frozen=True)
@@ -63,9 +61,17 @@ class ParallelGroups:
 
     @classmethod
     def from_parallel_state(cls) -> ParallelGroups:
-        """Read the groups megatron's ``parallel_state.initialize_model_parallel`` made."""
+        """Read the groups megatron's ``parallel_state.initialize_model_parallel`` made.
+
+        Raises :class:`~asyncsync.errors.ConfigError` if it has not run.
+        """
         from megatron.core import parallel_state as ps
 
+        if not ps.model_parallel_is_initialized():
+            raise ConfigError(
+                "groups=None, but megatron's parallel_state is not initialized: call "
+                "parallel_state.initialize_model_parallel(...) first or pass groups="
+            )
         return cls(
             tp_group=ps.get_tensor_model_parallel_group(),
             tp_rank=ps.get_tensor_model_parallel_rank(),
@@ -82,11 +88,10 @@ class ParallelGroups:
 
 
 class _Local(NamedTuple):
-    """One parameter this rank holds: its name with a global layer number, and its rule."""
+    """One parameter this rank holds, and its planned conversion (global name, rule, targets)."""
 
-    name: str
+    planned: Planned
     param: torch.Tensor
-    rule: Rule
 
 
 class _Meta(NamedTuple):
@@ -111,15 +116,26 @@ class MegatronWeightSource:
             ``parallel_state`` (which must be initialized).
 
     Construct and iterate on every rank of the job, each rank's iterations in
-    the same order as the others' (one iteration at a time per rank). Every
-    parameter's name is checked at construction, before any collective, so an
-    unknown name raises :class:`~asyncsync.errors.ConversionError` on every rank
-    alike instead of leaving the others blocked in a gather. If one rank stops
-    iterating early, the others block in their next collective: treat a failed
-    build as fatal to the job (or give the process groups a timeout).
+    the same order as the others' (one iteration at a time per rank). Each
+    model chunk is planned at construction, before any collective, with
+    :meth:`ConversionTable.plan <asyncsync.convert.ConversionTable.plan>` for the
+    :class:`~asyncsync.convert.Stage` the chunk holds and the tie the model
+    declares: an unknown name raises :class:`~asyncsync.errors.ConversionError`,
+    a chunk that does not cover its stage :class:`~asyncsync.errors.CoverageError`.
+    That the stages together cover the model is checked on every rank from the
+    same names: at construction without pipeline parallelism, otherwise at the
+    start of the first iteration (which exchanges the stages' parameter names
+    once), before any gather, so every rank of data-parallel replica 0 raises
+    alike. If one rank stops iterating early, the others block in their next
+    collective: treat a failed build as fatal to the job (or give the process
+    groups a timeout).
 
-    Raises ``ValueError`` for layouts it cannot gather: expert parallelism > 1,
-    or an expert tensor-parallel size other than 1 or the tensor-parallel size.
+    Raises :class:`~asyncsync.errors.ConfigError` for options it cannot work
+    with: an unknown family, a ``vocab_size`` that is not a positive int or
+    exceeds the model's (padded) vocabulary, a model that is not a ``GPTModel``,
+    megatron's parallel state not initialized when ``groups`` is ``None``,
+    expert parallelism > 1, or an expert tensor-parallel size other than 1 or
+    the tensor-parallel size.
     """
 
     def __init__(
@@ -130,42 +146,68 @@ class MegatronWeightSource:
         vocab_size: int,
         groups: ParallelGroups | None = None,
     ) -> None:
+        from megatron.core.models.gpt import GPTModel
         from megatron.core.utils import unwrap_model
 
-        chunks = [
-            unwrap_model(m) for m in ([model] if isinstance(model, torch.nn.Module) else model)
-        ]
-        if not chunks:
-            raise ValueError("model: no model chunks given")
         self.table: ConversionTable = conversion_table(family)
+        given = [model] if isinstance(model, torch.nn.Module) else model
+        if not isinstance(given, Sequence) or isinstance(given, str) or not given:
+            raise ConfigError(
+                f"model: expected a GPTModel or a non-empty sequence of its virtual-pipeline "
+                f"chunks, got {model!r:.80}"
+            )
+        chunks = []
+        for i, m in enumerate(given):
+            chunk = unwrap_model(m) if isinstance(m, torch.nn.Module) else m
+            if not isinstance(chunk, GPTModel):
+                raise ConfigError(
+                    f"model chunk {i} is a {type(chunk).__name__}, not a megatron-core GPTModel"
+                )
+            chunks.append(chunk)
         self.dims = ModelDims.from_megatron(chunks[0].config, vocab_size)
+        self.tied = bool(chunks[0].share_embeddings_and_output_weights)
+        if any(bool(c.share_embeddings_and_output_weights) != self.tied for c in chunks):
+            raise ConfigError("model chunks disagree on share_embeddings_and_output_weights")
         self.groups = groups if groups is not None else ParallelGroups.from_parallel_state()
         g = self.groups
         if g.ep_size != 1:
-            raise ValueError(
+            raise ConfigError(
                 f"expert parallelism {g.ep_size} is not supported: experts would have to be "
                 "gathered across data-parallel ranks; use expert_model_parallel_size=1"
             )
         if g.etp_size not in (1, g.tp_size) or (
             g.etp_size == g.tp_size and g.etp_rank != g.tp_rank
         ):
-            raise ValueError(
+            raise ConfigError(
                 f"expert tensor parallelism {g.etp_size} (rank {g.etp_rank}) must be 1 or equal "
                 f"to tensor parallelism {g.tp_size} (rank {g.tp_rank})"
             )
-        self._local = [
-            _Local(name, param, self._checked_rule(name, param))
-            for chunk in chunks
-            for name, param in _global_parameters(chunk)
-        ]
+        if (g.tp_size > 1 or g.pp_size > 1) and not dist.is_initialized():
+            raise ConfigError(
+                f"tensor parallelism {g.tp_size} x pipeline parallelism {g.pp_size} needs "
+                "torch.distributed initialized"
+            )
+        self._local: list[_Local] = []
+        for chunk in chunks:
+            params = dict(chunk.named_parameters())
+            stage = Stage.of_megatron(chunk)
+            for p in self.table.plan(params, self.dims, tied=self.tied, stage=stage):
+                self._check_param(p, params[p.key])
+                self._local.append(_Local(p, params[p.key]))
         self._device = self._local[0].param.device if self._local else torch.device("cpu")
+        # Every stage's parameters and the whole model's plan, once they are known.
+        self._metas: list[list[_Meta]] | None = None
+        self._whole: dict[str, Planned] | None = None
+        if g.pp_size == 1:
+            self._metas = [[self._meta(p) for p in self._local]]
+            self._whole = self._plan_whole(self._metas)
 
     def __repr__(self) -> str:
         g = self.groups
         return (
             f"<MegatronWeightSource {self.table.family} tp={g.tp_rank}/{g.tp_size} "
             f"pp={g.pp_rank}/{g.pp_size} dp={g.dp_rank} params={len(self._local)} "
-            f"owner={self.is_cache_owner()}>"
+            f"tied={self.tied} owner={self.is_cache_owner()}>"
         )
 
     def is_cache_owner(self) -> bool:
@@ -173,22 +215,44 @@ class MegatronWeightSource:
         g = self.groups
         return g.pp_rank == 0 and g.tp_rank == 0 and g.dp_rank == 0
 
-    def _checked_rule(self, name: str, param: torch.Tensor) -> Rule:
-        rule, _ = self.table.lookup(name)
+    def _check_param(self, p: Planned, param: torch.Tensor) -> None:
         # Megatron records how it split a parameter in attributes set by
         # tensor_parallel.set_tensor_model_parallel_attributes; a table that
         # disagrees would concatenate shards along the wrong dimension.
         partitioned = bool(getattr(param, "tensor_model_parallel", False))
         dim = int(getattr(param, "partition_dim", -1)) if partitioned else None
         stride = int(getattr(param, "partition_stride", 1))
-        layout = rule.layout
+        layout = p.rule.layout
         if dim != layout.tp_dim or (partitioned and stride not in layout.tp_strides):
             raise ConversionError(
-                f"parameter {name!r}: Megatron partitions it along dim {dim} (stride {stride}), "
+                f"parameter {p.key!r}: Megatron partitions it along dim {dim} (stride {stride}), "
                 f"but the {self.table.family!r} table expects layout {layout.name} "
                 f"(dim {layout.tp_dim}, stride in {layout.tp_strides})"
             )
-        return rule
+        if layout is VOCAB:
+            _, _, size = self._group_of(p)
+            rows = param.shape[0] * (size if partitioned else 1)
+            if rows < self.dims.vocab_size:
+                raise ConfigError(
+                    f"vocab_size={self.dims.vocab_size} is more than the {rows} vocabulary rows "
+                    f"of {p.key!r}"
+                )
+
+    def _plan_whole(self, metas: list[list[_Meta]]) -> dict[str, Planned]:
+        names = [m.name for stage in metas for m in stage]
+        return {p.name: p for p in self.table.plan(names, self.dims, tied=self.tied)}
+
+    def _pipeline(self) -> tuple[list[list[_Meta]], dict[str, Planned]]:
+        """Every stage's parameters and the whole model's plan; collective the first time."""
+        if self._metas is None or self._whole is None:
+            g = self.groups
+            metas: list[list[_Meta]] = [[] for _ in range(g.pp_size)]
+            dist.all_gather_object(metas, [self._meta(p) for p in self._local], group=g.pp_group)
+            # Every rank plans the same names, so a model the stages do not cover
+            # exactly raises on all of them alike, before any gather.
+            self._whole = self._plan_whole(metas)
+            self._metas = metas
+        return self._metas, self._whole
 
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Gather and yield HF pairs on the owner; take part in gathers elsewhere. Blocking."""
@@ -201,12 +265,11 @@ class MegatronWeightSource:
             # (and only those) take part in the gathers below.
             return
         if not dist.is_initialized() and (g.tp_size > 1 or g.pp_size > 1):
-            raise RuntimeError("torch.distributed is not initialized")
-        metas: list[list[_Meta]] = []
-        if g.pp_size > 1 and g.tp_rank == 0:
-            mine = [self._meta(p) for p in self._local]
-            metas = [[] for _ in range(g.pp_size)]
-            dist.all_gather_object(metas, mine, group=g.pp_group)
+            raise ConfigError(
+                f"tensor parallelism {g.tp_size} x pipeline parallelism {g.pp_size} needs "
+                "torch.distributed initialized"
+            )
+        metas, whole = self._pipeline()
         for stage in range(g.pp_size):
             if stage == g.pp_rank:
                 for p in self._local:
@@ -214,7 +277,7 @@ class MegatronWeightSource:
                     if shards is None:
                         continue
                     if stage == 0:
-                        yield from self.table.convert(p.name, shards, self.dims)
+                        yield from p.planned.convert(shards, self.dims)
                     else:
                         for shard in shards:
                             dist.send(shard.contiguous(), group=g.pp_group, group_dst=0)
@@ -225,46 +288,30 @@ class MegatronWeightSource:
                         buf = torch.empty(meta.shard_shape, dtype=meta.dtype, device=self._device)
                         dist.recv(buf, group=g.pp_group, group_src=stage)
                         received.append(buf)
-                    yield from self.table.convert(meta.name, received, self.dims)
+                    yield from whole[meta.name].convert(received, self.dims)
 
-    def _group_of(self, p: _Local) -> tuple[Any, int, int]:
+    def _group_of(self, p: Planned) -> tuple[Any, int, int]:
         g = self.groups
         if p.rule.expert:
             return g.etp_group, g.etp_rank, g.etp_size
         return g.tp_group, g.tp_rank, g.tp_size
 
-    def _meta(self, p: _Local) -> _Meta:
+    def _meta(self, local: _Local) -> _Meta:
+        p = local.planned
         _, _, size = self._group_of(p)
         shards = 1 if p.rule.layout.tp_dim is None else size
-        return _Meta(p.name, tuple(p.param.shape), p.param.dtype, shards)
+        return _Meta(p.name, tuple(local.param.shape), local.param.dtype, shards)
 
-    def _gather(self, p: _Local) -> list[torch.Tensor] | None:
-        """``p``'s shards in rank order on tensor-parallel rank 0, ``None`` on the others."""
-        group, rank, size = self._group_of(p)
-        local = p.param.detach()
-        if p.rule.layout.tp_dim is None or size == 1:
-            return [local] if self.groups.tp_rank == 0 else None
-        local = local.contiguous()
+    def _gather(self, local: _Local) -> list[torch.Tensor] | None:
+        """The parameter's shards in rank order on tensor-parallel rank 0, ``None`` on the others."""
+        group, rank, size = self._group_of(local.planned)
+        tensor = local.param.detach()
+        if local.planned.rule.layout.tp_dim is None or size == 1:
+            return [tensor] if self.groups.tp_rank == 0 else None
+        tensor = tensor.contiguous()
         if rank == 0:
-            out = [torch.empty_like(local) for _ in range(size)]
-            dist.gather(local, out, group=group, group_dst=0)
+            out = [torch.empty_like(tensor) for _ in range(size)]
+            dist.gather(tensor, out, group=group, group_dst=0)
             return out
-        dist.gather(local, None, group=group, group_dst=0)
+        dist.gather(tensor, None, group=group, group_dst=0)
         return None
-
-
-def _global_parameters(chunk: Any) -> Iterator[tuple[str, torch.Tensor]]:
-    """``chunk``'s parameters named with global layer numbers; the tied output copy skipped."""
-    layers = chunk.decoder.layers if chunk.decoder is not None else []
-    for name, param in chunk.named_parameters():
-        if name == "output_layer.weight" and chunk.share_embeddings_and_output_weights:
-            # With tied embeddings and pipeline parallelism the last stage keeps a
-            # copy of the input embedding (kept equal by Megatron's embedding
-            # group); the first stage's embedding is the one converted.
-            continue
-        m = _LOCAL_LAYER.fullmatch(name)
-        if m is not None:
-            # layer_number is 1-based and already includes this stage's offset.
-            number = int(layers[int(m.group(1))].layer_number) - 1
-            name = f"decoder.layers.{number}.{m.group(2)}"
-        yield name, param

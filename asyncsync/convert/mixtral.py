@@ -9,7 +9,8 @@ and ``experts.{E}.w1`` (gate), ``w3`` (up), ``w2`` (down) per expert.
 
 from __future__ import annotations
 
-from ._common import ConversionTable, expert_rules, shared_rules
+from ._common import expert_rules, shared_rules
+from ._table import ConversionTable
 
 __all__ = ["MIXTRAL"]
 

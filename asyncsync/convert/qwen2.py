@@ -6,7 +6,8 @@ stays ``False``: Qwen2 has no bias on ``o_proj`` or the MLP).
 
 from __future__ import annotations
 
-from ._common import DENSE_MLP, QKV, ConversionTable, rule, shared_rules
+from ._common import DENSE_MLP, QKV, rule, shared_rules
+from ._table import ConversionTable
 
 __all__ = ["QKV_BIAS", "QWEN2"]
 

@@ -7,7 +7,8 @@ Megatron's ``kv_channels`` carries it.
 
 from __future__ import annotations
 
-from ._common import DENSE_MLP, QK_NORM, ConversionTable, shared_rules
+from ._common import DENSE_MLP, QK_NORM, shared_rules
+from ._table import ConversionTable
 
 __all__ = ["QWEN3"]
 

@@ -13,7 +13,8 @@ which inference engines load; transformers >= 5 fuses experts into 3-D
 
 from __future__ import annotations
 
-from ._common import QK_NORM, ConversionTable, expert_rules, shared_rules
+from ._common import QK_NORM, expert_rules, shared_rules
+from ._table import ConversionTable
 
 __all__ = ["QWEN3_MOE"]
 

@@ -2,13 +2,16 @@
 
 Each rank builds its part of the model, computes the Megatron logits, and runs a
 real :class:`~asyncsync.BucketCache` build from a :class:`MegatronWeightSource`
-(iterated in the cache's worker thread, as in production). Results are written
-with ``torch.save`` for the test process, which owns the transformers side.
+(iterated in the cache's worker thread, as in production). It also saves its
+own ``GPTModel.state_dict()`` as Megatron gives it (stage-local layer names) with
+its stage and ranks, for the state-dict conversions. Results are written with
+``torch.save`` for the test process, which owns the transformers side.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +19,7 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
-__all__ = ["Case", "run_spawned"]
+__all__ = ["CASES", "WORLD_SIZE", "Case", "run_spawned"]
 
 TOKENS_SEED = 1234
 _PRELOAD = [
@@ -38,6 +41,20 @@ class Case:
     @property
     def id(self) -> str:
         return f"{self.family}-tp{self.tp}-pp{self.pp}-{'tied' if self.tied else 'untied'}"
+
+
+WORLD_SIZE = 4
+CASES = [
+    *(Case(f, tp=2) for f in ("llama", "qwen2", "qwen3", "qwen3_moe", "mixtral")),
+    Case("llama", tp=2, tied=True),
+    *(Case(f, pp=2) for f in ("llama", "qwen2", "qwen3", "qwen3_moe")),
+    Case("qwen3", pp=2, tied=True),
+    Case("qwen3", tp=2, pp=2),
+    Case("qwen3_moe", tp=2, pp=2),
+    Case("llama", tp=2, pp=2, tied=True),
+]
+"""Every case runs in one four-rank gloo world: TP=2 and PP=2 each with two
+data-parallel replicas, and TP=2 x PP=2."""
 
 
 def tokens() -> torch.Tensor:
@@ -67,7 +84,7 @@ def _rank_main(rank: int, world_size: int, port: int, cases: list[Case], out: st
     warnings.simplefilter("ignore")
     from megatron.core import parallel_state as ps
 
-    from asyncsync.convert import MegatronWeightSource
+    from asyncsync.convert import MegatronWeightSource, Stage
     from asyncsync.testing import megatron_shim as shim
 
     torch.set_num_threads(1)
@@ -90,6 +107,14 @@ def _rank_main(rank: int, world_size: int, port: int, cases: list[Case], out: st
                     "weights": weights,
                     "logits": logits,
                     "tokens": toks,
+                    # Plain values only: the test process loads with weights_only=True.
+                    "state": {k: v.clone() for k, v in model.state_dict().items() if v is not None},
+                    "extra_state_keys": [k for k, v in model.state_dict().items() if v is None],
+                    "stage": dataclasses.astuple(Stage.of_megatron(model)),
+                    "dims": dataclasses.asdict(source.dims),
+                    "tp_rank": ps.get_tensor_model_parallel_rank(),
+                    "pp_rank": ps.get_pipeline_model_parallel_rank(),
+                    "dp_rank": ps.get_data_parallel_rank(with_context_parallel=True),
                 },
                 Path(out) / f"{case.id}.rank{rank}.pt",
             )

@@ -1,7 +1,8 @@
 """Tensor- and pipeline-parallel GPTModels over real gloo, converted and checked against transformers.
 
-All cases run in one four-rank gloo world of spawned processes (see ``_ranks.py``):
-TP=2 and PP=2 each with two data-parallel replicas, and TP=2 x PP=2. Each rank
+All cases run in one four-rank gloo world of spawned processes (see ``_ranks.py``,
+shared with ``test_pipeline_stages.py``): TP=2 and PP=2 each with two
+data-parallel replicas, and TP=2 x PP=2. Each rank
 builds its part of a real ``GPTModel``, computes Megatron's logits, and publishes
 step 0 into a real ``BucketCache`` from a :class:`MegatronWeightSource`. Here, in
 the test process, the single owner's snapshot is loaded into the transformers
@@ -16,24 +17,7 @@ from typing import Any
 import pytest
 
 from ._hf import TOLERANCE, max_logit_diff
-from ._ranks import Case, run_spawned
-
-WORLD_SIZE = 4
-CASES = [
-    *(Case(f, tp=2) for f in ("llama", "qwen2", "qwen3", "qwen3_moe", "mixtral")),
-    Case("llama", tp=2, tied=True),
-    *(Case(f, pp=2) for f in ("llama", "qwen2", "qwen3", "qwen3_moe")),
-    Case("qwen3", pp=2, tied=True),
-    Case("qwen3", tp=2, pp=2),
-    Case("qwen3_moe", tp=2, pp=2),
-    Case("llama", tp=2, pp=2, tied=True),
-]
-
-
-@pytest.fixture(scope="module")
-def ranks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, Any]]]:
-    """Every case's per-rank results (one spawned run for the whole module)."""
-    return run_spawned(CASES, WORLD_SIZE, tmp_path_factory.mktemp("ranks"))
+from ._ranks import CASES, Case
 
 
 def _check(case: Case, ranks: list[dict[str, Any]], tmp_path: Path) -> None:

@@ -8,30 +8,19 @@ into the matching transformers model and compares logits on the same tokens.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
 from asyncsync.convert import MegatronWeightSource, ParallelGroups
-from asyncsync.errors import ConversionError
+from asyncsync.errors import ConfigError, ConversionError
 from asyncsync.testing import megatron_shim as shim
 
 from ._hf import TOLERANCE, max_logit_diff
 from ._ranks import build_through_cache, tokens
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral"]
-
-
-@pytest.fixture(scope="module")
-def megatron_world() -> Iterator[None]:
-    """A one-rank gloo world with megatron's parallel state (TP=1, PP=1) for this module."""
-    shim.init_gloo(0, 1, shim.free_port())
-    try:
-        yield
-    finally:
-        shim.shutdown_gloo()
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
@@ -116,7 +105,7 @@ def test_data_parallel_replicas_yield_nothing(megatron_world: None) -> None:
 def test_expert_parallelism_is_refused(megatron_world: None) -> None:
     model = shim.build_tiny_gpt("qwen3_moe")
     groups = dataclasses.replace(ParallelGroups.from_parallel_state(), ep_size=2)
-    with pytest.raises(ValueError, match="expert parallelism 2"):
+    with pytest.raises(ConfigError, match="expert parallelism 2"):
         MegatronWeightSource(model, "qwen3_moe", vocab_size=shim.VOCAB_SIZE, groups=groups)
 
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from asyncsync.convert import FAMILIES, ModelDims, Rule, conversion_table
+from asyncsync.convert import FAMILIES, REPLICATED, ModelDims, Rule, conversion_table
 from asyncsync.convert._common import QKV, rule
-from asyncsync.errors import ConversionError
+from asyncsync.errors import ConfigError, ConversionError, ShardError
 
-# 4 query heads in 2 groups, head_dim 3, hidden 5, vocabulary 10 padded to 12.
-DIMS = ModelDims(num_attention_heads=4, num_query_groups=2, head_dim=3, vocab_size=10)
+# 4 query heads in 2 groups, head_dim 3, hidden 5, vocabulary 10 padded to 12, 16 layers.
+DIMS = ModelDims(
+    num_attention_heads=4, num_query_groups=2, head_dim=3, vocab_size=10, num_layers=16
+)
 HIDDEN = 5
 
 
@@ -40,7 +42,7 @@ def test_every_family_is_registered_by_its_model_type() -> None:
 
 
 def test_unknown_family_lists_the_known_ones() -> None:
-    with pytest.raises(ValueError, match=r"'gpt_oss'.*known: \['llama'"):
+    with pytest.raises(ConfigError, match=r"'gpt_oss'.*known: \['llama'"):
         conversion_table("gpt_oss")
 
 
@@ -105,7 +107,7 @@ def test_qkv_bias_splits_like_the_weight_rows() -> None:
 
 
 def test_qkv_shape_mismatch_names_the_parameter() -> None:
-    with pytest.raises(ValueError, match=r"linear_qkv.weight: shard has 7 rows"):
+    with pytest.raises(ShardError, match=r"linear_qkv.weight: shard has 7 rows"):
         conversion_table("llama").convert(
             "decoder.layers.0.self_attention.linear_qkv.weight", [torch.zeros(7, 5)], DIMS
         )
@@ -154,7 +156,7 @@ def test_vocab_padding_is_dropped_after_joining_shards() -> None:
         ((got_name, got),) = conversion_table("qwen3").convert(name, list(padded.chunk(2)), DIMS)
         assert got_name == hf
         assert torch.equal(got, padded[:10])
-    with pytest.raises(ValueError, match="fewer than vocab_size=10"):
+    with pytest.raises(ShardError, match="fewer than vocab_size=10"):
         conversion_table("qwen3").convert("output_layer.weight", [torch.zeros(8, HIDDEN)], DIMS)
 
 
@@ -235,24 +237,28 @@ def test_expert_and_router_names(family: str, router: str, gate: str, up: str, d
 
 def test_to_hf_converts_a_state_dict_of_tensors_and_shard_lists() -> None:
     _, k, _, fused = _qkv_parts()
+    dims = ModelDims(
+        num_attention_heads=4, num_query_groups=2, head_dim=3, vocab_size=10, num_layers=1
+    )
     state: dict[str, object] = {
         "embedding.word_embeddings.weight": torch.randn(12, HIDDEN),
+        "decoder.layers.0.input_layernorm.weight": torch.ones(HIDDEN),
         "decoder.layers.0.self_attention.linear_qkv.weight": list(fused.chunk(2)),
         "decoder.layers.0.self_attention.linear_qkv._extra_state": None,
+        "decoder.layers.0.self_attention.linear_proj.weight": torch.randn(HIDDEN, 12),
+        "decoder.layers.0.pre_mlp_layernorm.weight": torch.ones(HIDDEN),
+        "decoder.layers.0.mlp.linear_fc1.weight": torch.randn(8, HIDDEN),
+        "decoder.layers.0.mlp.linear_fc2.weight": torch.randn(HIDDEN, 4),
         "decoder.final_layernorm.weight": torch.ones(HIDDEN),
     }
-    out = conversion_table("llama").to_hf(state, DIMS)
+    table = conversion_table("llama")
+    out = table.to_hf(state, dims, tied=True)
     # Tied embeddings: no output_layer.weight in, no lm_head.weight out.
-    assert set(out) == {
-        "model.embed_tokens.weight",
-        "model.layers.0.self_attn.q_proj.weight",
-        "model.layers.0.self_attn.k_proj.weight",
-        "model.layers.0.self_attn.v_proj.weight",
-        "model.norm.weight",
-    }
+    assert sorted(out) == sorted(table.hf_names(dims, tied=True))
+    assert "lm_head.weight" not in out
     assert torch.equal(out["model.layers.0.self_attn.k_proj.weight"], k)
-    with pytest.raises(TypeError, match="final_layernorm"):
-        conversion_table("llama").to_hf({"decoder.final_layernorm.weight": 3}, DIMS)
+    with pytest.raises(ShardError, match="final_layernorm"):
+        table.to_hf({**state, "decoder.final_layernorm.weight": 3}, dims, tied=True)
 
 
 def test_conversion_does_not_track_gradients() -> None:
@@ -262,9 +268,20 @@ def test_conversion_does_not_track_gradients() -> None:
 
 
 def test_rule_targets_may_only_use_placeholders_of_the_source() -> None:
-    with pytest.raises(ValueError, match="placeholder"):
-        rule("output_layer.weight", "model.layers.{L}.x", QKV)
-    assert isinstance(rule("a.{L}.b", ("x.{L}",), QKV), Rule)
+    with pytest.raises(ConfigError, match="placeholder"):
+        rule("output_layer.weight", "model.layers.{L}.x", REPLICATED, "head")
+    assert isinstance(rule("a.{L}.b", ("x.{L}", "y.{L}", "z.{L}"), QKV), Rule)
+
+
+def test_rule_targets_must_match_the_layout_and_a_layerless_rule_names_its_part() -> None:
+    with pytest.raises(ConfigError, match=r"'a\.\{L\}\.b'.*3 tensors.*1 targets"):
+        rule("a.{L}.b", "x.{L}", QKV)
+    with pytest.raises(ConfigError, match=r"'final\.weight'.*part=None"):
+        rule("final.weight", "norm.weight", REPLICATED)
+    with pytest.raises(ConfigError, match=r"part='head'"):
+        rule("a.{L}.b", "x.{L}", REPLICATED, "head")
+    assert rule("final.weight", "norm.weight", REPLICATED, "head").part == "head"
+    assert rule("a.{L}.b", "x.{L}", REPLICATED).part == "layer"
 
 
 def test_dims_from_a_megatron_style_config() -> None:
@@ -272,8 +289,13 @@ def test_dims_from_a_megatron_style_config() -> None:
         num_attention_heads = 8
         num_query_groups = None  # Megatron: no GQA
         kv_channels = 16
+        num_layers = 3
+        num_moe_experts = None
 
     dims = ModelDims.from_megatron(Config(), vocab_size=32000)
     assert (dims.num_query_groups, dims.heads_per_group, dims.head_dim) == (8, 1, 16)
-    with pytest.raises(ValueError, match="multiple"):
-        ModelDims(num_attention_heads=6, num_query_groups=4, head_dim=8, vocab_size=10)
+    assert (dims.num_layers, dims.num_experts) == (3, None)
+    with pytest.raises(ConfigError, match="num_attention_heads=6 is not a multiple"):
+        ModelDims(
+            num_attention_heads=6, num_query_groups=4, head_dim=8, vocab_size=10, num_layers=1
+        )

@@ -13,13 +13,15 @@ import asyncio
 import functools
 from typing import Any
 
+import pytest
 import ray
 import torch
 
 from asyncsync.engines import engine_actor
+from asyncsync.errors import ConversionError, TrainGroupTimeoutError
 from asyncsync.session import SyncPlan
 from asyncsync.testing.megatron_shim import VOCAB_SIZE, build_tiny_gpt, hf_config_kwargs
-from asyncsync.train_group import MegatronTrainRank, TrainGroup
+from asyncsync.train_group import MegatronTrainRank, TrainGroup, _on_every_rank
 
 from ._hf import TOLERANCE
 from ._ranks import tokens
@@ -88,3 +90,29 @@ async def test_tp2_train_actors_publish_and_the_owner_syncs_an_hf_engine(ray_loc
     finally:
         ray.kill(engine, no_restart=True)
         await group.shutdown()
+
+
+async def test_ranks_that_do_not_answer_in_time_are_named() -> None:
+    never = asyncio.Event()
+    with pytest.raises(
+        TrainGroupTimeoutError, match=r"build of step 3: ranks \[1, 2\] of 3 did not finish"
+    ):
+        await _on_every_rank(
+            "build of step 3", [asyncio.sleep(0, 3), never.wait(), never.wait()], 0.05
+        )
+
+
+async def test_a_failing_rank_is_named_without_waiting_for_the_blocked_others() -> None:
+    async def fail() -> None:
+        raise ConversionError("parameter 'x' is not known")
+
+    # The other rank would block forever in a collective: no timeout given, and
+    # the failure must still come back at once.
+    async with asyncio.timeout(10):
+        with pytest.raises(ConversionError, match="'x'") as info:
+            await _on_every_rank("setup", [asyncio.Event().wait(), fail()], None)
+    assert info.value.__notes__ == ["raised by rank 1 during setup"]
+    assert await _on_every_rank("teardown", [asyncio.sleep(0, "a"), asyncio.sleep(0, "b")], 1) == [
+        "a",
+        "b",
+    ]
