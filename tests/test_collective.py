@@ -25,8 +25,8 @@ from asyncsync.buckets import Bucket, tensor_digest
 from asyncsync.receiver import StagingReceiver
 from asyncsync.session import SyncPlan
 from asyncsync.testing import LoopLagMixin
-from asyncsync.transport._collective import Join
 from asyncsync.transport.collective import CollectiveStats
+from asyncsync.transport.collective.wire import Join
 
 PROMPT = [[1, 2, 3, 4]]
 TIMEOUT_S = 10.0

@@ -1,35 +1,28 @@
-"""Collective transport: the cache owner broadcasts each bucket to the engines.
+"""Owner (train) side of the collective transport: the cache owner is rank 0.
 
-The train actor (the cache owner, rank 0) and the session's engines (ranks 1..n,
-in the order of ``SyncPlan.targets``) form a private torch.distributed process
-group: gloo on CPU, NCCL where the owner and every engine have CUDA
-(``backend="auto"``). The owner starts a :class:`~torch.distributed.TCPStore` on
-a free port of ``host`` and asks each engine to join through the receiver's
-``transport_setup("collective", ...)`` hook (see
-:meth:`~asyncsync.receiver.StagingReceiver.transport_setup`), which runs
-:func:`engine_setup` in an engine worker thread. The group is kept while the
-targets stay the same (same names, same actors) and rebuilt when they change,
-after a failed session, or on :meth:`CollectiveTransport.close`. Nothing here
-touches the default process group.
+:class:`CollectiveTransport` is what a sync session drives on the train actor's
+loop (``start``, ``put``, ``release``, ``finish``); :class:`RootGroup` is rank 0's
+end of one process group, with the one thread every blocking step of it runs on.
 
-Per session: :meth:`~CollectiveTransport.start` announces the bucket sizes to
-every engine, whose pump thread then receives the buckets in index order;
-:meth:`~CollectiveTransport.put` submits the broadcast of one bucket to the
-owner's broadcast thread and returns at once with a :class:`CollectivePayload`;
-the engine's ``receive`` takes the bucket from the pump in
-:meth:`CollectivePayload.load` and verifies it against the manifest before it
-is staged. ``release`` waits for the owner's broadcast of its bucket. After a
-failure ``finish`` waits for running broadcasts only briefly: gloo cannot
-interrupt a send to a peer that died (it ends at ``timeout_s``), and a broadcast
-only reads its bucket, whose memory its own reference keeps alive.
+What this side promises:
 
-Sessions through one transport run one at a time (a second waits in ``start``,
-within its own session timeout). Every collective is bounded by ``timeout_s``
-and forming a group by ``connect_timeout_s``; an engine that dies or never joins
-fails the session with a :class:`~asyncsync.SessionError` naming it, the group
-is dropped, and the next session builds a new one. Engines keep their version,
-as with every transport. Engines on other nodes reach ``host``: by default the
-owner's Ray node address.
+* Sessions run one at a time (a second waits in ``start``, within its own session
+  timeout): a group's broadcasts must follow one order.
+* The group is kept while the targets stay the same (same names, same actors) and
+  rebuilt when they change, after a failed session, or on ``close``. Nothing here
+  touches the default process group.
+* ``put`` returns at once: broadcasts leave in index order on the group's thread,
+  and the loop keeps answering while they run.
+* Forming a group is bounded by ``connect_timeout_s``, every call to an engine by
+  that bound plus some slack, every broadcast by ``timeout_s``. An engine that dies
+  or never joins fails the session with a :class:`~asyncsync.SessionError` naming
+  it; the group is dropped and the next session builds a new one.
+* ``finish`` never raises. After a failure it waits for running broadcasts only
+  briefly: gloo cannot interrupt a send to a peer that died (it ends at
+  ``timeout_s``), and a broadcast only reads its bucket, whose memory its own
+  reference keeps alive.
+* Every call to the engines goes through one method,
+  :meth:`CollectiveTransport._on_engines`.
 """
 
 from __future__ import annotations
@@ -38,90 +31,44 @@ import asyncio
 import dataclasses
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import numpy as np
 import torch
+from torch.distributed import TCPStore  # type: ignore[attr-defined]
 
-from ..buckets import Bucket, BucketManifest
-from ..errors import ConfigError, SessionError, first_session_error, last_line
-from . import SessionContext
-from ._collective import (
+from ...buckets import Bucket
+from ...errors import ConfigError, SessionError, first_session_error, last_line
+from .. import SessionContext
+from .engine import CollectivePayload
+from .wire import (
     BACKENDS,
     GLOO,
     NCCL,
-    STATE_KEY,
     Announce,
-    EngineGroups,
+    Channel,
     Join,
     Leave,
-    NotJoinedError,
     Probe,
-    RootGroup,
+    arrived_key,
     nccl_usable,
+    new_process_group,
+    timedelta,
 )
-
-__all__ = ["CollectivePayload", "CollectiveStats", "CollectiveTransport", "engine_setup"]
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
+_BACKEND_OPTIONS = ("auto", *BACKENDS)
 _LEAVE_TIMEOUT_S = 5.0
 """Bound on telling the engines of a dropped group to leave it (best effort)."""
 _FAILED_GRACE_S = 1.0
 """How long a failed session waits for the owner's broadcasts still running."""
 _CALL_SLACK_S = 10.0
 """Extra time an engine call may take beyond the collective bound it waits on."""
-
-
-@dataclass(frozen=True)
-class CollectivePayload:
-    """What an engine's ``receive`` gets: which bucket of which group and session.
-
-    ``manifest`` is what the owner sent; the receiver checks the bytes against the
-    manifest it was given at ``begin``.
-    """
-
-    owner: str
-    group_id: str
-    session_id: str
-    index: int
-    manifest: BucketManifest
-
-    def load(self, state: dict[str, Any]) -> Bucket:
-        """Wait for the bucket from this engine's pump (blocking; an engine worker thread).
-
-        Raises ``RuntimeError`` if the engine is not in the group (restarted, or the
-        group was replaced), the broadcast failed, or nothing arrived within the
-        group's timeout.
-        """
-        groups = state.get(STATE_KEY)
-        if not isinstance(groups, EngineGroups):
-            raise RuntimeError("this engine never joined a collective group (was it restarted?)")
-        payload = groups.get(self.owner, self.group_id).take(self.session_id, self.index)
-        return Bucket(payload, self.manifest.index, self.manifest.checksum)
-
-
-def engine_setup(state: dict[str, Any], config: Any) -> Any:
-    """Engine side of the transport's set-up; blocking, run in an engine worker thread.
-
-    ``state`` is the receiver's ``transport_state``; ``config`` one of the owner's
-    messages (probe, join, announce, leave). Returns the probe's answer, else ``None``.
-    """
-    groups = state.setdefault(STATE_KEY, EngineGroups())
-    assert isinstance(groups, EngineGroups)
-    if isinstance(config, Probe):
-        return {"nccl": nccl_usable()}
-    if isinstance(config, Join):
-        groups.join(config)
-    elif isinstance(config, Announce):
-        groups.get(config.owner, config.group_id).announce(config.session_id, config.sizes)
-    elif isinstance(config, Leave):
-        groups.leave(config)
-    else:
-        raise TypeError(f"not a collective set-up message: {type(config).__name__}")
-    return None
 
 
 @dataclass(frozen=True)
@@ -166,8 +113,8 @@ class CollectiveTransport:
         timeout_s: float = 120.0,
         connect_timeout_s: float = 60.0,
     ) -> None:
-        if backend not in BACKENDS:
-            raise ConfigError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if backend not in _BACKEND_OPTIONS:
+            raise ConfigError(f"backend must be one of {_BACKEND_OPTIONS}, got {backend!r}")
         if timeout_s <= 0 or connect_timeout_s <= 0:
             raise ConfigError("timeout_s and connect_timeout_s must be positive")
         if host is None:
@@ -185,10 +132,11 @@ class CollectiveTransport:
         self._owner = uuid.uuid4().hex
         # One session at a time: a group's broadcasts must follow one order.
         self._session_lock = asyncio.Lock()
-        # Owned by the session holding _session_lock (and close()).
+        # Owned by the session holding _session_lock (and close()). _formed_by is the
+        # session that formed _group: its targets are the group's members.
         self._active: str | None = None
         self._group: RootGroup | None = None
-        self._targets: dict[str, Any] = {}
+        self._formed_by: SessionContext | None = None
         self._broadcasts: dict[int, asyncio.Future[None]] = {}
         self._generation = 0
         self._sessions = 0
@@ -226,8 +174,13 @@ class CollectiveTransport:
         self._active = session.session_id
         self._broadcasts = {}
         self._sessions += 1
-        group = self._group
-        if group is None or group.failure is not None or self._targets != dict(session.targets):
+        group, formed_by = self._group, self._formed_by
+        if (
+            group is None
+            or group.failure is not None
+            or formed_by is None
+            or dict(formed_by.targets) != dict(session.targets)
+        ):
             await self._drop_group("rebuilt for new targets or after a failure")
             group = await self._build_group(session)
         sizes = tuple(m.nbytes for m in session.manifest)
@@ -236,7 +189,7 @@ class CollectiveTransport:
             session,
             "collective set-up (announce)",
             lambda name, handle: handle.transport_setup.remote(self.name, announce),
-            self.connect_timeout_s,
+            bound_s=self.connect_timeout_s + _CALL_SLACK_S,
         )
 
     async def put(self, session: SessionContext, index: int, bucket: Bucket) -> Any:
@@ -329,8 +282,7 @@ class CollectiveTransport:
             self._device if backend == NCCL else None,
         )
         # Set before forming it, so finish() drops it if forming fails.
-        self._group = group
-        self._targets = targets
+        self._group, self._formed_by = group, session
         loop = asyncio.get_running_loop()
         port = await loop.run_in_executor(group.executor, group.open_store)
         join = Join(
@@ -376,7 +328,7 @@ class CollectiveTransport:
                         lambda name, handle: handle.transport_setup.remote(
                             self.name, dataclasses.replace(join, rank=ranks[name])
                         ),
-                        self.connect_timeout_s,
+                        bound_s=self.connect_timeout_s + _CALL_SLACK_S,
                     )
                 )
         except BaseExceptionGroup as errors:
@@ -393,14 +345,14 @@ class CollectiveTransport:
             session,
             "collective set-up (probe)",
             lambda name, handle: handle.transport_setup.remote(self.name, Probe()),
-            self.connect_timeout_s,
+            bound_s=self.connect_timeout_s + _CALL_SLACK_S,
         )
         return NCCL if all(a.get("nccl") for a in answers.values()) else GLOO
 
     async def _drop_group(self, reason: str) -> None:
         """Forget the current group; close it on its thread and tell its engines to leave."""
-        group, targets = self._group, self._targets
-        self._group, self._targets = None, {}
+        group, formed_by = self._group, self._formed_by
+        self._group, self._formed_by = None, None
         if group is None:
             return
         if group.failure is None:
@@ -408,31 +360,80 @@ class CollectiveTransport:
         # Queued behind any broadcast still running; the thread exits after it.
         group.executor.submit(group.close)
         group.executor.shutdown(wait=False)
+        if formed_by is None:
+            return
         leave = Leave(self._owner, group.group_id)
+        # A dead or stuck engine has nothing to leave.
+        await self._on_engines(
+            formed_by,
+            "leaving the collective group",
+            lambda name, handle: handle.transport_setup.remote(self.name, leave),
+            bound_s=_LEAVE_TIMEOUT_S,
+            best_effort=True,
+        )
 
-        async def tell(handle: Any) -> None:
-            try:
-                async with asyncio.timeout(_LEAVE_TIMEOUT_S):
-                    await handle.transport_setup.remote(self.name, leave)
-            except Exception:  # a dead or stuck engine has nothing to leave
-                pass
-
-        await asyncio.gather(*(tell(h) for h in targets.values()))
+    # ----------------------------------------------------------------- engines
 
     async def _on_engines(
         self,
         session: SessionContext,
         what: str,
-        call: Callable[[str, Any], Awaitable[Any]],
+        call: Callable[[str, Any], Awaitable[T]],
+        *,
         bound_s: float,
-    ) -> dict[str, Any]:
-        """``call(name, handle)`` on every target at once; the first failure is a SessionError."""
-        results: dict[str, Any] = {}
+        best_effort: bool = False,
+    ) -> dict[str, T]:
+        """``call(name, handle)`` on every engine of ``session`` at once; results by name.
+
+        Each call is bounded by ``bound_s``. The first failure or timeout cancels the
+        other calls, on the engines too, and raises a :class:`~asyncsync.SessionError`
+        naming the engine and ``what`` it was doing. With ``best_effort`` failures and
+        timeouts are dropped instead: the result holds the engines that answered.
+
+        The one place this transport calls engines: bounds, cancellation and error
+        naming for every engine call live here and nowhere else.
+        """
+        results: dict[str, T] = {}
+
+        def cancel_remote(call: object) -> None:
+            import ray
+
+            if isinstance(call, ray.ObjectRef):
+                try:
+                    ray.cancel(call)
+                except Exception:  # best effort: never replace the error being handled
+                    pass
 
         async def one(name: str, handle: Any) -> None:
-            results[name] = await _as_target(
-                session, name, what, call(name, handle), bound_s + _CALL_SLACK_S
-            )
+            pending: Awaitable[T] | None = None
+            timer = asyncio.timeout(bound_s)
+            try:
+                async with timer:
+                    pending = call(name, handle)
+                    results[name] = await pending
+            except asyncio.CancelledError:
+                # Another engine failed or the session ended: stop the engine-side call
+                # too, or a join stuck waiting for its peers would hold an engine slot
+                # until its own timeout.
+                cancel_remote(pending)
+                raise
+            except Exception as exc:
+                if timer.expired():
+                    cancel_remote(pending)
+                if best_effort:
+                    return
+                detail = (
+                    f"no answer within {bound_s:.0f}s"
+                    if timer.expired()
+                    else f"{type(exc).__name__}: {last_line(exc)}"
+                )
+                raise SessionError(
+                    f"session {session.session_id} (step {session.step}): target {name!r} "
+                    f"failed in {what}: {detail}",
+                    session_id=session.session_id,
+                    step=session.step,
+                    target=name,
+                ) from exc
 
         try:
             async with asyncio.TaskGroup() as tasks:
@@ -443,41 +444,111 @@ class CollectiveTransport:
         return results
 
 
-async def _as_target(
-    session: SessionContext, name: str, what: str, call: Awaitable[T], bound_s: float
-) -> T:
-    timer = asyncio.timeout(bound_s)
-    try:
-        async with timer:
-            return await call
-    except asyncio.CancelledError:
-        # Another target failed or the session ended: stop the engine-side call too,
-        # or a join stuck waiting for its peers would hold an engine slot until its
-        # own timeout.
-        _cancel_remote(call)
-        raise
-    except Exception as exc:
-        if timer.expired():
-            _cancel_remote(call)
-            detail = f"no answer within {bound_s:.0f}s"
-        else:
-            detail = f"{type(exc).__name__}: {last_line(exc)}"
-        raise SessionError(
-            f"session {session.session_id} (step {session.step}): target {name!r} failed in "
-            f"{what}: {detail}",
-            session_id=session.session_id,
-            step=session.step,
-            target=name,
-        ) from exc
-
-
 def _retrieve(done: asyncio.Future[None]) -> None:
     if not done.cancelled():
         done.exception()
 
 
-def _cancel_remote(call: object) -> None:
-    import ray
+# --------------------------------------------------------------------------- rank 0
 
-    if isinstance(call, ray.ObjectRef):
-        ray.cancel(call)
+
+class NotJoinedError(RuntimeError):
+    """The group could not form; ``missing`` are the ranks that never arrived."""
+
+    def __init__(self, message: str, missing: Sequence[int]) -> None:
+        super().__init__(message)
+        self.missing = tuple(missing)
+
+
+class RootGroup:
+    """Rank 0's end of one group.
+
+    ``open_store``, ``connect``, ``broadcast`` and ``close`` are blocking and run on
+    :attr:`executor` (one thread): broadcasts run in submission order, which is the
+    order every engine receives in. ``failure`` is set by the first failed
+    operation (or by the transport when a session failed); every later broadcast
+    then fails at once instead of waiting for peers that will not come.
+    """
+
+    def __init__(
+        self,
+        members: tuple[str, ...],
+        generation: int,
+        backend: str,
+        host: str,
+        timeout_s: float,
+        connect_timeout_s: float,
+        device: torch.device | None,
+    ) -> None:
+        self.group_id = uuid.uuid4().hex
+        self.members = members
+        self.generation = generation
+        self.backend = backend
+        self.host = host
+        self.timeout_s = timeout_s
+        self.connect_timeout_s = connect_timeout_s
+        self.device = device
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asyncsync-collective")
+        self.failure: BaseException | None = None
+        self.port: int | None = None
+        self._store: Any = None
+        self._channel: Channel | None = None
+
+    @property
+    def size(self) -> int:
+        return len(self.members) + 1
+
+    def open_store(self) -> int:
+        """Start the rendezvous store on a free port; return the port."""
+        self._store = TCPStore(
+            self.host,
+            0,
+            self.size,
+            True,
+            timeout=timedelta(self.connect_timeout_s),
+            wait_for_workers=False,
+        )
+        self.port = int(self._store.port)
+        return self.port
+
+    def connect(self) -> None:
+        """Form the group with every engine (they join concurrently)."""
+        try:
+            group = new_process_group(
+                self._store,
+                0,
+                self.size,
+                self.backend,
+                self.host,
+                self.connect_timeout_s,
+                self.timeout_s,
+                self.device,
+            )
+        except Exception as exc:
+            self.failure = exc
+            missing = [r for r in range(1, self.size) if not self._arrived(r)]
+            raise NotJoinedError(f"{type(exc).__name__}: {exc}", missing) from exc
+        self._channel = Channel(group, self.backend, self.device, self.timeout_s)
+
+    def _arrived(self, rank: int) -> bool:
+        try:
+            return bool(self._store.check([arrived_key(rank)]))
+        except Exception:
+            return False
+
+    def broadcast(self, buffer: np.ndarray) -> None:
+        """Send one bucket to every engine; raises if the group failed."""
+        if self.failure is not None:
+            raise RuntimeError(f"the process group already failed: {self.failure}")
+        if self._channel is None:
+            raise RuntimeError("the process group was not formed")
+        try:
+            self._channel.send(buffer)
+        except Exception as exc:
+            self.failure = exc
+            raise
+
+    def close(self) -> None:
+        """Drop the group and its store (queued after every broadcast already submitted)."""
+        self._channel = None
+        self._store = None
