@@ -26,6 +26,7 @@ from .errors import (
     SessionIdReusedError,
     SessionTimeoutError,
     StaleStepError,
+    TransportError,
     UnknownSessionError,
     WrongLoopError,
 )
@@ -77,6 +78,7 @@ __all__ = [
     "SessionIdReusedError",
     "SessionTimeoutError",
     "StaleStepError",
+    "TransportError",
     "UnknownSessionError",
     "WrongLoopError",
 ]

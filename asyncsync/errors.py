@@ -23,7 +23,8 @@ AsyncSyncError
 │   ├── ChecksumMismatchError (ValueError)
 │   ├── UnknownSessionError (KeyError)
 │   ├── IncompleteSessionError
-│   └── SessionIdReusedError (ValueError)
+│   ├── SessionIdReusedError (ValueError)
+│   └── TransportError                   a transport's engine side could not set up or deliver a bucket
 ├── ActorDefinitionError (TypeError)     a train-actor class that would break the one-loop contract
 └── ConversionError (KeyError)           a parameter name no conversion table knows
 ```
@@ -51,6 +52,7 @@ __all__ = [
     "SessionIdReusedError",
     "SessionTimeoutError",
     "StaleStepError",
+    "TransportError",
     "UnknownSessionError",
     "WrongLoopError",
 ]
@@ -174,6 +176,31 @@ class IncompleteSessionError(ReceiverError):
 
 class SessionIdReusedError(ReceiverError, ValueError):
     """``begin`` with a session id the receiver has already seen."""
+
+
+class TransportError(ReceiverError):
+    """The engine side of a transport could not set up or deliver a bucket.
+
+    For example: a set-up message the transport does not know, a process group the
+    engine is not in (it was restarted, or the group was replaced), or nothing
+    arrived within the transport's timeout. The engine keeps the version it had.
+    ``transport`` names the transport; ``session_id`` and ``index`` the session and
+    bucket when the failure concerns one (``None`` otherwise). The message also
+    names the transport's own item (the collective transport's group id).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        transport: str | None = None,
+        session_id: str | None = None,
+        index: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.transport = transport
+        self.session_id = session_id
+        self.index = index
 
 
 class ActorDefinitionError(AsyncSyncError, TypeError):

@@ -16,8 +16,14 @@ every engine, whose pump thread then receives the buckets in index order;
 owner's broadcast thread and returns at once with a :class:`CollectivePayload`;
 the engine's ``receive`` takes the bucket from the pump in
 :meth:`CollectivePayload.load` and verifies it against the manifest before it
-is staged. ``release`` waits for the owner's broadcast of its bucket. Engines keep
-their version after any failure, as with every transport.
+is staged. ``release`` waits for the owner's broadcast of its bucket.
+
+Failures: on the train side every error is a :class:`~asyncsync.SessionError`
+naming the session, the transport and the bucket or engine at fault (options:
+:class:`~asyncsync.ConfigError`); on the engine side a
+:class:`~asyncsync.TransportError` naming the group, session and bucket, which
+the session reports as that engine's failure. Engines keep their version after
+any failure, as with every transport.
 
 One module per side, and one for what travels between them:
 

@@ -18,6 +18,9 @@ What this side promises:
   does, so that when a peer never arrives the owner fails first and names it; a
   ``receive`` fails once no bucket arrived for longer than the group's timeout.
 * A group that failed or was left never delivers again: its waiters fail at once.
+* Every error it raises is a :class:`~asyncsync.TransportError` that names the
+  group, and the session and bucket when it concerns one; the engine keeps the
+  version it had.
 """
 
 from __future__ import annotations
@@ -32,7 +35,9 @@ import torch
 from torch.distributed import TCPStore  # type: ignore[attr-defined]
 
 from ...buckets import Bucket, BucketManifest
+from ...errors import TransportError, last_line
 from .wire import (
+    BACKENDS,
     NCCL,
     Announce,
     Channel,
@@ -71,14 +76,21 @@ class CollectivePayload:
     def load(self, state: dict[str, Any]) -> Bucket:
         """Wait for the bucket from this engine's pump (blocking; an engine worker thread).
 
-        Raises ``RuntimeError`` if the engine is not in the group (restarted, or the
-        group was replaced), the broadcast failed, or nothing arrived within the
-        group's timeout.
+        Raises :class:`~asyncsync.TransportError` if the engine never joined a group
+        or is not in this one (it was restarted, or the group was replaced), the
+        session was not announced, the broadcast failed, or nothing arrived within
+        the group's timeout.
         """
         groups = state.get(STATE_KEY)
         if not isinstance(groups, EngineGroups):
-            raise RuntimeError("this engine never joined a collective group (was it restarted?)")
-        payload = groups.get(self.owner, self.group_id).take(self.session_id, self.index)
+            raise _error(
+                "this engine never joined a collective group (was it restarted?)",
+                group_id=self.group_id,
+                session_id=self.session_id,
+                index=self.index,
+            )
+        group = groups.get(self.owner, self.group_id, self.session_id, self.index)
+        payload = group.take(self.session_id, self.index)
         return Bucket(payload, self.manifest.index, self.manifest.checksum)
 
 
@@ -87,20 +99,49 @@ def engine_setup(state: dict[str, Any], config: Any) -> Any:
 
     ``state`` is the receiver's ``transport_state``; ``config`` one of the owner's
     messages (probe, join, announce, leave). Returns the probe's answer, else ``None``.
+    Raises :class:`~asyncsync.TransportError` for anything else, for a join that
+    cannot form or is older than the group it would replace, and for an announce
+    on a group this engine is not in.
     """
+    if not isinstance(config, Probe | Join | Announce | Leave):
+        raise _error(
+            f"not a collective set-up message: a {type(config).__name__} "
+            "(expected Probe, Join, Announce or Leave)"
+        )
     groups = state.setdefault(STATE_KEY, EngineGroups())
-    assert isinstance(groups, EngineGroups)
+    if not isinstance(groups, EngineGroups):
+        raise _error(
+            f"the receiver's transport_state[{STATE_KEY!r}] holds a {type(groups).__name__}, "
+            "not this transport's groups"
+        )
     if isinstance(config, Probe):
         return {"nccl": nccl_usable()}
     if isinstance(config, Join):
         groups.join(config)
     elif isinstance(config, Announce):
-        groups.get(config.owner, config.group_id).announce(config.session_id, config.sizes)
-    elif isinstance(config, Leave):
-        groups.leave(config)
+        group = groups.get(config.owner, config.group_id, config.session_id)
+        group.announce(config.session_id, config.sizes)
     else:
-        raise TypeError(f"not a collective set-up message: {type(config).__name__}")
+        groups.leave(config)
     return None
+
+
+def _error(
+    detail: str,
+    *,
+    group_id: str | None = None,
+    session_id: str | None = None,
+    index: int | None = None,
+) -> TransportError:
+    """A :class:`TransportError` whose message starts with the group, session and bucket."""
+    where = [f"collective group {group_id}" if group_id else "collective transport"]
+    if session_id is not None:
+        where.append(f"session {session_id!r}")
+    if index is not None:
+        where.append(f"bucket {index}")
+    return TransportError(
+        f"{', '.join(where)}: {detail}", transport=STATE_KEY, session_id=session_id, index=index
+    )
 
 
 class EngineGroups:
@@ -116,9 +157,10 @@ class EngineGroups:
         """Replace the owner's group with a new one (blocking until it formed)."""
         with self._lock:
             if join.generation <= self._latest.get(join.owner, -1):
-                raise RuntimeError(
-                    f"join of collective group {join.group_id} (generation {join.generation}) "
-                    f"is older than generation {self._latest[join.owner]}"
+                raise _error(
+                    f"join (generation {join.generation}) is not newer than this engine's "
+                    f"group of that owner (generation {self._latest[join.owner]})",
+                    group_id=join.group_id,
                 )
             self._latest[join.owner] = join.generation
             old = self._groups.pop(join.owner, None)
@@ -133,16 +175,22 @@ class EngineGroups:
                 self._groups[join.owner] = group
         if superseded:
             group.close("superseded while forming")
-            raise RuntimeError(f"collective group {join.group_id} was superseded while forming")
+            raise _error("superseded by a newer group while forming", group_id=join.group_id)
 
-    def get(self, owner: str, group_id: str) -> EngineGroup:
+    def get(
+        self, owner: str, group_id: str, session_id: str, index: int | None = None
+    ) -> EngineGroup:
+        """The owner's group ``group_id``, wanted for ``session_id`` (and bucket ``index``)."""
         with self._lock:
             group = self._groups.get(owner)
         if group is None or group.group_id != group_id:
-            have = None if group is None else group.group_id
-            raise RuntimeError(
-                f"this engine is not in collective group {group_id} (its group of that owner: "
-                f"{have}); it was restarted, or the group was replaced"
+            have = "none" if group is None else group.group_id
+            raise _error(
+                f"this engine is not in the group (its group of that owner: {have}); "
+                "it was restarted, or the group was replaced",
+                group_id=group_id,
+                session_id=session_id,
+                index=index,
             )
         return group
 
@@ -193,34 +241,53 @@ class EngineGroup:
     @classmethod
     def connect(cls, join: Join) -> EngineGroup:
         """Form the group with the owner and the other engines (blocking)."""
+        if join.backend not in BACKENDS:
+            raise _error(
+                f"unknown backend {join.backend!r}; this engine knows {BACKENDS}",
+                group_id=join.group_id,
+            )
         if join.backend == NCCL and not nccl_usable():
-            raise RuntimeError("the owner chose NCCL but this engine has no CUDA/NCCL")
+            raise _error(
+                "the owner chose NCCL but this engine has no CUDA/NCCL", group_id=join.group_id
+            )
         device = torch.device("cuda", torch.cuda.current_device()) if join.backend == NCCL else None
         wait = join.connect_timeout_s + _JOIN_SLACK_S
-        store = TCPStore(join.host, join.port, join.size, False, timeout=timedelta(wait))
-        store.set(arrived_key(join.rank), "1")
-        group = new_process_group(
-            store,
-            join.rank,
-            join.size,
-            join.backend,
-            local_address(join.host),
-            wait,
-            join.timeout_s,
-            device,
-        )
+        try:
+            store = TCPStore(join.host, join.port, join.size, False, timeout=timedelta(wait))
+            store.set(arrived_key(join.rank), "1")
+            group = new_process_group(
+                store,
+                join.rank,
+                join.size,
+                join.backend,
+                local_address(join.host),
+                wait,
+                join.timeout_s,
+                device,
+            )
+        except Exception as exc:
+            raise _error(
+                f"joining as rank {join.rank} of {join.size} through {join.host}:{join.port} "
+                f"failed: {type(exc).__name__}: {last_line(exc)}",
+                group_id=join.group_id,
+            ) from exc
         return cls(join, store, Channel(group, join.backend, device, join.timeout_s))
 
     def announce(self, session_id: str, sizes: tuple[int, ...]) -> None:
         """Start receiving the buckets of ``session_id`` in the background."""
         with self._cond:
             if self._closed is not None:
-                raise RuntimeError(f"collective group {self.group_id} is closed: {self._closed}")
+                raise _error(
+                    f"the group is closed: {self._closed}",
+                    group_id=self.group_id,
+                    session_id=session_id,
+                )
             previous = self._incoming
             if previous is not None and previous.thread is not None and previous.thread.is_alive():
-                raise RuntimeError(
-                    f"collective group {self.group_id} is still receiving session "
-                    f"{previous.session_id!r}"
+                raise _error(
+                    f"the group is still receiving session {previous.session_id!r}",
+                    group_id=self.group_id,
+                    session_id=session_id,
                 )
             incoming = _Incoming(session_id, sizes)
             incoming.thread = threading.Thread(
@@ -255,36 +322,40 @@ class EngineGroup:
     def take(self, session_id: str, index: int) -> np.ndarray:
         """Bucket ``index`` of ``session_id`` once the pump has it (blocking).
 
-        Raises ``RuntimeError`` if the session was not announced, the bucket was
-        already taken, the group failed or closed, or the pump made no progress for
-        longer than the group's timeout.
+        Raises :class:`~asyncsync.TransportError` if the session was not announced,
+        the index is outside it or the bucket was already taken, the group failed or
+        closed, or the pump made no progress for longer than the group's timeout.
         """
         stall = self.timeout_s + _JOIN_SLACK_S
+
+        def error(detail: str) -> TransportError:
+            return _error(detail, group_id=self.group_id, session_id=session_id, index=index)
+
         with self._cond:
             while True:
                 incoming = self._incoming
                 if incoming is None or incoming.session_id != session_id:
-                    raise RuntimeError(
-                        f"session {session_id!r} was not announced on collective group "
-                        f"{self.group_id}"
-                    )
+                    announced = None if incoming is None else incoming.session_id
+                    raise error(f"the session was not announced (announced: {announced!r})")
                 if index in incoming.received:
                     incoming.taken.add(index)
                     return incoming.received.pop(index)
-                if index in incoming.taken or not 0 <= index < len(incoming.sizes):
-                    raise RuntimeError(f"bucket {index} of session {session_id!r} taken twice")
+                if not 0 <= index < len(incoming.sizes):
+                    raise error(f"outside the {len(incoming.sizes)} buckets announced")
+                if index in incoming.taken:
+                    raise error("taken twice")
                 if incoming.error is not None:
-                    raise RuntimeError(
+                    raise error(
                         f"receiving bucket {incoming.next_index} failed: "
-                        f"{type(incoming.error).__name__}: {incoming.error}"
+                        f"{type(incoming.error).__name__}: {last_line(incoming.error)}"
                     ) from incoming.error
                 if self._closed is not None:
-                    raise RuntimeError(f"collective group {self.group_id} closed: {self._closed}")
+                    raise error(f"the group closed: {self._closed}")
                 remaining = incoming.last_progress + stall - time.monotonic()
                 if remaining <= 0:
-                    raise RuntimeError(
-                        f"no bucket arrived for {stall:.0f}s (waiting for bucket {index}, "
-                        f"next to arrive: {incoming.next_index})"
+                    raise error(
+                        f"nothing arrived for {stall:.0f}s (the group's timeout_s plus "
+                        f"{_JOIN_SLACK_S:.0f}s; next to arrive: bucket {incoming.next_index})"
                     )
                 self._cond.wait(remaining)
 

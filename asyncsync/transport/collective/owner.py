@@ -17,6 +17,9 @@ What this side promises:
   that bound plus some slack, every broadcast by ``timeout_s``. An engine that dies
   or never joins fails the session with a :class:`~asyncsync.SessionError` naming
   it; the group is dropped and the next session builds a new one.
+* Every error it raises is a :class:`~asyncsync.SessionError` that names the
+  session, its step and this transport, and the bucket or engine at fault
+  (options: :class:`~asyncsync.ConfigError`).
 * ``finish`` never raises. After a failure it waits for running broadcasts only
   briefly: gloo cannot interrupt a send to a peer that died (it ends at
   ``timeout_s``), and a broadcast only reads its bucket, whose memory its own
@@ -30,8 +33,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -92,8 +96,8 @@ class CollectiveTransport:
     """Train side: broadcast buckets from the cache owner to the engines.
 
     Args:
-        host: address the engines reach the owner at (store and gloo). ``None``:
-            the Ray node address of this process.
+        host: address the engines reach the owner at (store and gloo); it must be
+            an address of this host. ``None``: the Ray node address of this process.
         backend: ``"auto"`` (NCCL when the owner and every engine have CUDA, else
             gloo), ``"gloo"`` or ``"nccl"``.
         timeout_s: bound on each collective (one bucket to every engine).
@@ -101,6 +105,9 @@ class CollectiveTransport:
 
     The NCCL device is the owner's current CUDA device when the transport is
     created; each engine uses its own current device.
+
+    Raises :class:`~asyncsync.ConfigError` for an unknown backend, a timeout that is
+    not a positive finite number of seconds, or a host that is not a non-empty string.
     """
 
     name = "collective"
@@ -114,9 +121,19 @@ class CollectiveTransport:
         connect_timeout_s: float = 60.0,
     ) -> None:
         if backend not in _BACKEND_OPTIONS:
-            raise ConfigError(f"backend must be one of {_BACKEND_OPTIONS}, got {backend!r}")
-        if timeout_s <= 0 or connect_timeout_s <= 0:
-            raise ConfigError("timeout_s and connect_timeout_s must be positive")
+            raise ConfigError(
+                f"collective transport: backend must be one of {_BACKEND_OPTIONS}, got {backend!r}"
+            )
+        for option, seconds in (("timeout_s", timeout_s), ("connect_timeout_s", connect_timeout_s)):
+            if not _positive_seconds(seconds):
+                raise ConfigError(
+                    f"collective transport: {option} must be a positive, finite number of "
+                    f"seconds, got {seconds!r}"
+                )
+        if host is not None and (not isinstance(host, str) or not host):
+            raise ConfigError(
+                f"collective transport: host must be a non-empty address or None, got {host!r}"
+            )
         if host is None:
             import ray
 
@@ -193,17 +210,16 @@ class CollectiveTransport:
         )
 
     async def put(self, session: SessionContext, index: int, bucket: Bucket) -> Any:
-        group = self._session_group(session)
+        group = self._session_group(session, index)
         if group.failure is not None:
-            raise SessionError(
-                f"session {session.session_id} (step {session.step}): the collective group "
-                f"failed: {type(group.failure).__name__}: {group.failure}",
-                session_id=session.session_id,
-                step=session.step,
+            raise self._error(
+                session,
+                f"bucket {index} not sent: collective group {group.group_id} failed: "
+                f"{group.failure}",
             )
         # Queued on the group's one thread: broadcasts leave in index order, and the
         # loop stays free while they run.
-        done = asyncio.wrap_future(group.executor.submit(group.broadcast, bucket.buffer))
+        done = asyncio.wrap_future(group.executor.submit(group.broadcast, index, bucket.buffer))
         self._broadcasts[index] = done
         self._sent += 1
         self._sent_bytes += bucket.nbytes
@@ -221,11 +237,10 @@ class CollectiveTransport:
             self._broadcasts[index] = done  # finish() accounts for it
             raise
         except Exception as exc:
-            raise SessionError(
-                f"session {session.session_id} (step {session.step}): broadcast of bucket "
-                f"{index} failed on the owner: {type(exc).__name__}: {exc}",
-                session_id=session.session_id,
-                step=session.step,
+            raise self._error(
+                session,
+                f"broadcast of bucket {index} failed on the owner: "
+                f"{type(exc).__name__}: {last_line(exc)}",
             ) from exc
 
     async def finish(self, session: SessionContext, ok: bool) -> None:
@@ -236,7 +251,7 @@ class CollectiveTransport:
             if not ok and group is not None and group.failure is None:
                 # Broadcasts still queued fail at once instead of waiting for engines
                 # that gave up on this session.
-                group.failure = RuntimeError(f"session {session.session_id} failed")
+                group.failure = f"session {session.session_id} failed"
             pending = list(self._broadcasts.values())
             for done in pending:
                 # Retrieved whenever it ends: no "exception never retrieved" noise.
@@ -263,10 +278,27 @@ class CollectiveTransport:
 
     # ----------------------------------------------------------------- groups
 
-    def _session_group(self, session: SessionContext) -> RootGroup:
-        if self._active != session.session_id or self._group is None:
-            raise RuntimeError(f"session {session.session_id} has not started on this transport")
+    def _session_group(self, session: SessionContext, index: int) -> RootGroup:
+        if self._active != session.session_id:
+            raise self._error(
+                session, f"bucket {index} not sent: the session has not started on this transport"
+            )
+        if self._group is None:
+            raise self._error(
+                session, f"bucket {index} not sent: the transport was closed during the session"
+            )
         return self._group
+
+    def _error(
+        self, session: SessionContext, detail: str, target: str | None = None
+    ) -> SessionError:
+        """A :class:`SessionError` of ``session`` that says it came from this transport."""
+        return SessionError(
+            f"session {session.session_id} (step {session.step}): {self.name} transport: {detail}",
+            session_id=session.session_id,
+            step=session.step,
+            target=target,
+        )
 
     async def _build_group(self, session: SessionContext) -> RootGroup:
         targets = dict(session.targets)
@@ -283,8 +315,16 @@ class CollectiveTransport:
         )
         # Set before forming it, so finish() drops it if forming fails.
         self._group, self._formed_by = group, session
-        loop = asyncio.get_running_loop()
-        port = await loop.run_in_executor(group.executor, group.open_store)
+        try:
+            port = await asyncio.wrap_future(group.executor.submit(group.open_store))
+        except Exception as exc:
+            group.failure = f"no rendezvous store: {type(exc).__name__}: {last_line(exc)}"
+            raise self._error(
+                session,
+                f"collective group {group.group_id} could not open its rendezvous store at "
+                f"{self.host!r} (is it an address of this host?): "
+                f"{type(exc).__name__}: {last_line(exc)}",
+            ) from exc
         join = Join(
             owner=self._owner,
             group_id=group.group_id,
@@ -302,20 +342,18 @@ class CollectiveTransport:
         async def owner_side() -> None:
             try:
                 await asyncio.wrap_future(group.executor.submit(group.connect))
-            except NotJoinedError as exc:
-                group.failure = exc
-                missing = [group.members[r - 1] for r in exc.missing]
-                raise SessionError(
-                    f"session {session.session_id} (step {session.step}): "
-                    + (
-                        f"target {missing[0]!r} never joined the collective group within "
-                        f"{self.connect_timeout_s}s"
-                        if missing
-                        else f"the collective group could not form: {exc}"
-                    ),
-                    session_id=session.session_id,
-                    step=session.step,
-                    target=missing[0] if missing else None,
+            except Exception as exc:
+                if group.missing:
+                    raise self._error(
+                        session,
+                        f"target {group.missing[0]!r} never joined the collective group "
+                        f"{group.group_id} within {self.connect_timeout_s}s",
+                        target=group.missing[0],
+                    ) from exc
+                raise self._error(
+                    session,
+                    f"collective group {group.group_id} could not form: "
+                    f"{type(exc).__name__}: {last_line(exc)}",
                 ) from exc
 
         try:
@@ -332,7 +370,7 @@ class CollectiveTransport:
                     )
                 )
         except BaseExceptionGroup as errors:
-            group.failure = group.failure or RuntimeError("forming the group failed")
+            group.failure = group.failure or "forming the group failed"
             raise first_session_error(errors) from None
         return group
 
@@ -347,7 +385,9 @@ class CollectiveTransport:
             lambda name, handle: handle.transport_setup.remote(self.name, Probe()),
             bound_s=self.connect_timeout_s + _CALL_SLACK_S,
         )
-        return NCCL if all(a.get("nccl") for a in answers.values()) else GLOO
+        return (
+            NCCL if all(isinstance(a, dict) and a.get("nccl") for a in answers.values()) else GLOO
+        )
 
     async def _drop_group(self, reason: str) -> None:
         """Forget the current group; close it on its thread and tell its engines to leave."""
@@ -356,7 +396,7 @@ class CollectiveTransport:
         if group is None:
             return
         if group.failure is None:
-            group.failure = RuntimeError(f"group dropped: {reason}")
+            group.failure = f"dropped: {reason}"
         # Queued behind any broadcast still running; the thread exits after it.
         group.executor.submit(group.close)
         group.executor.shutdown(wait=False)
@@ -391,16 +431,17 @@ class CollectiveTransport:
         timeouts are dropped instead: the result holds the engines that answered.
 
         The one place this transport calls engines: bounds, cancellation and error
-        naming for every engine call live here and nowhere else.
+        naming of every engine call live here and nowhere else, so that whatever
+        fans out to a session's engines can take this method's place alone.
         """
         results: dict[str, T] = {}
 
-        def cancel_remote(call: object) -> None:
+        def cancel_remote(pending: object) -> None:
             import ray
 
-            if isinstance(call, ray.ObjectRef):
+            if isinstance(pending, ray.ObjectRef):
                 try:
-                    ray.cancel(call)
+                    ray.cancel(pending)
                 except Exception:  # best effort: never replace the error being handled
                     pass
 
@@ -427,12 +468,8 @@ class CollectiveTransport:
                     if timer.expired()
                     else f"{type(exc).__name__}: {last_line(exc)}"
                 )
-                raise SessionError(
-                    f"session {session.session_id} (step {session.step}): target {name!r} "
-                    f"failed in {what}: {detail}",
-                    session_id=session.session_id,
-                    step=session.step,
-                    target=name,
+                raise self._error(
+                    session, f"target {name!r} failed in {what}: {detail}", target=name
                 ) from exc
 
         try:
@@ -449,15 +486,16 @@ def _retrieve(done: asyncio.Future[None]) -> None:
         done.exception()
 
 
+def _positive_seconds(value: object) -> bool:
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value > 0
+    )
+
+
 # --------------------------------------------------------------------------- rank 0
-
-
-class NotJoinedError(RuntimeError):
-    """The group could not form; ``missing`` are the ranks that never arrived."""
-
-    def __init__(self, message: str, missing: Sequence[int]) -> None:
-        super().__init__(message)
-        self.missing = tuple(missing)
 
 
 class RootGroup:
@@ -465,9 +503,11 @@ class RootGroup:
 
     ``open_store``, ``connect``, ``broadcast`` and ``close`` are blocking and run on
     :attr:`executor` (one thread): broadcasts run in submission order, which is the
-    order every engine receives in. ``failure`` is set by the first failed
-    operation (or by the transport when a session failed); every later broadcast
-    then fails at once instead of waiting for peers that will not come.
+    order every engine receives in. ``failure`` says what went wrong first: a failed
+    operation, or the transport's note that a session failed or the group was
+    dropped; every later broadcast then fails at once instead of waiting for peers
+    that will not come. ``missing`` names the members that never reached the store
+    when forming the group failed.
     """
 
     def __init__(
@@ -489,7 +529,8 @@ class RootGroup:
         self.connect_timeout_s = connect_timeout_s
         self.device = device
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asyncsync-collective")
-        self.failure: BaseException | None = None
+        self.failure: str | None = None
+        self.missing: tuple[str, ...] = ()
         self.port: int | None = None
         self._store: Any = None
         self._channel: Channel | None = None
@@ -512,7 +553,10 @@ class RootGroup:
         return self.port
 
     def connect(self) -> None:
-        """Form the group with every engine (they join concurrently)."""
+        """Form the group with every engine (they join concurrently).
+
+        On failure sets ``failure`` and ``missing`` and raises the backend's error.
+        """
         try:
             group = new_process_group(
                 self._store,
@@ -525,9 +569,11 @@ class RootGroup:
                 self.device,
             )
         except Exception as exc:
-            self.failure = exc
-            missing = [r for r in range(1, self.size) if not self._arrived(r)]
-            raise NotJoinedError(f"{type(exc).__name__}: {exc}", missing) from exc
+            self.failure = f"forming the group failed: {type(exc).__name__}: {last_line(exc)}"
+            self.missing = tuple(
+                name for rank, name in enumerate(self.members, 1) if not self._arrived(rank)
+            )
+            raise
         self._channel = Channel(group, self.backend, self.device, self.timeout_s)
 
     def _arrived(self, rank: int) -> bool:
@@ -536,16 +582,29 @@ class RootGroup:
         except Exception:
             return False
 
-    def broadcast(self, buffer: np.ndarray) -> None:
-        """Send one bucket to every engine; raises if the group failed."""
+    def broadcast(self, index: int, buffer: np.ndarray) -> None:
+        """Send bucket ``index`` to every engine.
+
+        Raises :class:`~asyncsync.SessionError` if the group failed earlier or never
+        formed, and the backend's error if this broadcast fails (which then becomes
+        the group's ``failure``).
+        """
         if self.failure is not None:
-            raise RuntimeError(f"the process group already failed: {self.failure}")
+            raise SessionError(
+                f"collective group {self.group_id}: bucket {index} not sent, the group "
+                f"failed earlier: {self.failure}"
+            )
         if self._channel is None:
-            raise RuntimeError("the process group was not formed")
+            raise SessionError(
+                f"collective group {self.group_id}: bucket {index} not sent, the group "
+                "was not formed"
+            )
         try:
             self._channel.send(buffer)
         except Exception as exc:
-            self.failure = exc
+            self.failure = (
+                f"broadcast of bucket {index} failed: {type(exc).__name__}: {last_line(exc)}"
+            )
             raise
 
     def close(self) -> None:

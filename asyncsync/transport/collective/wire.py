@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 
 from ...buckets import _as_uint8_tensor
+from ...errors import ConfigError
 
 GLOO = "gloo"
 NCCL = "nccl"
@@ -135,7 +136,8 @@ def new_process_group(
 
     ``address`` is the local address gloo binds to and advertises; ``device`` the
     CUDA device of an NCCL rank. :class:`Channel` bounds each collective by
-    ``timeout_s`` itself.
+    ``timeout_s`` itself. Raises :class:`~asyncsync.ConfigError` for a backend not
+    in :data:`BACKENDS`, and the backend's error if the group cannot form.
     """
     if backend == GLOO:
         from torch.distributed import ProcessGroupGloo
@@ -158,7 +160,7 @@ def new_process_group(
         # cannot take part fails the join, not the first bucket.
         group.eager_connect_single_device(device)
         return group
-    raise ValueError(f"unknown collective backend {backend!r}; choose one of {BACKENDS}")
+    raise ConfigError(f"unknown collective backend {backend!r}; choose one of {BACKENDS}")
 
 
 # --------------------------------------------------------------------------- bytes
