@@ -36,6 +36,7 @@ from .errors import (
     TopologyError,
     TrainGroupError,
     TrainGroupTimeoutError,
+    TransportError,
     UnknownSessionError,
     WrongLoopError,
 )
@@ -104,6 +105,7 @@ __all__ = [
     "TopologyError",
     "TrainGroupError",
     "TrainGroupTimeoutError",
+    "TransportError",
     "UnknownSessionError",
     "WrongLoopError",
 ]

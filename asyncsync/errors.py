@@ -29,7 +29,8 @@ AsyncSyncError
 │   ├── UnknownSessionError (KeyError)
 │   ├── IncompleteSessionError
 │   ├── SessionIdReusedError (ValueError)
-│   └── PayloadError (TypeError)         a payload no transport produces, or one that cannot load
+│   └── TransportError                   a transport's engine side could not set up or deliver a bucket
+│       └── PayloadError (TypeError)     a payload no transport produces
 ├── ActorDefinitionError (TypeError)     a train-actor class that would break the one-loop contract
 ├── ConversionError (KeyError)           a Megatron parameter or state dict that cannot be converted
 │   ├── CoverageError                    the parameters do not cover the model or stage exactly
@@ -73,6 +74,7 @@ __all__ = [
     "TopologyError",
     "TrainGroupError",
     "TrainGroupTimeoutError",
+    "TransportError",
     "UnknownSessionError",
     "WrongLoopError",
 ]
@@ -245,7 +247,32 @@ class SessionIdReusedError(ReceiverError, ValueError):
     """``begin`` with a session id the receiver has already seen."""
 
 
-class PayloadError(ReceiverError, TypeError):
+class TransportError(ReceiverError):
+    """The engine side of a transport could not set up or deliver a bucket.
+
+    For example: a set-up message the transport does not know, a process group the
+    engine is not in (it was restarted, or the group was replaced), or nothing
+    arrived within the transport's timeout. The engine keeps the version it had.
+    ``transport`` names the transport; ``session_id`` and ``index`` the session and
+    bucket when the failure concerns one (``None`` otherwise). The message also
+    names the transport's own item (the collective transport's group id).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        transport: str | None = None,
+        session_id: str | None = None,
+        index: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.transport = transport
+        self.session_id = session_id
+        self.index = index
+
+
+class PayloadError(TransportError, TypeError):
     """An engine got a payload that no transport produces, or one its transport cannot load."""
 
 

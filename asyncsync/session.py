@@ -327,8 +327,9 @@ class _Puts:
         self.started = False
 
     async def start(self) -> None:
-        await self.session.guard(self.name, None, self.transport.start(self.ctx))
+        # finish() is owed from the moment start() is called, even if it fails.
         self.started = True
+        await self.session.guard(self.name, None, self.transport.start(self.ctx))
 
     async def get(self, index: int) -> Any:
         put = self._puts.get(index)
@@ -572,7 +573,7 @@ class _Session:
         for name in self._live():
             by_transport.setdefault(self.runs[name].transport, {})[name] = self.fleet.handle(name)
         for name, targets in by_transport.items():
-            ctx = SessionContext(self.id, self.snap.step, targets, self.snap.manifest)
+            ctx = SessionContext(self.id, self.snap.step, targets, self.snap.manifest, self.fleet)
             self.puts[name] = _Puts(self, name, self.transports(name), ctx)
         for puts in self.puts.values():
             await puts.start()

@@ -702,7 +702,7 @@ def test_no_transport_unpickles() -> None:
         "recv_object_list",
     }
     package = pathlib.Path(asyncsync.transport.__file__).parent
-    files = sorted(package.glob("*.py"))
+    files = sorted(package.rglob("*.py"))
     assert len(files) >= 3
     for path in files:
         tree = ast.parse(path.read_text(), str(path))

@@ -24,10 +24,13 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from ..buckets import Bucket, BucketManifest
 from ..errors import ConfigError, PayloadError
+
+if TYPE_CHECKING:
+    from ..fleet import EngineFleet
 
 __all__ = [
     "AUTO",
@@ -50,13 +53,17 @@ class SessionContext:
     """What a transport knows about the session it serves.
 
     ``targets`` are the engines this transport carries in this session (one
-    session may use several transports, each for some of its engines).
+    session may use several transports, each for some of its engines). A
+    transport that calls its engines itself (set-up messages) does so through
+    ``fleet``, the session's one way to reach engines (``None``: an ad-hoc fleet
+    of ``targets``).
     """
 
     session_id: str
     step: int
     targets: Mapping[str, Any]
     manifest: tuple[BucketManifest, ...]
+    fleet: EngineFleet | None = None
 
 
 @runtime_checkable
