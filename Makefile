@@ -25,8 +25,13 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(VENV)/bin/asyncsync demo
 
+# Two pytest processes, one Ray each: the main suite on a one-node local Ray
+# (tests/multinode excluded in pyproject.toml), then the multi-node suite on a head
+# and three worker nodes. RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (read when ray is
+# imported) keeps every address of that cluster on the loopback interface.
 test: $(STAMP) lint typecheck
 	$(PY) -m pytest
+	RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 $(PY) -m pytest tests/multinode
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check asyncsync tests examples

@@ -128,6 +128,11 @@ async def test_trio_driver_passes_when_the_loop_is_free(shared, loop_lag_guard, 
 @pytest.mark.gpu
 def test_gpu_only():
     pass
+
+
+def test_ray_cluster_is_refused_next_to_ray_local(ray_local, request):
+    with pytest.raises(pytest.UsageError, match="one Ray per process"):
+        request.getfixturevalue("ray_cluster")
 """
 
 
@@ -175,7 +180,7 @@ def guarded_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Outcome]:
 
 
 def test_the_inner_suite_ran_completely(guarded_run: dict[str, Outcome]) -> None:
-    assert len(guarded_run) == 11, sorted(guarded_run)
+    assert len(guarded_run) == 12, sorted(guarded_run)
 
 
 @pytest.mark.parametrize(
@@ -237,6 +242,12 @@ def test_a_failing_body_keeps_its_own_error(guarded_run: dict[str, Outcome]) -> 
     assert outcome.status == "failed"
     assert "the body's own failure" in outcome.message
     assert "event loop blocked for" not in outcome.message
+
+
+def test_one_ray_per_process(guarded_run: dict[str, Outcome]) -> None:
+    # ray_cluster next to ray_local fails with a usage error before starting anything.
+    outcome = guarded_run["test_ray_cluster_is_refused_next_to_ray_local"]
+    assert outcome.status == "passed", outcome
 
 
 def test_gpu_marker_skips_without_cuda(guarded_run: dict[str, Outcome]) -> None:

@@ -2,13 +2,24 @@
 
 ``asyncsync.testing.pytest_plugin`` is registered through the ``pytest11`` entry
 point: installing asyncsync makes its fixtures and markers available to any pytest
-suite. :class:`LoopLagProbe` and :class:`LoopLagMixin` measure an actor's event
+suite. :func:`local_ray` runs a one-node Ray, :func:`local_cluster` a multi-node
+one on this machine (a :class:`LocalCluster`: placement by node, object-store
+bytes per node). :class:`LoopLagProbe` and :class:`LoopLagMixin` measure an actor's event
 loop from inside. Nothing in the library imports this package.
 """
 
 from __future__ import annotations
 
+from .cluster import LocalCluster, StoreWatch, local_cluster
 from .looplag import LoopLagMixin, LoopLagProbe, LoopLagReport
 from .ray_cluster import local_ray
 
-__all__ = ["LoopLagMixin", "LoopLagProbe", "LoopLagReport", "local_ray"]
+__all__ = [
+    "LocalCluster",
+    "LoopLagMixin",
+    "LoopLagProbe",
+    "LoopLagReport",
+    "StoreWatch",
+    "local_cluster",
+    "local_ray",
+]

@@ -6,8 +6,12 @@ everything here available to any pytest suite; nothing needs importing.
 Fixtures:
     ``ray_local``       one local Ray for the whole session (see
                         :func:`~asyncsync.testing.local_ray`); synchronous, session-scoped
+    ``ray_cluster``     a multi-node Ray on this machine for the whole session (a
+                        :class:`~asyncsync.testing.LocalCluster`); cannot share a pytest
+                        process with ``ray_local``
     ``actor_factory``   ``make(actor_class, *args, **kwargs)`` -> handle; every actor it
-                        made is killed at teardown (an :class:`ActorFactory`)
+                        made is killed at teardown (an :class:`ActorFactory`); on
+                        ``ray_cluster`` when the test uses it, else on ``ray_local``
     ``loop_lag_guard``  fails the test if the event loop of a watched actor was blocked
                         longer than allowed (a :class:`LoopLagGuard`)
 
@@ -17,6 +21,8 @@ Markers:
 
 ini options:
     ``asyncsync_ray_num_cpus``, ``asyncsync_object_store_bytes``   size of ``ray_local``
+    ``asyncsync_cluster_workers`` (3), ``asyncsync_cluster_object_store_bytes`` (per node),
+    ``asyncsync_cluster_cpus_per_node`` (1)   shape of ``ray_cluster``
     ``asyncsync_max_loop_lag_ms``   default threshold of ``loop_lag_guard`` (100)
 
 The loop-lag guard
@@ -72,6 +78,7 @@ from typing import Any
 
 import pytest
 
+from .cluster import DEFAULT_NODE_OBJECT_STORE_BYTES, LocalCluster, local_cluster
 from .ray_cluster import local_ray
 
 __all__ = ["ActorFactory", "LoopLagGuard"]
@@ -89,6 +96,21 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "asyncsync_object_store_bytes",
         "object store size of the session-scoped local Ray (default: Ray's)",
         default="",
+    )
+    parser.addini(
+        "asyncsync_cluster_workers",
+        "worker nodes of the session-scoped ray_cluster, besides the head",
+        default="3",
+    )
+    parser.addini(
+        "asyncsync_cluster_object_store_bytes",
+        "object store size of each ray_cluster node",
+        default=str(DEFAULT_NODE_OBJECT_STORE_BYTES),
+    )
+    parser.addini(
+        "asyncsync_cluster_cpus_per_node",
+        "CPUs each ray_cluster node advertises",
+        default="1",
     )
     parser.addini(
         "asyncsync_max_loop_lag_ms",
@@ -173,6 +195,28 @@ def _has_explicit_asyncio_marker(item: pytest.Function) -> bool:
 # --------------------------------------------------------------------- Ray
 
 
+_SESSION_RAY = pytest.StashKey[str]()
+
+
+def _one_ray_per_process(config: pytest.Config, fixture: str) -> None:
+    # Ray connects a process to one cluster: a session cannot hold both fixtures.
+    other = config.stash.get(_SESSION_RAY, fixture)
+    if other != fixture:
+        raise pytest.UsageError(
+            f"{fixture} and {other} cannot be used in one pytest process (one Ray per "
+            "process): run the multi-node tests in a pytest run of their own "
+            "(asyncsync's own suite: pytest tests/multinode)"
+        )
+    config.stash[_SESSION_RAY] = fixture
+
+
+def _test_dirs(config: pytest.Config) -> list[str]:
+    # Actor classes defined in test modules are pickled by reference: give the
+    # workers the test directories pytest put on sys.path.
+    root = config.rootpath.resolve()
+    return [p for p in sys.path if p and Path(p).resolve().is_relative_to(root)]
+
+
 @pytest.fixture(scope="session")
 def ray_local(pytestconfig: pytest.Config) -> Iterator[dict[str, Any]]:
     """One local Ray for the whole test session (a start/stop costs seconds).
@@ -181,18 +225,38 @@ def ray_local(pytestconfig: pytest.Config) -> Iterator[dict[str, Any]]:
     modules are importable by the workers (the test directories are put on their
     ``PYTHONPATH``).
     """
+    _one_ray_per_process(pytestconfig, "ray_local")
     cpus = str(pytestconfig.getini("asyncsync_ray_num_cpus") or "")
     store = str(pytestconfig.getini("asyncsync_object_store_bytes") or "")
-    # Actor classes defined in test modules are pickled by reference: give the
-    # workers the test directories pytest put on sys.path.
-    root = pytestconfig.rootpath.resolve()
-    test_dirs = [p for p in sys.path if p and Path(p).resolve().is_relative_to(root)]
     with local_ray(
         num_cpus=int(cpus) if cpus else None,
         object_store_memory=int(store) if store else None,
-        pythonpath=test_dirs,
+        pythonpath=_test_dirs(pytestconfig),
     ) as info:
         yield info
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(pytestconfig: pytest.Config) -> Iterator[LocalCluster]:
+    """A multi-node Ray on this machine for the whole session (see :func:`local_cluster`).
+
+    A head and ``asyncsync_cluster_workers`` worker nodes (default 3), each with its
+    own raylet and object store; the driver runs on the head. Place actors with
+    ``.options(**ray_cluster.placement(i))``. Cannot share a pytest process with
+    ``ray_local``. Tests that change the cluster's shape (``add_node``,
+    ``remove_node``) restore it before they end.
+    """
+    _one_ray_per_process(pytestconfig, "ray_cluster")
+    workers = int(str(pytestconfig.getini("asyncsync_cluster_workers")))
+    store = int(str(pytestconfig.getini("asyncsync_cluster_object_store_bytes")))
+    cpus = int(str(pytestconfig.getini("asyncsync_cluster_cpus_per_node")))
+    with local_cluster(
+        workers,
+        object_store_memory=store,
+        num_cpus_per_node=cpus,
+        pythonpath=_test_dirs(pytestconfig),
+    ) as cluster:
+        yield cluster
 
 
 class ActorFactory:
@@ -224,8 +288,12 @@ class ActorFactory:
 
 
 @pytest.fixture
-def actor_factory(ray_local: dict[str, Any]) -> Iterator[ActorFactory]:
-    """``make(actor_class, *args, **kwargs)`` creates an actor that is killed at teardown."""
+def actor_factory(request: pytest.FixtureRequest) -> Iterator[ActorFactory]:
+    """``make(actor_class, *args, **kwargs)`` creates an actor that is killed at teardown.
+
+    On the session's Ray: ``ray_cluster`` if the test uses it, else ``ray_local``.
+    """
+    request.getfixturevalue("ray_cluster" if "ray_cluster" in request.fixturenames else "ray_local")
     factory = ActorFactory()
     yield factory
     factory.kill_all()
