@@ -8,7 +8,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-EXTRAS := megatron,hf,bench,trio,docs,dev
+EXTRAS := megatron,hf,demo,bench,trio,docs,dev
 export RAY_AUTH_MODE := disabled
 export PYTHONUNBUFFERED := 1
 
@@ -39,7 +39,7 @@ docs: $(STAMP)
 	$(VENV)/bin/mkdocs build --strict --site-dir .site
 
 bench: $(STAMP)
-	$(VENV)/bin/asyncsync bench
+	$(VENV)/bin/asyncsync bench --publish
 
 soak: $(STAMP)
 	ASYNCSYNC_SOAK_SECONDS=600 $(PY) -m pytest tests/test_soak.py -p no:cacheprovider
