@@ -148,7 +148,7 @@ def _demo(args: argparse.Namespace) -> int:
     _require("demo", {"transformers": "demo", "matplotlib": "demo"})
     from rich.console import Console
 
-    from .demo import overlap_summary, print_report, run_demo, write_outputs
+    from .demo import print_report, run_demo, write_outputs
 
     console = Console()
     with _ray("demo", args.address, num_cpus=2):
@@ -158,7 +158,6 @@ def _demo(args: argparse.Namespace) -> int:
     print_report(result, console)
     paths = write_outputs(result, args.out)
     # Unwrapped, so the paths can be copied from any terminal width.
-    console.print(f"overlap: {overlap_summary(result)}", highlight=False, soft_wrap=True)
     console.print(f"timeline: {paths['timeline']}", highlight=False, soft_wrap=True)
     console.print(
         f"trace:    {paths['trace']} (open in ui.perfetto.dev or chrome://tracing)",
