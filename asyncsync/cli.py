@@ -171,7 +171,14 @@ def _bench(args: argparse.Namespace) -> int:
     _require("bench", {"matplotlib": "bench"})
     from rich.console import Console
     from rich.markup import escape
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TaskID,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
     from .bench import BenchConfig, default_transports, run_bench
     from .bench.report import publish, summarize, write_outputs
@@ -205,10 +212,12 @@ def _bench(args: argparse.Namespace) -> int:
         TimeElapsedColumn(),
     )
     with Progress(*columns, console=console, transient=True) as progress:
-        task = progress.add_task("limits", total=None)
+        tasks: list[TaskID] = []  # one bar, created when the first configuration starts
 
         def on_step(label: str, done: int, total: int) -> None:
-            progress.update(task, description=label, completed=done, total=total)
+            if not tasks:
+                tasks.append(progress.add_task(label, total=total))
+            progress.update(tasks[0], description=label, completed=done, total=total)
 
         with _ray(
             "bench", args.address, num_cpus=args.num_cpus, object_store_memory=args.object_store

@@ -12,6 +12,9 @@ from rich.console import Console
 from asyncsync.demo import DemoResult, overlap_summary, print_report, run_demo, write_outputs
 from asyncsync.spans import Span
 
+# Read here, not in the async test: file I/O stays off the event loop.
+DEMO_PAGE_TEXT = (Path(__file__).resolve().parent.parent / "docs" / "demo.md").read_text()
+
 
 def trace_spans(trace: dict[str, Any], process: str) -> list[Span]:
     names = {
@@ -40,6 +43,13 @@ async def test_demo_runs_its_checks_pass_and_it_draws_the_run(
     # The last progress frame and the table agree on what the engines serve.
     assert "engines serve v3 (done)" in text
     assert text.count("serves v3") == 2
+    # Every line of the table is explained in the docs' page on the demo.
+    explained = DEMO_PAGE_TEXT
+    labels = [line.split("│")[1].strip() for line in text.splitlines() if line.startswith("│")]
+    labels = [label for label in labels if label]
+    assert len(labels) >= 8
+    missing = [label for label in labels if label not in explained]
+    assert not missing, f"docs/demo.md does not explain {missing}"
     # The overlap line is the recorded spans' and explains itself when nothing overlapped.
     summary = overlap_summary(result)
     assert f"{result.builds_during_sessions} of 4 builds ran while a session streamed" in summary
