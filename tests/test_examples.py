@@ -1,12 +1,13 @@
-"""The examples run as a user would run them: each in its own process, with its own Ray.
+"""The examples and the demo run as a user would run them: each in its own process.
 
 Another Ray cluster runs on the machine meanwhile, recorded where a plain
-``ray.init()`` would find and join it (see ``_other_ray``): each example must
-still start a private Ray of its own and pass.
+``ray.init()`` would find and join it (see ``_other_ray``): each must still start
+a private Ray of its own and pass.
 """
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -17,6 +18,7 @@ import pytest
 from _other_ray import OtherCluster, other_ray_cluster
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+CLI = str(Path(sys.executable).with_name("asyncsync"))  # the installed console script
 
 pytestmark = pytest.mark.slow
 
@@ -34,8 +36,9 @@ def run(
     # The outer run's per-test state must not leak into a user's pytest session.
     env.pop("PYTEST_ADDOPTS", None)
     env.pop("PYTEST_CURRENT_TEST", None)
+    command = args if args[0] == CLI else [sys.executable, *args]
     return subprocess.run(
-        [sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout_s
+        command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout_s
     )
 
 
@@ -76,3 +79,18 @@ def test_pytest_suite_example_passes(tmp_path: Path, other_cluster: OtherCluster
         "test_engine_serves_the_step_it_was_synced",
     ]
     assert all(len(c) == 0 for c in cases), "a test of the example suite did not pass"
+
+
+def test_the_demo_passes_and_draws_the_run(other_cluster: OtherCluster, tmp_path: Path) -> None:
+    out = tmp_path / "pictures"
+    proc = run(
+        [CLI, "demo", "--size", "tiny", "--steps", "3", "--out", str(out)], tmp_path, other_cluster
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "engines == trainer snapshot" in proc.stdout
+    assert f"timeline: {out / 'timeline.png'}" in proc.stdout
+    assert f"trace:    {out / 'trace.json'}" in proc.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pictures"]  # nothing else written
+    assert (out / "timeline.png").read_bytes().startswith(b"\x89PNG")
+    kinds = {e.get("cat") for e in json.loads((out / "trace.json").read_text())["traceEvents"]}
+    assert {"stall", "train", "build", "session", "commit", "generate"} <= kinds
