@@ -43,6 +43,7 @@ __all__ = [
     "DemoTrainer",
     "chrome_trace",
     "demo_config",
+    "overlap_summary",
     "plot_timeline",
     "print_report",
     "run_demo",
@@ -152,8 +153,8 @@ class DemoResult:
     each ``generate`` call (its step is the version the engine reported for it).
     ``stall_spans`` are the driver's waits after each training step (the build,
     then the staleness bound). ``reports`` are the sessions after the base
-    weights' one; ``served`` is the version each engine reported at the end. Times are ``time.time()`` seconds;
-    ``origin`` is when the training loop started.
+    weights' one; ``served`` is the version each engine reported at the end.
+    Times are ``time.time()`` seconds; ``origin`` is when the training loop started.
     """
 
     steps: int
@@ -391,7 +392,9 @@ def overlap_summary(result: DemoResult) -> str:
         f"{result.sessions_during_training} of {len(sessions)} sessions streamed while a "
         f"training step ran; {during} of {len(builds)} builds ran while a session streamed"
     )
-    if during == 0 and sessions and trains:
+    if during == 0 and result.staleness == 0:
+        text += " (none: with staleness 0 the loop waits for each session before the next step)"
+    elif during == 0 and sessions and trains:
         text += (
             " (none this time: every session, median "
             f"{_ms(statistics.median(s.end - s.start for s in sessions))}, ended before the "
