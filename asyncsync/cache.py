@@ -4,15 +4,15 @@ The whole cache is guarded by one :class:`asyncio.Lock` and lives on one event l
 The lock is held only for state transitions (claim the build slot, reserve a
 buffer, publish, pin, unpin): purely synchronous steps of microseconds. Copies,
 allocations and checksums run in worker threads after the lock is released.
-
-Guarded state (``_lock``):
-    ``_ready``     the newest published snapshot (or ``None``)
-    ``_held``      superseded snapshots that readers still pin, by step
-    ``_building``  the build that owns the build slot (or ``None``)
-    ``_pool``      spare payload buffers by capacity, for the next build
-    ``_resident``  bytes of every buffer the cache holds or has reserved
-    counters and ``_changed`` (the event waiters sleep on, replaced on every notify)
 """
+
+# Guarded state (``_lock``):
+#     ``_ready``     the newest published snapshot (or ``None``)
+#     ``_held``      superseded snapshots that readers still pin, by step
+#     ``_building``  the build that owns the build slot (or ``None``)
+#     ``_pool``      spare payload buffers by capacity, for the next build
+#     ``_resident``  bytes of every buffer the cache holds or has reserved
+#     counters and ``_changed`` (the event waiters sleep on, replaced on every notify)
 
 from __future__ import annotations
 

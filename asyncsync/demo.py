@@ -1,35 +1,66 @@
 """``asyncsync demo``: train a small Llama on the CPU and keep two engines in sync.
 
-A local Ray is started in-process. One train actor (a Llama-style transformers
-model trained with AdamW to memorise a fixed token sequence) and two engine actors
-(the same architecture, different initial weights) serving greedy generations
-the whole time. For each step the driver trains, builds the snapshot, and hands
-it to the :class:`~asyncsync.SyncCoordinator`, which streams it in the background
-while the next training step runs. At the end the driver checks, bit for bit,
-that each engine's weights equal the trainer's published snapshot, that every
-generation ran on one version and that versions only moved forward, and exits
-non-zero if any check fails.
+One train actor (a Llama-style transformers model trained with AdamW to memorise
+a fixed token sequence) and two engine actors (the same architecture, different
+initial weights) that serve greedy generations the whole time. The engines first
+receive the trainer's initial weights (version -1, the base weights). Then, for
+each step, the driver trains, builds the step's snapshot, and hands it to a
+`SyncCoordinator`, which streams it to both engines in the background while the
+next training step runs; the driver waits only when the engines would fall more
+than `staleness` steps behind.
+
+The trainer's recorded spans (train, build, session) show what overlapped: a
+session streaming while the next step trains, and the next build running while
+a session still streams. The engines record each commit themselves. At the end
+the driver checks, bit for bit, that each engine's weights equal the trainer's
+last snapshot, that every generation ran on one version and that versions only
+moved forward; :func:`write_outputs` draws the run as a timeline PNG and a
+Chrome/Perfetto trace.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from .actor import WeightSyncActor, train_actor
+from .buckets import Bucket
 from .coordinator import SyncCoordinator
-from .engines import engine_actor
+from .engines import HFEngine
+from .spans import Span, SpanLog
 
-__all__ = ["DemoTrainer", "demo_config", "run_demo"]
+__all__ = [
+    "DemoEngine",
+    "DemoResult",
+    "DemoTrainer",
+    "chrome_trace",
+    "demo_config",
+    "overlap_summary",
+    "plot_timeline",
+    "print_report",
+    "run_demo",
+    "write_outputs",
+]
+
+SIZES = ("tiny", "small")
+TRANSPORTS = ("object_store", "shm")
+# Tokens per generation. A commit waits for the generations in flight on that
+# engine, so long generations make the engines slower to take new weights than
+# the trainer is to build them: the next build then starts while a session
+# still streams, which is the overlap the demo is there to show.
+GENERATION_TOKENS = 16
 
 
 def demo_config(size: str = "small") -> dict[str, Any]:
-    """Llama config of the demo model (``"small"``: ~21M params, 84 MB fp32)."""
+    """Llama config of the demo model: ``"small"`` ~21M params (84 MB fp32), ``"tiny"`` ~0.3M."""
     if size == "tiny":
         return dict(
             vocab_size=512,
@@ -40,6 +71,8 @@ def demo_config(size: str = "small") -> dict[str, Any]:
             num_key_value_heads=2,
             max_position_embeddings=256,
         )
+    if size != "small":
+        raise ValueError(f"size must be one of {SIZES}, got {size!r}")
     return dict(
         vocab_size=8192,
         hidden_size=512,
@@ -65,7 +98,7 @@ class DemoTrainer(WeightSyncActor):
         )
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=3e-3)
         gen = torch.Generator().manual_seed(seed + 1)
-        self.batch = torch.randint(0, config["vocab_size"], (4, 33), generator=gen)
+        self.batch = torch.randint(0, config["vocab_size"], (2, 17), generator=gen)
 
     def named_weights(self, step: int) -> Any:
         # Runs in a worker thread; the driver awaits the build before the next
@@ -91,28 +124,101 @@ class DemoTrainer(WeightSyncActor):
         return [int(t) for t in self.batch[0, :8]]
 
 
+class DemoEngine(HFEngine):
+    """The reference engine, recording when each commit made a version visible.
+
+    A commit span starts when the engine begins to apply the staged weights
+    (waiting first for the generations in flight) and ends when the new
+    version is served. Its step is that version.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.commit_log = SpanLog()
+
+    async def apply(self, buckets: Sequence[Bucket], version: int) -> None:
+        with self.commit_log.span("commit", version):
+            await super().apply(buckets, version)
+
+    async def commit_spans(self) -> list[Span]:
+        return self.commit_log.snapshot()
+
+
 @dataclass
 class DemoResult:
+    """What one demo run did, measured and checked.
+
+    ``trainer_spans`` are the train actor's (``train``, ``build``, ``session``),
+    ``commit_spans`` each engine's own, ``generation_spans`` the driver's view of
+    each ``generate`` call (its step is the version the engine reported for it).
+    ``stall_spans`` are the driver's waits after each training step (the build,
+    then the staleness bound). ``reports`` are the sessions after the base
+    weights' one; ``served`` is the version each engine reported at the end.
+    Times are ``time.time()`` seconds; ``origin`` is when the training loop started.
+    """
+
     steps: int
+    size: str
+    transport: str
+    staleness: int
     losses: list[float]
-    stalls_s: list[float]
+    stall_spans: list[Span]
     reports: list[Any]
-    generations: dict[str, list[int | None]]
+    trainer_spans: list[Span]
+    commit_spans: dict[str, list[Span]]
+    generation_spans: dict[str, list[Span]]
+    served: dict[str, int | None]
+    origin: float
     failures: list[str] = field(default_factory=list)
-    builds_during_sessions: int = 0
-    sessions_during_training: int = 0
 
     @property
     def ok(self) -> bool:
         return not self.failures
 
+    @property
+    def stalls_s(self) -> list[float]:
+        """Per step, how long the train loop waited (build + staleness bound), in seconds."""
+        return [s.end - s.start for s in self.stall_spans]
+
+    def spans(self, kind: str) -> list[Span]:
+        """The trainer's completed spans of one kind for steps >= 0, oldest first.
+
+        The base weights' build and session (step -1) ran before training started.
+        """
+        return sorted(
+            (s for s in self.trainer_spans if s.kind == kind and s.ok and (s.step or 0) >= 0),
+            key=_start,
+        )
+
+    @property
+    def builds_during_sessions(self) -> int:
+        """Builds that ran while a session streamed (the overlap the cache exists for)."""
+        sessions = self.spans("session")
+        return sum(1 for b in self.spans("build") if any(b.overlaps(s) for s in sessions))
+
+    @property
+    def sessions_during_training(self) -> int:
+        """Sessions that streamed while a training step ran."""
+        trains = self.spans("train")
+        return sum(1 for s in self.spans("session") if any(t.overlaps(s) for t in trains))
+
+    @property
+    def generations(self) -> dict[str, list[int | None]]:
+        """Per engine, the version each generation ran on, in order."""
+        return {name: [s.step for s in spans] for name, spans in self.generation_spans.items()}
+
+
+def _start(span: Span) -> float:
+    return span.start
+
 
 async def _generate_forever(
-    engine: Any, prompt: list[int], seen: list[int | None], stop: asyncio.Event
+    engine: Any, prompt: list[int], spans: list[Span], stop: asyncio.Event
 ) -> None:
     while not stop.is_set():
-        gen = await engine.generate.remote([prompt], max_new_tokens=4)
-        seen.append(gen.version)
+        start = time.time()
+        gen = await engine.generate.remote([prompt], max_new_tokens=GENERATION_TOKENS)
+        spans.append(Span("generate", gen.version, start, time.time()))
 
 
 async def run_demo(
@@ -122,31 +228,46 @@ async def run_demo(
     staleness: int = 1,
     console: Any = None,
 ) -> DemoResult:
-    """Run the demo on an already started Ray; return what it measured and checked."""
+    """Run the demo on an already started Ray; return what it measured and checked.
+
+    Raises ``ValueError`` for ``steps < 1``, ``staleness < 0``, an unknown size
+    or transport, before any actor starts.
+    """
     from rich.console import Console
 
-    console = console or Console()
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if staleness < 0:
+        raise ValueError(f"staleness must be >= 0, got {staleness}")
+    if transport not in TRANSPORTS:
+        raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
     config = demo_config(size)
+    console = console or Console()
+    import ray
+
     trainer: Any = train_actor(DemoTrainer, max_concurrency=16, num_cpus=0).remote(config)
-    engine_cls = engine_actor(num_cpus=0)
+    engine_cls = ray.remote(DemoEngine).options(max_concurrency=16, num_cpus=0)
     engines: dict[str, Any] = {
         f"engine{i}": engine_cls.remote("llama", config, seed=100 + i, num_threads=1)
         for i in range(2)
     }
-    console.print("starting 1 train actor and 2 engine actors on a local Ray ...")
+    console.print("starting 1 train actor and 2 engine actors ...")
     try:
-        return await _train_and_sync(trainer, engines, steps, transport, staleness, console)
+        return await _train_and_sync(trainer, engines, steps, size, transport, staleness, console)
     finally:
-        import ray
 
-        for handle in [trainer, *engines.values()]:
-            ray.kill(handle, no_restart=True)
+        def kill_all() -> None:
+            for handle in [trainer, *engines.values()]:
+                ray.kill(handle, no_restart=True)
+
+        await asyncio.to_thread(kill_all)
 
 
 async def _train_and_sync(
     trainer: Any,
     engines: dict[str, Any],
     steps: int,
+    size: str,
     transport: str,
     staleness: int,
     console: Any,
@@ -156,46 +277,85 @@ async def _train_and_sync(
     await asyncio.gather(*(e.ping.remote() for e in engines.values()))
     prompt = await trainer.prompt.remote()
 
-    # Base weights first, so the engines start from the trainer's initialisation.
+    # The base weights (version -1) first, so the engines start from the trainer's
+    # initialisation and every generation below runs on a version of the trainer's.
     await trainer.build_cpu_bucket_cache.remote(-1)
     coordinator = SyncCoordinator(trainer, engines, staleness=staleness, transport=transport)
     await coordinator.sync(-1)
+    console.print("engines serve the base weights (version -1); training starts")
 
     stop = asyncio.Event()
-    seen: dict[str, list[int | None]] = {name: [] for name in engines}
+    gen_spans: dict[str, list[Span]] = {name: [] for name in engines}
     load = [
-        asyncio.create_task(_generate_forever(e, prompt, seen[name], stop))
+        asyncio.create_task(_generate_forever(e, prompt, gen_spans[name], stop))
         for name, e in engines.items()
     ]
     losses: list[float] = []
-    stalls: list[float] = []
+    stalls: list[Span] = []
     columns = (
         TextColumn("[bold]step {task.completed}/{task.total}"),
         BarColumn(),
         TextColumn("{task.fields[status]}"),
         TimeElapsedColumn(),
     )
-    with Progress(*columns, console=console) as progress:
-        task = progress.add_task("train", total=steps, status="")
-        for step in range(steps):
-            losses.append(await trainer.train_step.remote(step))
-            start = time.monotonic()
-            await trainer.build_cpu_bucket_cache.remote(step)
-            await coordinator.after_build(step)
-            stalls.append(time.monotonic() - start)
-            progress.update(
-                task,
-                advance=1,
-                status=f"loss {losses[-1]:.3f}  engines at v{coordinator.engine_version}  "
-                f"stall {stalls[-1] * 1e3:.0f} ms",
+    origin = time.time()
+    try:
+        with Progress(*columns, console=console) as progress:
+            task = progress.add_task("train", total=steps, status="")
+            for step in range(steps):
+                losses.append(await trainer.train_step.remote(step))
+                start = time.time()
+                await trainer.build_cpu_bucket_cache.remote(step)
+                await coordinator.after_build(step)
+                stalls.append(Span("stall", step, start, time.time()))
+                progress.update(
+                    task,
+                    advance=1,
+                    status=f"loss {losses[-1]:.3f}  engines at v{coordinator.engine_version}  "
+                    f"stall {(stalls[-1].end - stalls[-1].start) * 1e3:.0f} ms",
+                )
+            progress.update(task, status=f"loss {losses[-1]:.3f}  final sync ...")
+            await coordinator.drain()
+            served = dict(
+                zip(
+                    engines,
+                    await asyncio.gather(*(e.served_version.remote() for e in engines.values())),
+                    strict=True,
+                )
             )
-        await coordinator.drain()
-    stop.set()
-    await asyncio.gather(*load)
+            progress.update(
+                task, status=f"loss {losses[-1]:.3f}  engines serve {_versions(served)} (done)"
+            )
+    finally:
+        stop.set()
+        await asyncio.gather(*load, return_exceptions=True)
+        await coordinator.close()
 
-    result = DemoResult(steps, losses, stalls, coordinator.reports[1:], seen)
+    commits = await asyncio.gather(*(e.commit_spans.remote() for e in engines.values()))
+    result = DemoResult(
+        steps=steps,
+        size=size,
+        transport=transport,
+        staleness=staleness,
+        losses=losses,
+        stall_spans=stalls,
+        reports=coordinator.reports[1:],
+        trainer_spans=await trainer.sync_spans.remote(),
+        commit_spans=dict(zip(engines, commits, strict=True)),
+        generation_spans=gen_spans,
+        served=served,
+        origin=origin,
+    )
     await _check(result, trainer, engines, steps - 1)
     return result
+
+
+def _versions(served: dict[str, int | None]) -> str:
+    """``v11`` when every engine serves one version, else ``engine0 v11, engine1 v10``."""
+    distinct = set(served.values())
+    if len(distinct) == 1:
+        return f"v{distinct.pop()}"
+    return ", ".join(f"{name} v{v}" for name, v in served.items())
 
 
 async def _check(result: DemoResult, trainer: Any, engines: dict[str, Any], last: int) -> None:
@@ -214,49 +374,76 @@ async def _check(result: DemoResult, trainer: Any, engines: dict[str, Any], last
             result.failures.append(f"{name}: generation versions went backwards: {versions}")
         if not result.generations[name]:
             result.failures.append(f"{name} served no generations during training")
-    spans = await trainer.sync_spans.remote()
-    sessions = [s for s in spans if s.kind == "session"]
-    result.builds_during_sessions = sum(
-        1 for b in spans if b.kind == "build" and any(b.overlaps(s) for s in sessions)
+
+
+# ---------------------------------------------------------------- the report
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.0f} ms"
+
+
+def overlap_summary(result: DemoResult) -> str:
+    """One sentence on what overlapped, from the recorded spans; says so when nothing did."""
+    builds, sessions = result.spans("build"), result.spans("session")
+    trains = result.spans("train")
+    during = result.builds_during_sessions
+    text = (
+        f"{result.sessions_during_training} of {len(sessions)} sessions streamed while a "
+        f"training step ran; {during} of {len(builds)} builds ran while a session streamed"
     )
-    result.sessions_during_training = sum(
-        1 for s in sessions if any(t.kind == "train" and t.overlaps(s) for t in spans)
-    )
+    if during == 0 and result.staleness == 0:
+        text += " (none: with staleness 0 the loop waits for each session before the next step)"
+    elif during == 0 and sessions and trains:
+        text += (
+            " (none this time: every session, median "
+            f"{_ms(statistics.median(s.end - s.start for s in sessions))}, ended before the "
+            "next training step, median "
+            f"{_ms(statistics.median(t.end - t.start for t in trains))}, finished)"
+        )
+    return text
 
 
 def print_report(result: DemoResult, console: Any) -> None:
+    """The table that ends ``asyncsync demo``; every term is explained in the docs' demo page."""
     from rich.table import Table
 
     reports = result.reports
     nbytes = reports[0].nbytes if reports else 0
+    engines = len(result.served)
     table = Table(title="asyncsync demo", show_header=False)
     table.add_row(
         "training steps", f"{result.steps} (loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f})"
     )
-    table.add_row("sync sessions", f"{len(reports)} (steps sent: {[r.step for r in reports]})")
+    table.add_row(
+        "sync sessions",
+        f"{len(reports)} after the base weights' (steps sent: {[r.step for r in reports]})",
+    )
     table.add_row(
         "bytes synced",
-        f"{sum(r.nbytes for r in reports) / 2**20:.1f} MiB "
-        f"({nbytes / 2**20:.1f} MiB per snapshot, x2 engines)",
+        f"{sum(r.nbytes for r in reports) * engines / 2**20:.1f} MiB "
+        f"({nbytes / 2**20:.1f} MiB per snapshot, x{engines} engines)",
     )
     table.add_row(
         "trainer stall per step",
         f"median {statistics.median(result.stalls_s) * 1e3:.1f} ms, "
-        f"max {max(result.stalls_s) * 1e3:.1f} ms (build + staleness wait)",
+        f"max {max(result.stalls_s) * 1e3:.1f} ms (build + wait for the staleness bound)",
     )
-    table.add_row(
-        "sync throughput",
-        f"median {statistics.median([r.gbps for r in reports]):.2f} GB/s "
-        f"per engine set ({statistics.median([r.seconds for r in reports]) * 1e3:.0f} ms per session)",
-    )
-    table.add_row(
-        "overlap (recorded spans)",
-        f"{result.sessions_during_training} sessions ran "
-        f"during a training step; {result.builds_during_sessions} builds during a session",
-    )
+    if reports:
+        table.add_row(
+            "session time",
+            f"median {_ms(statistics.median([r.seconds for r in reports]))}, "
+            f"{statistics.median([r.gbps for r in reports]):.2f} GB/s "
+            f"(one snapshot to all {engines} engines at once)",
+        )
+    table.add_row("overlap (recorded spans)", overlap_summary(result))
     for name, versions in result.generations.items():
         distinct = sorted({v for v in versions if v is not None})
-        table.add_row(f"{name} generations", f"{len(versions)} on versions {distinct}")
+        table.add_row(
+            f"{name}",
+            f"{len(versions)} generations on versions {distinct}; "
+            f"serves v{result.served.get(name)}",
+        )
     table.add_row(
         "bit-for-bit check",
         "[green]engines == trainer snapshot[/]"
@@ -264,3 +451,146 @@ def print_report(result: DemoResult, console: Any) -> None:
         else "[red]" + "; ".join(result.failures) + "[/]",
     )
     console.print(table)
+
+
+# ---------------------------------------------------------------- pictures
+
+# Lanes of the timeline and the trace, top to bottom: (process, lane).
+_TRAINER_LANES = ("train", "build", "session")
+_COLORS = {
+    "stall": "#8c8c8c",
+    "train": "#4c72b0",
+    "build": "#dd8452",
+    "session": "#55a868",
+    "commit": "#c44e52",
+}
+
+
+def _lanes(result: DemoResult) -> list[tuple[str, str, list[Span]]]:
+    lanes = [("driver", "stall", result.stall_spans)]
+    lanes += [("trainer", kind, result.spans(kind)) for kind in _TRAINER_LANES]
+    for name in result.served:
+        lanes.append((name, "commit", sorted(result.commit_spans.get(name, []), key=_start)))
+        lanes.append((name, "generate", sorted(result.generation_spans.get(name, []), key=_start)))
+    return lanes
+
+
+_LANE_LABELS = {
+    "stall": "waits (build + bound)",
+    "train": "train step",
+    "build": "build snapshot",
+    "session": "sync session",
+    "commit": "commit (apply)",
+    "generate": "generate (version)",
+}
+
+
+def plot_timeline(result: DemoResult, path: Path) -> None:
+    """A timeline PNG: train steps, builds, sessions, and per engine commits and generations.
+
+    Spans are labelled with their step (commits and generations: the version).
+    Generations are coloured by the version they ran on. Blocking: call it
+    outside an event loop.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import to_rgb
+
+    lanes = _lanes(result)
+    start = result.origin
+    end = max((s.end for _, _, spans in lanes for s in spans), default=start + 1)
+    versions = sorted({s.step for s in _all_generations(result) if s.step is not None})
+    cmap = plt.get_cmap("viridis")
+    shade: dict[int | None, Any] = {
+        v: cmap(i / max(1, len(versions) - 1)) for i, v in enumerate(versions)
+    }
+    fig, ax = plt.subplots(figsize=(14, 0.55 * len(lanes) + 1.6))
+    for row, (_, lane, spans) in enumerate(lanes):
+        for span in spans:
+            if span.end < start:
+                continue  # before the training loop: the base weights' build and session
+            x0, width = span.start - start, max(span.end - span.start, 1e-3)
+            color = shade.get(span.step, "#999999") if lane == "generate" else _COLORS[lane]
+            ax.broken_barh([(x0, width)], (row - 0.4, 0.8), facecolors=color, edgecolor="white")
+            if width > (end - start) / 80:
+                ink = "white" if sum(to_rgb(color)) < 1.5 else "black"
+                ax.text(
+                    x0 + width / 2,
+                    row,
+                    str(span.step),
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color=ink,
+                )
+    ax.set_yticks(range(len(lanes)), [f"{who}: {_LANE_LABELS[lane]}" for who, lane, _ in lanes])
+    ax.invert_yaxis()
+    ax.set_xlim(0, end - start)
+    ax.set_xlabel("seconds since training started")
+    ax.grid(axis="x", linestyle=":", linewidth=0.5)
+    ax.set_title(
+        f"asyncsync demo: {result.steps} steps, {result.size} model, {result.transport}, "
+        f"staleness {result.staleness}; {result.builds_during_sessions} builds during a "
+        f"session, {result.sessions_during_training} sessions during a training step",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _all_generations(result: DemoResult) -> list[Span]:
+    return [s for spans in result.generation_spans.values() for s in spans]
+
+
+def chrome_trace(result: DemoResult) -> dict[str, Any]:
+    """Chrome-trace / Perfetto JSON (open in ui.perfetto.dev or chrome://tracing).
+
+    One process per actor (the trainer, each engine), one thread per lane; every
+    span is a complete event named ``"<kind> <step>"`` with ``cat`` = its kind.
+    """
+    events: list[dict[str, Any]] = []
+    pids: dict[str, int] = {}
+    tids: dict[str, int] = {}
+    for who, lane, spans in _lanes(result):
+        if who not in pids:
+            pids[who] = pid = len(pids) + 1
+            events.append(_meta("process_name", pid, 0, {"name": who}))
+            events.append(_meta("process_sort_index", pid, 0, {"sort_index": pid}))
+        pid = pids[who]
+        tids[who] = tid = tids.get(who, 0) + 1
+        events.append(_meta("thread_name", pid, tid, {"name": lane}))
+        events.append(_meta("thread_sort_index", pid, tid, {"sort_index": tid}))
+        for span in spans:
+            events.append(
+                {
+                    "name": f"{span.kind} {span.step}",
+                    "cat": span.kind,
+                    "ph": "X",
+                    "ts": round((span.start - result.origin) * 1e6, 1),
+                    "dur": round(max(0.0, span.end - span.start) * 1e6, 1),
+                    "pid": pid,
+                    "tid": tid,
+                    "args": {"step": span.step, "ok": span.ok},
+                }
+            )
+    return {"traceEvents": events, "displayTimeUnit": "ms"}
+
+
+def _meta(name: str, pid: int, tid: int, args: dict[str, Any]) -> dict[str, Any]:
+    return {"name": name, "ph": "M", "pid": pid, "tid": tid, "args": args}
+
+
+def write_outputs(result: DemoResult, out_dir: Path | str) -> dict[str, Path]:
+    """Write ``timeline.png`` and ``trace.json`` into ``out_dir`` (created if missing).
+
+    Blocking (matplotlib, file I/O): call it outside an event loop, or in a thread.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"timeline": out / "timeline.png", "trace": out / "trace.json"}
+    plot_timeline(result, paths["timeline"])
+    paths["trace"].write_text(json.dumps(chrome_trace(result)) + "\n")
+    return paths

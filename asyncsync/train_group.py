@@ -7,12 +7,14 @@ its part of the model with a user-supplied builder, and publishes snapshots from
 :class:`TrainGroup` calls ``build_cpu_bucket_cache`` on every rank at once from
 the async driver; the single cache owner's snapshot holds the HF weights, the
 others publish empty snapshots of the same step. Sync sessions run on
-:attr:`TrainGroup.owner`::
+:attr:`TrainGroup.owner`:
 
-    group = await TrainGroup.start(2, family="qwen3", vocab_size=151936, build_model=build)
-    await group.build(step)                       # every rank, concurrently
-    await group.owner.run_sync_session.remote(plan)
-    await group.shutdown()
+```python
+group = await TrainGroup.start(2, family="qwen3", vocab_size=151936, build_model=build)
+await group.build(step)                       # every rank, concurrently
+await group.owner.run_sync_session.remote(plan)
+await group.shutdown()
+```
 """
 
 from __future__ import annotations

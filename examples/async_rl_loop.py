@@ -15,23 +15,29 @@ The policy is a tiny Hugging Face Llama built from a config (nothing is
 downloaded), and the "policy update" is a cross-entropy step on the model's own
 samples: a stand-in for a real RL objective with the same data flow.
 
-Run: ``python examples/async_rl_loop.py [--steps N] [--staleness K]``.
+Run: ``python examples/async_rl_loop.py [--steps N] [--staleness K] [--address A]``.
+It starts a private local Ray for the run (another cluster on the machine is left
+alone) unless ``--address`` or ``RAY_ADDRESS`` names one to join.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 import time
 from typing import Any
 
-import ray
 import torch
 
 from asyncsync import SyncCoordinator, WeightSyncActor, train_actor
 from asyncsync.engines import engine_actor
+from asyncsync.testing import connect_or_start_ray
+
+ADDRESS_HELP = (
+    "join the Ray cluster at this address (default: $RAY_ADDRESS if set, else a private "
+    "local Ray started for this run and stopped at its end)"
+)
 
 TINY_LLAMA: dict[str, Any] = dict(
     vocab_size=256,
@@ -123,15 +129,18 @@ async def rl_loop(steps: int, staleness: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--staleness", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=6, help="training steps (default: 6)")
+    parser.add_argument(
+        "--staleness",
+        type=int,
+        default=1,
+        help="how many steps the engines may lag behind the trainer (default: 1)",
+    )
+    parser.add_argument("--address", default=None, help=ADDRESS_HELP)
     args = parser.parse_args(argv)
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # no token file for a local run
-    ray.init(num_cpus=2, include_dashboard=False)
-    try:
+    # A private local Ray unless the user named a cluster (--address or RAY_ADDRESS).
+    with connect_or_start_ray(args.address, num_cpus=2):
         return asyncio.run(rl_loop(args.steps, args.staleness))
-    finally:
-        ray.shutdown()
 
 
 if __name__ == "__main__":

@@ -8,15 +8,16 @@ builds. Sessions run one at a time, each sending the newest step built by
 then. Each session has a deadline; cancelling it (the deadline, Ctrl-C) cancels
 the remote session too, which then aborts on every engine.
 
-Run: ``python examples/trio_driver.py [--steps N]``. Exits non-zero if an engine
-ends on weights that differ from the trainer's last step.
+Run: ``python examples/trio_driver.py [--steps N] [--address A]``. Exits non-zero
+if an engine ends on weights that differ from the trainer's last step. It starts a
+private local Ray for the run (another cluster on the machine is left alone) unless
+``--address`` or ``RAY_ADDRESS`` names one to join.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -28,6 +29,12 @@ import trio
 from asyncsync import SyncPlan, WeightSyncActor, aio, train_actor
 from asyncsync.buckets import Bucket
 from asyncsync.receiver import StagingReceiver
+from asyncsync.testing import connect_or_start_ray
+
+ADDRESS_HELP = (
+    "join the Ray cluster at this address (default: $RAY_ADDRESS if set, else a private "
+    "local Ray started for this run and stopped at its end)"
+)
 
 SHAPES = {"embed.weight": (512, 64), "layer0.weight": (64, 64), "head.weight": (512, 64)}
 
@@ -85,7 +92,7 @@ async def drive(steps: int, session_deadline_s: float = 60.0) -> int:
     async def sync(step: int) -> None:
         async with one_session:
             with trio.fail_after(session_deadline_s):
-                plan = SyncPlan(targets=engines, version=step)
+                plan = SyncPlan(targets=engines, min_step=step)
                 report = await aio.get(trainer.run_sync_session.remote(plan))
         reports.append(report)
         print(
@@ -108,14 +115,12 @@ async def drive(steps: int, session_deadline_s: float = 60.0) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=4, help="training steps (default: 4)")
+    parser.add_argument("--address", default=None, help=ADDRESS_HELP)
     args = parser.parse_args(argv)
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # no token file for a local run
-    ray.init(num_cpus=2, include_dashboard=False)
-    try:
+    # A private local Ray unless the user named a cluster (--address or RAY_ADDRESS).
+    with connect_or_start_ray(args.address, num_cpus=2):
         return trio.run(drive, args.steps)
-    finally:
-        ray.shutdown()
 
 
 if __name__ == "__main__":

@@ -14,16 +14,23 @@ Convention for Python code blocks in ``docs/``:
   included files are examples that ``tests/test_examples.py`` runs.
 
 Any other ``python`` block fails :func:`test_every_python_block_is_tagged`.
+
+The built site is checked too: one title per API reference page and no heading
+twice, no private names, no reST left in the prose, every code block highlighted,
+a link to the repository, an install page, and every mermaid diagram rendered to
+an SVG in headless Chromium with nothing fetched from the network.
 """
 
 from __future__ import annotations
 
 import contextlib
+import html
 import io
 import os
 import re
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,13 +130,16 @@ def test_runnable_blocks_run(page: str, request: pytest.FixtureRequest) -> None:
             ) from exc
 
 
-def test_mkdocs_build_strict(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The site, built once with ``--strict`` (a warning fails the build)."""
     pytest.importorskip("mkdocs")
     pytest.importorskip("mkdocstrings_handlers.python")
     pytest.importorskip("material")
+    out = tmp_path_factory.mktemp("site")
     env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(out)],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -137,4 +147,159 @@ def test_mkdocs_build_strict(tmp_path: Path) -> None:
         timeout=280,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert (tmp_path / "site" / "reference" / "aio" / "index.html").exists()
+    return out
+
+
+def test_mkdocs_build_strict(site: Path) -> None:
+    assert (site / "reference" / "aio" / "index.html").exists()
+    assert (site / "install" / "index.html").exists()
+    assert (site / "demo" / "index.html").exists()
+
+
+def article(page: Path) -> str:
+    """The page's main content (Material's ``<article>``), as HTML."""
+    text = page.read_text()
+    return text.split("<article", 1)[1].split("</article>", 1)[0]
+
+
+def prose(html_text: str) -> str:
+    """Visible text outside code: what a reST leftover would show up in."""
+    without_code = re.sub(r"<pre.*?</pre>|<code.*?</code>", "", html_text, flags=re.S)
+    return html.unescape(re.sub(r"<[^>]+>", "", without_code))
+
+
+def headings(html_text: str) -> list[tuple[str, str]]:
+    found = re.findall(r"<(h[1-6])[^>]*>(.*?)</h[1-6]>", html_text, flags=re.S)
+    return [(tag, " ".join(prose(body).replace("¶", "").split())) for tag, body in found]
+
+
+def reference_pages(site: Path) -> list[Path]:
+    pages = sorted((site / "reference").glob("*/index.html"))
+    assert len(pages) >= 10
+    return pages
+
+
+REFERENCE = sorted(p.stem for p in (DOCS / "reference").glob("*.md"))
+# Pages whose owner has a fix to make; each xfail is strict, so it fails once fixed.
+KNOWN_DOUBLED = {
+    "convert": "asyncsync.convert re-exports MegatronWeightSource and ParallelGroups, and "
+    "the page documents asyncsync.convert.megatron_source too: the classes appear twice",
+}
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=KNOWN_DOUBLED[n]))
+        if n in KNOWN_DOUBLED
+        else n
+        for n in REFERENCE
+    ],
+)
+def test_reference_pages_have_one_title_and_no_doubled_headings(site: Path, name: str) -> None:
+    page = site / "reference" / ("" if name == "index" else name) / "index.html"
+    found = headings(article(page))
+    titles = [text for tag, text in found if tag == "h1"]
+    assert len(titles) == 1, f"{name}: h1 headings {titles}"
+    top = [text for tag, text in found if tag in ("h1", "h2")]
+    doubled = sorted({t for t in top if top.count(t) > 1})
+    assert not doubled, f"{name}: headings repeated: {doubled}"
+
+
+def test_reference_pages_show_no_private_names(site: Path) -> None:
+    private = re.compile(r"(?<![\w.])(?:\w+\.)*_[a-z]\w*")  # _x or mod._x, not __dunder__
+    for page in reference_pages(site):
+        text = article(page)
+        ids = [i for i in re.findall(r'id="([^"]+)"', text) if private.fullmatch(i)]
+        shown = [
+            name
+            for name in re.findall(r"<code[^>]*>(.*?)</code>", text, flags=re.S)
+            if private.fullmatch(html.unescape(re.sub(r"<[^>]+>", "", name)).strip())
+        ]
+        assert not ids and not shown, f"{page}: private names {ids + shown}"
+
+
+def test_no_rest_markup_is_left_in_the_rendered_pages(site: Path) -> None:
+    leftovers = ("::", "``", ":class:`", ":func:`", ":meth:`", ":attr:`", ":mod:`", ".. code")
+    for page in sorted(site.rglob("*.html")):
+        if page.name == "404.html":
+            continue
+        text = prose(article(page))
+        for leftover in leftovers:
+            at = text.find(leftover)
+            assert at < 0, f"{page}: {leftover!r} in {text[max(0, at - 60) : at + 20]!r}"
+
+
+def test_code_in_the_reference_is_highlighted(site: Path) -> None:
+    for page in reference_pages(site):
+        text = article(page)
+        wrappers = re.findall(r"(<div[^>]*>)?\s*<pre", text)
+        plain = [w or "<pre> alone" for w in wrappers if "highlight" not in w]
+        assert not plain, f"{page}: {len(plain)} code blocks without highlighting"
+    # The module docstring's example (a reST literal block in the source) is
+    # highlighted as Python: its keywords carry Pygments' token class.
+    actor = article(site / "reference" / "actor" / "index.html")
+    assert (
+        '<code><span class="k">class</span><span class="w"> </span><span class="nc">Trainer'
+        in actor
+    )
+
+
+def test_the_site_links_the_repository_and_has_an_install_page(site: Path) -> None:
+    config = (ROOT / "mkdocs.yml").read_text()
+    match = re.search(r"^repo_url:\s*(\S+)", config, flags=re.M)
+    assert match, "mkdocs.yml has no repo_url"
+    assert f'href="{match.group(1)}"' in (site / "index.html").read_text()
+    install = html.unescape(re.sub(r"<[^>]+>", "", article(site / "install" / "index.html")))
+    assert 'pip install "asyncsync[hf]"' in install
+    table = re.findall(r"^\| `(\w+)` \|", (DOCS / "install.md").read_text(), flags=re.M)
+    assert table == ["hf", "demo", "megatron", "trio", "bench", "docs", "dev"]
+    extras = (ROOT / "pyproject.toml").read_text().split("[project.optional-dependencies]")[1]
+    assert sorted(table) == sorted(re.findall(r"^(\w+) = \[", extras.split("\n[")[0], re.M))
+
+
+def test_diagrams_render_with_no_network(site: Path) -> None:
+    """Every mermaid diagram becomes an SVG in headless Chromium, with nothing fetched."""
+    from _browser import chromium, classes, find_chromium, walk
+
+    binary = find_chromium()
+    if binary is None:
+        message = "Chromium is not installed (make test installs Debian's chromium)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    pages = {
+        page: page.read_text().count('<pre class="mermaid">')
+        for page in sorted(site.rglob("*.html"))
+        if '<pre class="mermaid">' in page.read_text()
+    }
+    assert sum(pages.values()) >= 2, "the concept pages' diagrams are gone"
+    with chromium(binary) as browser:
+        for page, expected in pages.items():
+            tab = browser.open(page.as_uri())
+            deadline = time.monotonic() + 30
+            while True:
+                nodes = list(walk(browser.dom(tab)))
+                # Material swaps each pre.mermaid for a div.mermaid whose (closed)
+                # shadow root holds the rendered SVG.
+                rendered = [
+                    n
+                    for n in nodes
+                    if n.get("nodeName") == "DIV"
+                    and "mermaid" in classes(n)
+                    and any(
+                        m.get("nodeName") == "svg"
+                        for root in n.get("shadowRoots", ())
+                        for m in walk(root)
+                    )
+                ]
+                if len(rendered) == expected or time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
+            assert len(rendered) == expected, (
+                f"{page.relative_to(site)}: {len(rendered)} of {expected} diagrams rendered"
+            )
+            fetched = [
+                u for u in browser.requested_urls(tab) if not u.startswith(("file:", "data:"))
+            ]
+            assert not fetched, f"{page.relative_to(site)} reached for the network: {fetched}"

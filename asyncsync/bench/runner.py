@@ -10,6 +10,7 @@ the actors of each configuration before the next starts, and returns a
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib.util
 import statistics
 import time
@@ -183,17 +184,24 @@ class BenchResult:
 
 
 Log = Callable[[str], None]
+StepProgress = Callable[[str, int, int], None]
+"""``progress(label, steps_done, steps_total)``: called as each configuration starts
+(``steps_done == 0``) and after each of its steps, warm-up steps included."""
 
 
-async def run_bench(config: BenchConfig, *, log: Log | None = None) -> BenchResult:
+async def run_bench(
+    config: BenchConfig, *, log: Log | None = None, progress: StepProgress | None = None
+) -> BenchResult:
     """Measure the limits, then every configuration of ``config``, on the running Ray.
 
     Never raises for a failing configuration: its :attr:`RunResult.error` says
     why and the run goes on. Correctness checks (engines hold the trainer's
     weights bit for bit; every design delivered the same weights) are in
-    :attr:`BenchResult.failures`.
+    :attr:`BenchResult.failures`. ``log`` gets one line per phase and finished
+    configuration; ``progress`` follows the steps inside each configuration.
     """
     say = log or (lambda _: None)
+    tick = progress or (lambda label, done, total: None)
     started = time.time()
     machine = await asyncio.to_thread(machine_info)
     probe = limits_probe_actor().remote()
@@ -217,7 +225,22 @@ async def run_bench(config: BenchConfig, *, log: Log | None = None) -> BenchResu
                 ]
                 for design, transport in designs:
                     profile = config.profile and design != BASELINE and not profiled
-                    run = await _run_one(design, transport, spec, size, engines, config, profile)
+                    label = (
+                        f"[{len(runs) + 1}/{total}] {format_bytes(spec.nbytes)} x{engines} "
+                        f"{BASELINE if design == BASELINE else 'asyncsync/' + transport}"
+                    )
+                    steps = config.warmup + config.steps
+                    tick(label, 0, steps)
+                    run = await _run_one(
+                        design,
+                        transport,
+                        spec,
+                        size,
+                        engines,
+                        config,
+                        profile,
+                        functools.partial(tick, label),
+                    )
                     profiled |= run.breakdown is not None
                     runs.append(run)
                     say(f"[{len(runs)}/{total}] {_progress_line(run)}")
@@ -336,6 +359,7 @@ async def _run_one(
     engines: int,
     config: BenchConfig,
     profile: bool,
+    stepped: Callable[[int, int], None],
 ) -> RunResult:
     run = RunResult(
         design=design,
@@ -351,9 +375,9 @@ async def _run_one(
     )
     try:
         if design == BASELINE:
-            await _run_baseline(run, spec, config)
+            await _run_baseline(run, spec, config, stepped)
         else:
-            await _run_asyncsync(run, spec, config, profile)
+            await _run_asyncsync(run, spec, config, profile, stepped)
     except Exception as exc:
         run.error = (
             f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
@@ -370,7 +394,11 @@ async def _ping_during(handle: Any, delay_s: float = 0.005) -> float:
 
 
 async def _run_asyncsync(
-    run: RunResult, spec: ModelSpec, config: BenchConfig, profile: bool
+    run: RunResult,
+    spec: ModelSpec,
+    config: BenchConfig,
+    profile: bool,
+    stepped: Callable[[int, int], None],
 ) -> None:
     trainer = bench_trainer_actor().remote(
         spec, seed=config.seed, bucket_bytes=config.bucket_bytes, train_gflop=config.train_gflop
@@ -413,6 +441,7 @@ async def _run_asyncsync(
                     run.build_wait_s.append(built - start)
                     run.stalls_s.append(built - start + waited)
                     run.ping_ms.append(ping_ms)
+                stepped(step + 1, config.warmup + config.steps)
             await coordinator.drain()
             run.run_s = time.time() - start_run
         finally:
@@ -449,7 +478,9 @@ async def _run_asyncsync(
         await _kill([trainer, *engines.values()])
 
 
-async def _run_baseline(run: RunResult, spec: ModelSpec, config: BenchConfig) -> None:
+async def _run_baseline(
+    run: RunResult, spec: ModelSpec, config: BenchConfig, stepped: Callable[[int, int], None]
+) -> None:
     trainer = baseline_trainer_actor().remote(
         spec, seed=config.seed, bucket_bytes=config.bucket_bytes, train_gflop=config.train_gflop
     )
@@ -483,6 +514,7 @@ async def _run_baseline(run: RunResult, spec: ModelSpec, config: BenchConfig) ->
                 run.e2e_s.append(time.time() - trained)
                 run.steps_synced.append(sent)
                 run.ping_ms.append(ping_ms)
+            stepped(step + 1, config.warmup + config.steps)
         run.run_s = time.time() - start_run
         record: TrainerRecord = await trainer.record.remote(first)
         engine_records: list[EngineRecord] = list(

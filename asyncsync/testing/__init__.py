@@ -2,17 +2,19 @@
 
 ``asyncsync.testing.pytest_plugin`` is registered through the ``pytest11`` entry
 point: installing asyncsync makes its fixtures and markers available to any pytest
-suite. :func:`local_ray` runs a one-node Ray, :func:`local_cluster` a multi-node
-one on this machine (a :class:`LocalCluster`: placement by node, object-store
-bytes per node). :class:`LoopLagProbe` and :class:`LoopLagMixin` measure an actor's event
-loop from inside. Nothing in the library imports this package.
+suite. :func:`local_ray` starts a private one-node Ray; :func:`connect_or_start_ray`
+joins a cluster only when the user names one; :func:`local_cluster` runs a
+multi-node Ray on this machine (a :class:`LocalCluster`: placement by node,
+object-store bytes per node). :class:`LoopLagProbe` and :class:`LoopLagMixin`
+measure an actor's event loop from inside. Nothing in the library imports this
+package.
 """
 
 from __future__ import annotations
 
 from .cluster import LocalCluster, StoreWatch, local_cluster
 from .looplag import LoopLagMixin, LoopLagProbe, LoopLagReport
-from .ray_cluster import local_ray
+from .ray_cluster import connect_or_start_ray, local_ray
 
 __all__ = [
     "LocalCluster",
@@ -20,6 +22,7 @@ __all__ = [
     "LoopLagProbe",
     "LoopLagReport",
     "StoreWatch",
+    "connect_or_start_ray",
     "local_cluster",
     "local_ray",
 ]

@@ -78,7 +78,7 @@ async def test_a_build_may_run_while_a_session_streams(
     trainer, engine = make_pair(actor_factory)
     await trainer.train_step.remote(0)
     await trainer.build_cpu_bucket_cache.remote(0)
-    session = trainer.run_sync_session.remote(SyncPlan(targets={"e": engine}, version=0))
+    session = trainer.run_sync_session.remote(SyncPlan(targets={"e": engine}, min_step=0))
     await trainer.train_step.remote(1)
     build = trainer.build_cpu_bucket_cache.remote(1)
     report, built = await asyncio.gather(session, build)
