@@ -284,8 +284,8 @@ async def run_session(
             catch-up drives is waited for (within ``plan.timeout_s``) and then
             included; one another session drives (a straggler) is skipped and
             reported in ``SyncReport.busy``.
-        owner_node: the cache owner's Ray node (``None``: not in Ray; ``"auto"``
-            then never picks the shared snapshot).
+        owner_node: the cache owner's Ray node (``None``: not in Ray, where every
+            engine counts as on the same node).
         background: work that outlives this call (stragglers still streaming, commits
             still applying after a cancellation) is added here, so its owner can
             wait for it or cancel it at shutdown.
@@ -511,7 +511,8 @@ class _Session:
 
     def _choose(self, name: str, node: str | None, shareable: bool) -> str:
         plan = self.plan
-        same_node = self.owner_node is not None and node == self.owner_node
+        # Outside Ray neither side has a node: one process, one machine.
+        same_node = node == self.owner_node
         if plan.transport == AUTO:
             return "shm" if same_node and shareable else plan.cross_node
         if backend(plan.transport).same_node_only and not same_node:

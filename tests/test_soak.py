@@ -39,6 +39,7 @@ from _actors import TINY_LLAMA, engine_class, trainer_class
 from asyncsync import BucketCache, SessionError, Snapshot, pack
 from asyncsync.buckets import checksum, tensor_digest
 from asyncsync.engines import HFEngine
+from asyncsync.fleet import EngineFleet, Health
 from asyncsync.session import SyncPlan, SyncReport, run_session
 from asyncsync.transport.shm import PREFIX, ShmTransport
 
@@ -89,7 +90,7 @@ class LocalHandle:
 
     def __init__(self, engine: HFEngine) -> None:
         self.engine = engine
-        for name in ("begin", "receive", "commit", "abort"):
+        for name in ("engine_info", "begin", "receive", "commit", "abort"):
             setattr(self, name, self._Method(getattr(engine, name)))
 
 
@@ -147,6 +148,14 @@ async def test_soak_in_process_readers_sessions_and_builds() -> None:
     engines = {f"e{i}": HFEngine("llama", MEDIUM_LLAMA, seed=i) for i in range(2)}
     targets = {name: LocalHandle(e) for name, e in engines.items()}
     transport = ShmTransport()
+
+    def transports(name: str) -> Any:
+        return transport
+
+    def fleet() -> EngineFleet:
+        # In-process engines: each session gets its own ad-hoc fleet of them.
+        return EngineFleet(targets, initial=Health.SERVING)
+
     source = [(n, torch.empty_like(t)) for n, t in engines["e0"].model.state_dict().items()]
     tally = Tally()
     stop = asyncio.Event()
@@ -184,7 +193,7 @@ async def test_soak_in_process_readers_sessions_and_builds() -> None:
         while not stop.is_set():
             plan = SyncPlan(targets, transport="shm", timeout_s=60)
             try:
-                report = await run_session(cache, plan, transport)
+                report = await run_session(cache, plan, fleet(), transports)
             except SessionError as exc:
                 # Concurrent sessions race: one carrying an older step is refused (at
                 # begin or at commit) by an engine already serving a newer one.
@@ -222,7 +231,7 @@ async def test_soak_in_process_readers_sessions_and_builds() -> None:
         await probing
 
         # A final quiet session brings both engines to the newest step, bit for bit.
-        report = await run_session(cache, SyncPlan(targets, transport="shm"), transport)
+        report = await run_session(cache, SyncPlan(targets, transport="shm"), fleet(), transports)
     assert report.step == last_step == cache.ready_step
     async with cache.read() as snap:
         want = {n: tensor_digest(t) for n, t in snap.named_tensors()}
@@ -268,7 +277,9 @@ async def test_soak_in_process_readers_sessions_and_builds() -> None:
 def _refusal(exc: SessionError) -> str:
     """How a session failed: "refused: stale" is the one expected way under concurrency."""
     text = str(exc)
-    if "StaleStepError" in text and (" in begin:" in text or " in commit:" in text):
+    if "StaleStepError" in text and any(
+        f" in {what}" in text for what in ("begin:", "commit:", "receive of bucket")
+    ):
         return "refused: stale"
     return f"unexpected: {text}"
 
