@@ -3,20 +3,23 @@
 Subclass :class:`WeightSyncActor`, implement :meth:`WeightSyncActor.named_weights`,
 and create the actor with :func:`train_actor`, which applies ``ray.remote`` with an
 explicit ``max_concurrency`` so that a build of step N+1 and a session streaming
-step N run at the same time on the actor's one event loop::
+step N run at the same time on the actor's one event loop:
 
-    class Trainer(WeightSyncActor):
-        def __init__(self) -> None:
-            super().__init__(bucket_bytes=256 << 20)
-            self.model = ...
+```python
+class Trainer(WeightSyncActor):
+    def __init__(self) -> None:
+        super().__init__(bucket_bytes=256 << 20)
+        self.model = ...
 
-        def named_weights(self, step):            # runs in a worker thread
-            return self.model.state_dict().items()
+    def named_weights(self, step):            # runs in a worker thread
+        return self.model.state_dict().items()
 
-    TrainerActor = train_actor(Trainer, max_concurrency=16, num_cpus=1)
-    trainer = TrainerActor.remote()
-    await trainer.build_cpu_bucket_cache.remote(0)
-    report = await trainer.run_sync_session.remote(SyncPlan(targets={"e0": engine}))
+TrainerActor = train_actor(Trainer, max_concurrency=16, num_cpus=1)
+trainer = TrainerActor.remote()
+await trainer.build_cpu_bucket_cache.remote(0)
+await trainer.fleet_add.remote("e0", engine)
+report = await trainer.run_sync_session.remote(SyncPlan())   # the fleet, all or nothing
+```
 
 Every method that touches the cache must be ``async def`` and stay in the default
 concurrency group: Ray gives each group its own loop and thread, and the cache's

@@ -181,10 +181,7 @@ def reference_pages(site: Path) -> list[Path]:
 
 REFERENCE = sorted(p.stem for p in (DOCS / "reference").glob("*.md"))
 # Pages whose owner has a fix to make; each xfail is strict, so it fails once fixed.
-KNOWN_DOUBLED = {
-    "convert": "asyncsync.convert re-exports MegatronWeightSource and ParallelGroups, and "
-    "the page documents asyncsync.convert.megatron_source too: the classes appear twice",
-}
+KNOWN_DOUBLED: dict[str, str] = {}
 
 
 @pytest.mark.parametrize(

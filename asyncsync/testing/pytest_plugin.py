@@ -3,70 +3,78 @@
 Registered through the ``pytest11`` entry point, so ``pip install asyncsync`` makes
 everything here available to any pytest suite; nothing needs importing.
 
-Fixtures:
-    ``ray_local``       one local Ray for the whole session (see
-                        :func:`~asyncsync.testing.local_ray`); synchronous, session-scoped
-    ``ray_cluster``     a multi-node Ray on this machine for the whole session (a
-                        :class:`~asyncsync.testing.LocalCluster`); cannot share a pytest
-                        process with ``ray_local``
-    ``actor_factory``   ``make(actor_class, *args, **kwargs)`` -> handle; every actor it
-                        made is killed at teardown (an :class:`ActorFactory`); on
-                        ``ray_cluster`` when the test uses it, else on ``ray_local``
-    ``loop_lag_guard``  fails the test if the event loop of a watched actor was blocked
-                        longer than allowed (a :class:`LoopLagGuard`)
+## Fixtures
 
-Markers:
-    ``gpu``                     needs a CUDA device; skipped cleanly without one
-    ``max_loop_lag(ms)``        use ``loop_lag_guard`` with this threshold (milliseconds)
+- ``ray_local``: one local Ray for the whole session (see
+  :func:`~asyncsync.testing.local_ray`); synchronous, session-scoped.
+- ``ray_cluster``: a multi-node Ray on this machine for the whole session (a
+  :class:`~asyncsync.testing.LocalCluster`); it cannot share a pytest process with
+  ``ray_local``.
+- ``actor_factory``: ``make(actor_class, *args, **kwargs)`` -> handle; every actor
+  it made is killed at teardown (an :class:`ActorFactory`); on ``ray_cluster`` when
+  the test uses it, else on ``ray_local``.
+- ``loop_lag_guard``: fails the test if the event loop of a watched actor was
+  blocked longer than allowed (a :class:`LoopLagGuard`).
 
-ini options:
-    ``asyncsync_ray_num_cpus``, ``asyncsync_object_store_bytes``   size of ``ray_local``
-    ``asyncsync_cluster_workers`` (3), ``asyncsync_cluster_object_store_bytes`` (per node),
-    ``asyncsync_cluster_cpus_per_node`` (1)   shape of ``ray_cluster``
-    ``asyncsync_max_loop_lag_ms``   default threshold of ``loop_lag_guard`` (100)
+## Markers
 
-The loop-lag guard
-    The guard measures the loop *inside* each watched actor with a
-    :class:`~asyncsync.testing.LoopLagProbe`; the actor class inherits
-    :class:`~asyncsync.testing.LoopLagMixin`. Actors that ``actor_factory`` makes
-    while the guard is active are watched from their first call on; watch others
-    with ``await loop_lag_guard.watch(handle)``. Right after the test body returns
-    (still in the test's *call* phase, so the test is reported as FAILED), the
-    guard reads every probe and fails the test naming each actor whose loop lag
-    exceeded the threshold, or that did not answer within
-    ``LoopLagGuard.report_timeout_s``. A guard that watched no actor fails too: it
-    would otherwise pass while checking nothing. Actors that died are skipped.
-    Keep thresholds wide (a 100 ms threshold against blocks of 300 ms or more):
-    scheduling noise on a loaded machine reaches tens of milliseconds.
+- ``gpu``: needs a CUDA device; skipped cleanly without one.
+- ``max_loop_lag(ms)``: use ``loop_lag_guard`` with this threshold (milliseconds).
 
-Event-loop scopes with pytest-asyncio 1.x
-    ``ray_local`` is a *synchronous* session fixture, so it works with every loop
-    scope, and actor handles are not bound to any event loop: an actor created
-    in one test can be awaited from a test running on another loop. What is
-    bound to a loop is asyncio state: ``asyncio.Event``, ``Lock``, ``Queue``,
-    tasks. An async fixture that creates such objects must run on the same loop
-    as the tests using them, so give it a ``loop_scope`` at least as wide as
-    its ``scope``, and the tests the same ``loop_scope``::
+## ini options
 
-        [tool.pytest.ini_options]
-        asyncio_mode = "auto"
-        asyncio_default_fixture_loop_scope = "session"   # async fixtures
-        asyncio_default_test_loop_scope = "session"      # async tests
+- ``asyncsync_ray_num_cpus``, ``asyncsync_object_store_bytes``: size of ``ray_local``.
+- ``asyncsync_cluster_workers`` (3), ``asyncsync_cluster_object_store_bytes`` (per
+  node), ``asyncsync_cluster_cpus_per_node`` (1): shape of ``ray_cluster``.
+- ``asyncsync_max_loop_lag_ms``: default threshold of ``loop_lag_guard`` (100).
 
-    or per item: ``@pytest_asyncio.fixture(scope="module", loop_scope="module")``
-    and ``pytestmark = pytest.mark.asyncio(loop_scope="module")``. pytest-asyncio
-    1.x removed the ``event_loop`` fixture; set loop scopes instead of overriding it.
-    A session loop scope is the cheapest choice for Ray suites (one loop, shared
-    async fixtures); function scope isolates tests best.
+## The loop-lag guard
 
-anyio and trio tests under pytest-asyncio's auto mode
-    In auto mode pytest-asyncio claims *every* ``async def`` test, including
-    ``@pytest.mark.anyio`` ones, and runs them on its asyncio loop: a test
-    parametrized with ``anyio_backend = "trio"`` would silently run on asyncio.
-    This plugin hands such tests back to anyio's plugin at collection time
-    (unless they also carry an explicit ``asyncio`` marker), so each runs on the
-    backend it names; the function-scoped async fixtures they request run on that
-    backend too. Tests without the ``anyio`` marker stay with pytest-asyncio.
+The guard measures the loop *inside* each watched actor with a
+:class:`~asyncsync.testing.LoopLagProbe`; the actor class inherits
+:class:`~asyncsync.testing.LoopLagMixin`. Actors that ``actor_factory`` makes
+while the guard is active are watched from their first call on; watch others
+with ``await loop_lag_guard.watch(handle)``. Right after the test body returns
+(still in the test's *call* phase, so the test is reported as FAILED), the
+guard reads every probe and fails the test naming each actor whose loop lag
+exceeded the threshold, or that did not answer within
+``LoopLagGuard.report_timeout_s``. A guard that watched no actor fails too: it
+would otherwise pass while checking nothing. Actors that died are skipped.
+Keep thresholds wide (a 100 ms threshold against blocks of 300 ms or more):
+scheduling noise on a loaded machine reaches tens of milliseconds.
+
+## Event-loop scopes with pytest-asyncio 1.x
+
+``ray_local`` is a *synchronous* session fixture, so it works with every loop
+scope, and actor handles are not bound to any event loop: an actor created
+in one test can be awaited from a test running on another loop. What is
+bound to a loop is asyncio state: ``asyncio.Event``, ``Lock``, ``Queue``,
+tasks. An async fixture that creates such objects must run on the same loop
+as the tests using them, so give it a ``loop_scope`` at least as wide as
+its ``scope``, and the tests the same ``loop_scope``:
+
+```toml
+[tool.pytest.ini_options]
+asyncio_mode = "auto"
+asyncio_default_fixture_loop_scope = "session"   # async fixtures
+asyncio_default_test_loop_scope = "session"      # async tests
+```
+
+or per item: ``@pytest_asyncio.fixture(scope="module", loop_scope="module")``
+and ``pytestmark = pytest.mark.asyncio(loop_scope="module")``. pytest-asyncio
+1.x removed the ``event_loop`` fixture; set loop scopes instead of overriding it.
+A session loop scope is the cheapest choice for Ray suites (one loop, shared
+async fixtures); function scope isolates tests best.
+
+## anyio and trio tests under pytest-asyncio's auto mode
+
+In auto mode pytest-asyncio claims *every* ``async def`` test, including
+``@pytest.mark.anyio`` ones, and runs them on its asyncio loop: a test
+parametrized with ``anyio_backend = "trio"`` would silently run on asyncio.
+This plugin hands such tests back to anyio's plugin at collection time
+(unless they also carry an explicit ``asyncio`` marker), so each runs on the
+backend it names; the function-scoped async fixtures they request run on that
+backend too. Tests without the ``anyio`` marker stay with pytest-asyncio.
 """
 
 from __future__ import annotations

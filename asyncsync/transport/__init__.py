@@ -8,12 +8,13 @@ engine's ``receive`` as the payload; the engine turns it back into a
 :class:`~asyncsync.Bucket` with :func:`load_payload`.
 
 Backends (:data:`BACKENDS`):
-    ``shm``           same node only: the engine maps the pinned snapshot's shared
-                      memory read-only; no payload byte moves
-    ``object_store``  each bucket put into the Ray object store once; each node pulls
-                      it once and every engine there maps that copy
-    ``collective``    the cache owner broadcasts each bucket over a private
-                      torch.distributed group (gloo, or NCCL between GPUs)
+
+- ``shm``: same node only. The engine maps the pinned snapshot's shared memory
+  read-only; no payload byte moves.
+- ``object_store``: each bucket is put into the Ray object store once; each node
+  pulls it once and every engine there maps that copy.
+- ``collective``: the cache owner broadcasts each bucket over a private
+  torch.distributed group (gloo, or NCCL between GPUs).
 
 A plan may also ask for ``"auto"`` (the default): per engine, ``shm`` when the
 engine runs on the cache owner's node, else the plan's cross-node transport.
