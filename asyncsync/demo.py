@@ -21,6 +21,7 @@ Chrome/Perfetto trace.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import statistics
 import time
@@ -255,6 +256,10 @@ async def run_demo(
     try:
         return await _train_and_sync(trainer, engines, steps, size, transport, staleness, console)
     finally:
+        # Close the train actor first: its fleet keeper, transports and cache stop
+        # on purpose, not when the process dies.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(trainer.close.remote(), 30)
 
         def kill_all() -> None:
             for handle in [trainer, *engines.values()]:

@@ -122,6 +122,7 @@ async def rig(ray_local: Any) -> AsyncIterator[Rig]:
     await rig.publish()
     await rig.sync()
     yield rig
+    await within(trainer.close.remote())
     for handle in [trainer, victim, *engines.values()]:
         ray.kill(handle, no_restart=True)
 

@@ -57,6 +57,7 @@ async def rig(ray_local: Any) -> AsyncIterator[Rig]:
         trainer.cache_ready_step.remote(), *(e.ping.remote() for e in engines.values())
     )
     yield Rig(trainer, engines)
+    await trainer.close.remote()
     for handle in [trainer, *engines.values()]:
         ray.kill(handle, no_restart=True)
 

@@ -331,6 +331,7 @@ async def ray_rig(ray_local: Any) -> AsyncIterator[RayRig]:
             trainer.pid.remote(), *(e.ping.remote() for e in engines.values())
         )
     yield RayRig(trainer, engines, pid)
+    await trainer.close.remote()
     for handle in [trainer, *engines.values()]:
         ray.kill(handle, no_restart=True)
 
