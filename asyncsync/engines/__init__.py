@@ -1,7 +1,22 @@
-"""Rollout engines that implement the receiver protocol (see :mod:`asyncsync.receiver`)."""
+"""Rollout engines that implement the receiver protocol (see :mod:`asyncsync.receiver`).
+
+:class:`HFEngine` serves a Hugging Face causal LM; :class:`TensorEngine` holds plain
+named tensors (a stand-in where the model does not matter). :func:`check_fits` and
+:func:`copy_into` (:func:`copy_named`) are the parts of an engine with named parameters that both share.
+"""
 
 from __future__ import annotations
 
 from .hf import Generation, HFEngine, engine_actor
+from .tensors import TensorEngine, check_fits, copy_into, copy_named, tensor_engine_actor
 
-__all__ = ["Generation", "HFEngine", "engine_actor"]
+__all__ = [
+    "Generation",
+    "HFEngine",
+    "TensorEngine",
+    "check_fits",
+    "copy_into",
+    "copy_named",
+    "engine_actor",
+    "tensor_engine_actor",
+]

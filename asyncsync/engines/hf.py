@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
-from ..buckets import Bucket, BucketManifest, dtype_name, tensor_digest
-from ..errors import ManifestMismatchError
+from ..buckets import Bucket, BucketManifest, tensor_digest
 from ..receiver import StagingReceiver
+from .tensors import check_fits, copy_into
 
 __all__ = ["Generation", "HFEngine", "engine_actor"]
 
@@ -117,37 +117,17 @@ class HFEngine(StagingReceiver):
         An update must write every parameter (one name of each tied group is
         enough): a partial one would serve a mix of two versions under one stamp.
         """
-        for bucket in manifest:
-            for meta in bucket.index:
-                param = self._params.get(meta.name)
-                if param is None:
-                    raise ManifestMismatchError(
-                        f"tensor {meta.name!r} is not a parameter of this "
-                        f"{type(self.model).__name__}"
-                    )
-                if tuple(param.shape) != meta.shape or dtype_name(param.dtype) != meta.dtype:
-                    raise ManifestMismatchError(
-                        f"tensor {meta.name!r}: {meta.dtype}{list(meta.shape)} does not fit the "
-                        f"model's {dtype_name(param.dtype)}{list(param.shape)}"
-                    )
-        sent = {name for bucket in manifest for name in bucket.names}
-        missing = [g[0] for g in self._param_groups if sent.isdisjoint(g)]
-        if missing:
-            raise ManifestMismatchError(
-                f"the update leaves {len(missing)} of {len(self._param_groups)} parameters of "
-                f"this {type(self.model).__name__} unwritten, e.g. {missing[:3]}"
-            )
+        check_fits(
+            self._params,
+            manifest,
+            owner=f"this {type(self.model).__name__}",
+            complete=self._param_groups,
+        )
 
     async def apply(self, buckets: Sequence[Bucket], version: int) -> None:
         async with self._weights.write():
-            await asyncio.to_thread(self._copy_in, buckets)
+            await asyncio.to_thread(copy_into, self._params, buckets)
             self._served_version = version
-
-    def _copy_in(self, buckets: Sequence[Bucket]) -> None:
-        with torch.no_grad():
-            for bucket in buckets:
-                for name, tensor in bucket.named_tensors():
-                    self._params[name].copy_(tensor)
 
     async def generate(self, prompts: list[list[int]], max_new_tokens: int = 8) -> Generation:
         """Greedy-decode ``max_new_tokens`` after each prompt (prompts of equal length)."""

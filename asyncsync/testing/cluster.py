@@ -84,7 +84,13 @@ class StoreWatch:
     An object that is created and freed within one report period can be missed by
     ``peak``; and ``peak`` counts objects resident *at the same time*, not the
     total that crossed: to count copies, keep the references alive until the
-    block ends and read ``grown``.
+    block ends and read ``grown``, or read ``risen``.
+
+    ``risen`` adds up every rise between two consecutive readings of a node: the
+    bytes that arrived there during the block, counted again each time an object
+    arrives (sessions that each pull a model's buckets and free them add one
+    model each). A lower bound: what arrives and is freed between two reports,
+    or while something else is freed, is missed.
     """
 
     nodes: tuple[str, ...]
@@ -92,6 +98,7 @@ class StoreWatch:
     baseline: tuple[int, ...] = ()
     peak: tuple[int, ...] = ()
     final: tuple[int, ...] = ()
+    risen: tuple[int, ...] = ()
     samples: int = 0
 
     @property
@@ -227,6 +234,8 @@ class LocalCluster:
         watch = StoreWatch(nodes=self.nodes, interval_s=interval_s)
         watch.baseline = self._settled(watch.nodes)
         peak = list(watch.baseline)
+        last = list(watch.baseline)
+        risen = [0] * len(last)
 
         done = threading.Event()
 
@@ -234,6 +243,8 @@ class LocalCluster:
             while not done.wait(interval_s):
                 for i, used in enumerate(self._used(watch.nodes)):
                     peak[i] = max(peak[i], used)
+                    risen[i] += max(0, used - last[i])
+                    last[i] = used
                 watch.samples += 1
 
         sampler = threading.Thread(target=sample, name="asyncsync-store-watch", daemon=True)
@@ -245,6 +256,9 @@ class LocalCluster:
             sampler.join()
         watch.final = self._settled(watch.nodes)
         watch.peak = tuple(max(p, f) for p, f in zip(peak, watch.final, strict=True))
+        watch.risen = tuple(
+            r + max(0, f - u) for r, f, u in zip(risen, watch.final, last, strict=True)
+        )
 
     def _used(self, nodes: Sequence[str]) -> tuple[int, ...]:
         # A raylet reports its object store as the resource "object_store_memory":

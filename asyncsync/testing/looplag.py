@@ -9,7 +9,10 @@ probe here measures the loop itself.
 and records how late each wake-up came (the *lag*). A loop blocked for 300 ms
 shows a lag of about 300 ms, whichever task blocked it. A wake-up that is late
 *right now* counts too, so a block that has not ended yet (or ended just before
-the report was taken) is not missed.
+the report was taken) is not missed. With ``history`` set, the probe also keeps
+the last wake-ups as ``(wall time, lag)`` pairs (:meth:`LoopLagProbe.samples`), so
+lag can be summarized over chosen windows afterwards (percentiles during builds,
+say, against the rest).
 
 :class:`LoopLagMixin` gives an async Ray actor class the two methods the pytest
 plugin's ``loop_lag_guard`` calls (``loop_lag_start`` and ``loop_lag_report``).
@@ -31,6 +34,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import time
+from collections import deque
 from dataclasses import dataclass
 
 __all__ = ["LoopLagMixin", "LoopLagProbe", "LoopLagReport"]
@@ -64,15 +69,20 @@ class LoopLagProbe:
     Args:
         interval_s: how long the probe task sleeps between wake-ups; the
             resolution of the measurement and its cost (one wake-up per interval).
+        history: how many of the latest wake-ups to keep as ``(wall time, lag)``
+            pairs for :meth:`samples` (0: none, only the maximum is kept).
 
     :meth:`start` binds the probe to the running loop; every other method must be
     called on that loop's thread.
     """
 
-    def __init__(self, interval_s: float = DEFAULT_INTERVAL_S) -> None:
+    def __init__(self, interval_s: float = DEFAULT_INTERVAL_S, *, history: int = 0) -> None:
         if not interval_s > 0:
             raise ValueError(f"interval_s must be positive, got {interval_s!r}")
+        if history < 0:
+            raise ValueError(f"history must be >= 0, got {history!r}")
         self.interval_s = interval_s
+        self._history: deque[tuple[float, float]] = deque(maxlen=history)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
         # Loop time at which the probe task should run next; a run later than
@@ -105,10 +115,14 @@ class LoopLagProbe:
     async def _run(self) -> None:
         assert self._loop is not None
         loop = self._loop
+        keep = self._history.maxlen != 0
         while True:
             now = loop.time()
-            self._max_lag = max(self._max_lag, now - self._due)
+            lag = now - self._due
+            self._max_lag = max(self._max_lag, lag)
             self._samples += 1
+            if keep:
+                self._history.append((time.time(), max(lag, 0.0)))
             self._due = now + self.interval_s
             await asyncio.sleep(self.interval_s)
 
@@ -129,6 +143,14 @@ class LoopLagProbe:
                 assert self._loop is not None
                 self._due = max(self._due, self._loop.time())
         return out
+
+    def samples(self, since: float = 0.0) -> list[tuple[float, float]]:
+        """The kept wake-ups at or after wall time ``since``: ``(time.time(), lag in s)``.
+
+        Empty unless the probe was created with ``history``; the oldest are dropped
+        once ``history`` wake-ups are kept.
+        """
+        return [(t, lag) for t, lag in self._history if t >= since]
 
     async def stop(self) -> LoopLagReport:
         """Stop the probe task and return the final report."""
