@@ -80,6 +80,23 @@ def _count_list(text: str) -> tuple[int, ...]:
     return counts
 
 
+def _count_list_or_none(text: str) -> tuple[int, ...]:
+    return () if text.strip().lower() == "none" else _count_list(text)
+
+
+def _policy_list(text: str) -> tuple[str, ...]:
+    from .session import POLICIES
+
+    names = tuple(_items(text))
+    unknown = [n for n in names if n not in POLICIES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown policy {', '.join(map(repr, unknown)) or '(none)'}; "
+            f"choose from {', '.join(POLICIES)}"
+        )
+    return names
+
+
 def _transport_list(text: str) -> tuple[str, ...]:
     from .transport import transport_names
 
@@ -171,22 +188,16 @@ def _bench(args: argparse.Namespace) -> int:
     _require("bench", {"matplotlib": "bench"})
     from rich.console import Console
     from rich.markup import escape
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TaskID,
-        TextColumn,
-        TimeElapsedColumn,
-    )
 
-    from .bench import BenchConfig, default_transports, run_bench
+    from .bench import BenchConfig, default_transports
     from .bench.report import publish, summarize, write_outputs
 
     if args.address and (args.num_cpus is not None or args.object_store is not None):
         raise UsageError(
             "--num-cpus and --object-store size a private local Ray; not with --address"
         )
+    if args.address and args.nodes > 1:
+        raise UsageError("--nodes starts a local multi-node cluster; not with --address")
     try:
         config = BenchConfig(
             sizes=args.sizes,
@@ -199,11 +210,62 @@ def _bench(args: argparse.Namespace) -> int:
             staleness=args.staleness,
             train_gflop=args.train_gflop,
             limit_bytes=args.limit_size,
+            fleet_engines=args.fleet_engines,
+            policies=args.policies,
+            fleet_size=args.fleet_size,
+            slow_engines=args.slow_engines,
+            slow_factor=args.slow_factor,
+            node_engines=args.node_engines,
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 
     console = Console()
+    result = _measure_bench(args, config, console)
+    paths = write_outputs(result, Path(args.out))
+    for row in summarize(result):
+        if row["error"]:
+            continue
+        console.print(
+            f"{row['section']:>7} {row['config']:>28} {row['design']:<30} stall {row['stall_ms']:7.0f} ms  "
+            f"session {row['session_s']:6.3f} s ({row['session_frac'] * 100:4.0f}% of limit)  "
+            f"build {row['build_frac'] * 100:4.0f}% of copy",
+            highlight=False,
+        )
+    console.print(
+        f"wrote {', '.join(str(p) for p in paths.values())}", highlight=False, soft_wrap=True
+    )
+    if args.publish:
+        command = "make bench"
+        published = publish(result, paths["plot"], Path(args.publish_dir), command)
+        console.print(
+            f"published {', '.join(str(p) for p in published.values())}",
+            highlight=False,
+            soft_wrap=True,
+        )
+    for failure in result.failures:
+        console.print(f"[red]check failed:[/] {escape(failure)}")
+    for run in result.all_runs:
+        if run.error:
+            console.print(f"[red]{run.config_label} {run.label} failed:[/] {escape(run.error)}")
+    return 0 if result.ok else 1
+
+
+def _measure_bench(args: argparse.Namespace, config: Any, console: Any) -> Any:
+    """Run the bench on a private Ray (or the cluster named), then the nodes section, if asked,
+    on a local multi-node cluster of its own; one progress bar follows every configuration."""
+    from rich.markup import escape
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TaskID,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    from .bench import add_node_runs, run_bench, run_nodes
+
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
@@ -219,41 +281,38 @@ def _bench(args: argparse.Namespace) -> int:
                 tasks.append(progress.add_task(label, total=total))
             progress.update(tasks[0], description=label, completed=done, total=total)
 
+        def log(line: str) -> None:
+            progress.console.print(escape(line), highlight=False)
+
         with _ray(
             "bench", args.address, num_cpus=args.num_cpus, object_store_memory=args.object_store
         ):
-            result = asyncio.run(
-                run_bench(
-                    config,
-                    log=lambda line: progress.console.print(escape(line), highlight=False),
-                    progress=on_step,
-                )
+            result = asyncio.run(run_bench(config, log=log, progress=on_step))
+        if args.nodes > 1:
+            log(
+                f"nodes: a local cluster of {args.nodes} nodes (the head and {args.nodes - 1} workers)"
             )
-    paths = write_outputs(result, Path(args.out))
-    for row in summarize(result):
-        if row["error"]:
-            continue
-        console.print(
-            f"{row['config']:>12} {row['design']:<24} stall {row['stall_ms']:8.0f} ms  "
-            f"sync {row['sync_gbps']:6.2f} GB/s  build {row['build_frac'] * 100:4.0f}% of copy limit",
-            highlight=False,
-        )
-    console.print(
-        f"wrote {', '.join(str(p) for p in paths.values())}", highlight=False, soft_wrap=True
-    )
-    if args.publish:
-        published = publish(result, paths["plot"], Path(args.publish_dir), "make bench")
-        console.print(
-            f"published {', '.join(str(p) for p in published.values())}",
-            highlight=False,
-            soft_wrap=True,
-        )
-    for failure in result.failures:
-        console.print(f"[red]check failed:[/] {escape(failure)}")
-    for run in result.runs:
-        if run.error:
-            console.print(f"[red]{run.config_label} {run.label} failed:[/] {escape(run.error)}")
-    return 0 if result.ok else 1
+            with _cluster(args.nodes, args.node_object_store) as cluster:
+                runs = asyncio.run(run_nodes(config, cluster, log=log, progress=on_step))
+            add_node_runs(result, runs, args.nodes)
+    return result
+
+
+@contextmanager
+def _cluster(nodes: int, object_store: int) -> Iterator[Any]:
+    """A local multi-node Ray cluster for the bench's nodes section; failing to start is one line."""
+    from .testing.cluster import local_cluster
+
+    with ExitStack() as stack:
+        try:
+            cluster = stack.enter_context(
+                local_cluster(nodes - 1, object_store_memory=object_store)
+            )
+        except Exception as exc:
+            raise SystemExit(
+                f"asyncsync bench: cannot start a local cluster of {nodes} nodes: {_last_line(exc)}"
+            ) from None
+        yield cluster
 
 
 # ---------------------------------------------------------------- the parser
@@ -315,7 +374,9 @@ def _add_bench(sub: Any) -> None:
         description=(
             "Measures the machine's limits (copy, checksum, object store), then for each "
             "model size and engine count the serialized baseline and asyncsync with each "
-            "transport. Writes bench.json, bench.md, bench.png and trace.json into --out; "
+            "transport; then each commit policy to more and more light engines, and with "
+            "one engine slowed down; with --nodes, the same engines on more Ray nodes. "
+            "Writes bench.json, bench.md, bench.png and trace.json into --out; "
             "with --publish also BENCHMARKS.md and benchmarks/bench.png into --publish-dir."
         ),
     )
@@ -372,6 +433,57 @@ def _add_bench(sub: Any) -> None:
         type=_positive_float,
         default=8.0,
         help="fp32 matmul work per training step, in GFLOP (default: %(default)s)",
+    )
+    bench.add_argument(
+        "--fleet-engines",
+        type=_count_list_or_none,
+        default="1,4,8",
+        help="engine counts of the fleet rows (light engines, each commit policy), "
+        "comma-separated, or 'none' (default: %(default)s; the published run uses 1,2,4,8,16)",
+    )
+    bench.add_argument(
+        "--policies",
+        type=_policy_list,
+        default="fleet,per_engine",
+        help="commit policies of the fleet, slow-engine and nodes rows (default: %(default)s)",
+    )
+    bench.add_argument(
+        "--fleet-size",
+        type=_size,
+        default=None,
+        help="model size of the fleet, slow-engine and nodes rows (default: the smallest of --sizes)",
+    )
+    bench.add_argument(
+        "--slow-engines",
+        type=_int_at_least(0),
+        default=4,
+        help="engines of the slow-engine rows, one of them --slow-factor times slower; "
+        "0 for none (default: %(default)s)",
+    )
+    bench.add_argument(
+        "--slow-factor",
+        type=_positive_float,
+        default=10.0,
+        help="how much slower the slowed engine receives and applies (default: %(default)s)",
+    )
+    bench.add_argument(
+        "--nodes",
+        type=_int_at_least(1),
+        default=1,
+        help="also run the nodes rows on a local cluster of this many Ray nodes (the head and "
+        "N-1 workers), after the rest (default: %(default)s, no nodes rows)",
+    )
+    bench.add_argument(
+        "--node-engines",
+        type=_int_at_least(1),
+        default=6,
+        help="engines of the nodes rows (default: %(default)s)",
+    )
+    bench.add_argument(
+        "--node-object-store",
+        type=_size,
+        default="1GiB",
+        help="object store of each node of the --nodes cluster (default: %(default)s)",
     )
     bench.add_argument(
         "--limit-size",

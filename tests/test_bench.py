@@ -11,7 +11,7 @@ import pytest
 
 from asyncsync.bench import BenchConfig, run_bench
 from asyncsync.bench.report import TARGETS, publish, summarize, write_outputs
-from asyncsync.bench.runner import BASELINE, check_delivery
+from asyncsync.bench.runner import BASELINE, DESIGNS, FLEET, SLOW, check_delivery
 from asyncsync.bench.workload import llama_spec, parse_size
 from asyncsync.cli import main
 
@@ -45,17 +45,28 @@ async def test_bench_smoke(ray_local: Any, tmp_path: Path) -> None:
         bucket_bytes=1 * MIB,
         train_gflop=0.2,
         limit_bytes=8 * MIB,
+        fleet_engines=(1, 2),
+        slow_engines=2,
+        slow_factor=4.0,
     )
     result = await run_bench(config)
 
     # Every configuration ran, and the comparison is honest: same bytes everywhere.
-    assert [r.label for r in result.runs] == [BASELINE, "asyncsync/object_store", "asyncsync/shm"]
-    assert [r.error for r in result.runs] == [None, None, None]
+    designs = [r for r in result.runs if r.section == DESIGNS]
+    assert [r.label for r in designs] == [BASELINE, "asyncsync/object_store", "asyncsync/shm"]
+    fleet = [(r.policy, r.engines) for r in result.runs if r.section == FLEET]
+    assert fleet == [("fleet", 1), ("fleet", 2), ("per_engine", 1), ("per_engine", 2)]
+    slow = [r for r in result.runs if r.section == SLOW]
+    assert [(r.policy, r.engines, r.slowdown) for r in slow] == [
+        ("fleet", 2, 4.0),
+        ("per_engine", 2, 4.0),
+    ]
+    assert [r.error for r in result.runs] == [None] * len(result.runs)
     assert result.failures == [] and result.ok
     digests = {d for r in result.runs for d in (r.trainer_digest, *r.engine_digests)}
     assert len(digests) == 1, digests
     last = config.warmup + config.steps - 1
-    assert all(r.engine_versions == [last, last] for r in result.runs)
+    assert all(r.engine_versions == [last] * r.engines for r in result.runs)
     assert check_delivery(result.runs) == []
 
     # Figures are there and plausible.
@@ -66,24 +77,40 @@ async def test_bench_smoke(ray_local: Any, tmp_path: Path) -> None:
         assert run.resident_steady_bytes > 0
         assert {u.kind for u in run.usage} == {"build", "session"}
         assert {"build", "session", "train", "stall"} <= {s.kind for s in run.spans}
+        assert run.engine_sessions and all(s.apply_s > 0 for s in run.engine_sessions)
     fast = [r for r in result.runs if r.design != BASELINE]
     assert all(r.lag is not None and r.lag.samples > 0 for r in fast)
+    assert all(r.transports_used for r in fast)
+    assert all(s.verify_s > 0 for r in fast for s in r.engine_sessions)
     assert fast[0].breakdown is not None and fast[0].breakdown.copy_s > 0
-    assert result.host_start.copy_gbps > 0 and result.object_store.put_gbps > 0
-    assert result.device.skipped or result.device.pinned_gbps
-    assert result.lag_floor.two_busy_p99_ms >= 0
+    limits = result.limits
+    assert limits.host_start.copy_gbps > 0 and limits.object_store.put_gbps > 0
+    assert limits.device.skipped or limits.device.pinned_gbps
+    assert limits.lag_floor.two_busy_p99_ms >= 0
 
     paths = write_outputs(result, tmp_path / "out")
     data = json.loads(paths["json"].read_text())
     assert data["ok"] is True
-    assert len(data["summary"]) == 3
+    assert len(data["summary"]) == len(result.runs)
     rows = summarize(result)
     assert set(rows[1]["targets"]) == set(TARGETS)
     assert rows[1]["stall_x"] > 0 and rows[1]["sync_x"] > 0
+    assert all(r["session_frac"] > 0 and r["stall_copy_x"] > 0 for r in rows)
+    assert all(r["engine_apply_gbps"] > 0 for r in rows)
 
     text = paths["markdown"].read_text()
-    assert "| model, engines | design | stall/step ms" in text
-    assert "asyncsync/shm" in text and "## Limits" in text and "## Where the time goes" in text
+    for heading in (
+        "## Limits",
+        "## Designs",
+        "## Engine side",
+        "## Fleet",
+        "## One slow engine",
+        "## Targets",
+        "## Where the time goes",
+    ):
+        assert heading in text, heading
+    assert "| model, engines | design | stall/step ms" in text and "asyncsync/shm" in text
+    assert "## Nodes" not in text  # only with a multi-node part
     assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     trace = json.loads(paths["trace"].read_text())
@@ -94,3 +121,23 @@ async def test_bench_smoke(ray_local: Any, tmp_path: Path) -> None:
     published = publish(result, paths["plot"], tmp_path / "repo", "make bench")
     assert "benchmarks/bench.png" in published["markdown"].read_text()
     assert published["plot"].exists()
+
+
+async def test_lag_summary_reads_the_library_probe_by_window() -> None:
+    import asyncio
+    import time
+
+    from asyncsync.bench.probes import lag_probe, lag_summary
+
+    probe = lag_probe(0.002)
+    probe.start()
+    await asyncio.sleep(0.05)
+    start = time.time()
+    time.sleep(0.1)  # noqa: ASYNC251 - blocks this loop on purpose
+    await asyncio.sleep(0.01)
+    end = time.time()
+    await probe.stop()
+    inside = lag_summary(probe, [(start, end)])
+    outside = lag_summary(probe, [(start, end)], inside=False)
+    assert inside.samples >= 1 and inside.max_ms >= 90
+    assert outside.samples > 5 and outside.max_ms < 90

@@ -3,10 +3,9 @@
 :class:`BenchTrainer` is a :class:`~asyncsync.actor.WeightSyncActor` made remote
 with :func:`~asyncsync.actor.train_actor` (explicit ``max_concurrency``): builds
 run in worker threads and overlap sync sessions of the previous step. It measures
-itself from inside: loop lag, RSS, cache residency. :class:`BenchEngine` is a
-:class:`~asyncsync.receiver.StagingReceiver` that applies into preallocated
-tensors with :func:`~asyncsync.bench.workload.apply_named`, the same apply work the
-baseline engine does.
+itself from inside: loop lag, RSS, cache residency. :class:`BenchEngine` is the
+library's :class:`~asyncsync.engines.TensorEngine` (plain tensors, one copy at
+commit: the same apply the baseline engine does) with per-session records.
 """
 
 from __future__ import annotations
@@ -24,23 +23,20 @@ import torch
 from ..actor import WeightSyncActor, train_actor
 from ..buckets import (
     Bucket,
-    BucketManifest,
     TensorMeta,
     TensorStream,
     checksum,
-    dtype_name,
     fill_buffer,
     layout,
 )
-from ..errors import ManifestMismatchError
-from ..receiver import EngineInfo, StagingReceiver
+from ..engines.tensors import TensorEngine, tensor_engine_actor
+from ..receiver import ReceiverStats
 from ..session import SyncPlan, SyncReport
-from .probes import LagSampler, RssSampler, UsageMeter, ValueSampler
-from .records import BuildBreakdown, EngineRecord, TrainerRecord
+from .probes import RssSampler, UsageMeter, ValueSampler, lag_probe, lag_summary
+from .records import BuildBreakdown, EngineRecord, EngineSession, TrainerRecord
 from .workload import (
     ModelSpec,
     TrainCompute,
-    apply_named,
     combined_digest,
     materialize,
     preallocate,
@@ -77,7 +73,7 @@ class BenchTrainer(WeightSyncActor):
         self.weights = materialize(spec, seed)
         self.compute = TrainCompute(train_gflop, seed)
         self.rss = RssSampler()
-        self.lag = LagSampler(lag_interval_s)
+        self.lag = lag_probe(lag_interval_s)
         self.resident = ValueSampler(self._resident_bytes)
         self.usage = UsageMeter()
 
@@ -126,7 +122,7 @@ class BenchTrainer(WeightSyncActor):
         Loop lag is summarized over the builds of steps >= ``since_step`` (the
         measured ones), and over every other wake-up after the first of them began.
         """
-        self.lag.stop()
+        await self.lag.stop()
         self.resident.stop()
         spans = self.sync_span_log.snapshot()
         builds = [
@@ -134,9 +130,11 @@ class BenchTrainer(WeightSyncActor):
         ]
         since = min((a for a, _ in builds), default=0.0)
         digests = await asyncio.to_thread(weight_digests, self.weights)
-        # The sampler is stopped: its samples no longer change under the thread.
-        build_lag = await asyncio.to_thread(self.lag.summary, builds, since=since)
-        other_lag = await asyncio.to_thread(self.lag.summary, builds, inside=False, since=since)
+        # The probe is stopped: its samples no longer change under the thread.
+        build_lag = await asyncio.to_thread(lag_summary, self.lag, builds, since=since)
+        other_lag = await asyncio.to_thread(
+            lag_summary, self.lag, builds, inside=False, since=since
+        )
         return TrainerRecord(
             spans=spans,
             rss_peak=self.rss.peak(),
@@ -161,7 +159,7 @@ class BenchTrainer(WeightSyncActor):
             start = time.perf_counter()
             await asyncio.to_thread(_noop)
             hops.append(time.perf_counter() - start)
-        lag = LagSampler(self.lag.interval_s)
+        lag = lag_probe(self.lag.interval_s)
         lag.start()
         idle = time.time()
         await asyncio.sleep(0.3)
@@ -172,7 +170,7 @@ class BenchTrainer(WeightSyncActor):
             await self.build_cpu_bucket_cache(step + i)
             quiet.append(time.perf_counter() - start)
             windows.append((wall, time.time()))
-        lag.stop()
+        await lag.stop()
         parts = await asyncio.to_thread(
             _profile_parts, list(self.weights.items()), self.weight_cache.bucket_bytes, reps
         )
@@ -194,8 +192,8 @@ class BenchTrainer(WeightSyncActor):
             quiet_build_s=min(quiet),
             first_build_s=first_build_s,
             reps=reps,
-            quiet_lag=await asyncio.to_thread(lag.summary, windows),
-            idle_lag=await asyncio.to_thread(lag.summary, [idle_window]),
+            quiet_lag=await asyncio.to_thread(lag_summary, lag, windows),
+            idle_lag=await asyncio.to_thread(lag_summary, lag, [idle_window]),
         )
 
 
@@ -283,58 +281,65 @@ def _profile_parts(
     }
 
 
-class BenchEngine(StagingReceiver):
-    """A light engine: stages checked buckets, applies them into preallocated weights at commit."""
+class BenchEngine(TensorEngine):
+    """A light engine: a :class:`~asyncsync.engines.TensorEngine` holding the model's weights.
+
+    It records, per session, where its time went (the receiver's own counters:
+    load, verify, apply) and can be slowed down (:meth:`set_slowdown`) to play
+    an engine that is ``factor`` times slower at receiving and applying.
+    :meth:`reset` makes it a fresh engine (initial weights version, no records),
+    so one set of engine actors serves many configurations.
+    """
 
     def __init__(self, spec: ModelSpec) -> None:
-        super().__init__()
+        super().__init__(preallocate(spec))
         torch.set_num_threads(1)
-        self.params = preallocate(spec)
         self.rss = RssSampler()
-        self.receive_s: list[tuple[int, float]] = []
-        self.apply_s: list[tuple[int, float]] = []
-        self._steps: dict[str, int] = {}
-
-    def check_manifest(self, manifest: Sequence[BucketManifest]) -> None:
-        for bucket in manifest:
-            for meta in bucket.index:
-                param = self.params.get(meta.name)
-                if param is None:
-                    raise ManifestMismatchError(
-                        f"tensor {meta.name!r} is not a weight of this engine"
-                    )
-                if tuple(param.shape) != meta.shape or dtype_name(param.dtype) != meta.dtype:
-                    raise ManifestMismatchError(
-                        f"tensor {meta.name!r}: {meta.dtype}{list(meta.shape)} does not fit "
-                        f"{dtype_name(param.dtype)}{list(param.shape)}"
-                    )
-
-    async def begin(
-        self,
-        session_id: str,
-        step: int,
-        manifest: Sequence[BucketManifest],
-        ttl_s: float | None = None,
-    ) -> EngineInfo:
-        info = await super().begin(session_id, step, manifest, ttl_s)
-        self._steps[session_id] = step
-        return info
+        self.slowdown = 1.0
+        self.sessions: list[EngineSession] = []
+        self._counted: tuple[float, ...] = (0.0,) * 5
 
     async def receive(self, session_id: str, index: int, payload: Any) -> int:
         start = time.perf_counter()
-        try:
-            return await super().receive(session_id, index, payload)
-        finally:
-            self.receive_s.append((self._steps.get(session_id, -1), time.perf_counter() - start))
+        nbytes = await super().receive(session_id, index, payload)
+        await self._slow_down(time.perf_counter() - start)
+        return nbytes
 
     async def apply(self, buckets: Sequence[Bucket], version: int) -> None:
         start = time.perf_counter()
-        await asyncio.to_thread(self._copy_in, buckets)
-        self.apply_s.append((version, time.perf_counter() - start))
+        await super().apply(buckets, version)
+        await self._slow_down(time.perf_counter() - start)
 
-    def _copy_in(self, buckets: Sequence[Bucket]) -> None:
-        for bucket in buckets:
-            apply_named(self.params, bucket.named_tensors())
+    async def commit(self, session_id: str) -> int:
+        version = await super().commit(session_id)
+        # The receiver's counters since the last commit are this session's work (the
+        # bench drives one session at a time per engine, and none aborts).
+        now = _totals(await self.receiver_stats())
+        delta = [a - b for a, b in zip(now, self._counted, strict=True)]
+        self._counted = now
+        self.sessions.append(
+            EngineSession(version, int(delta[0]), delta[1], delta[2], int(delta[3]), delta[4])
+        )
+        return version
+
+    async def _slow_down(self, took_s: float) -> None:
+        if self.slowdown > 1.0:
+            await asyncio.sleep((self.slowdown - 1.0) * took_s)
+
+    async def set_slowdown(self, factor: float) -> None:
+        """Take ``factor`` times as long to receive each bucket and to apply (1: normal speed)."""
+        self.slowdown = factor
+
+    async def reset(self) -> None:
+        """Become a fresh engine: initial weights version, normal speed, nothing recorded.
+
+        The weights keep their bytes; the first session writes every one of them.
+        """
+        self.version = None
+        self.slowdown = 1.0
+        self.sessions = []
+        self._counted = _totals(await self.receiver_stats())
+        self.rss.reset()
 
     async def ping(self) -> None:
         return None
@@ -349,18 +354,26 @@ class BenchEngine(StagingReceiver):
             digest=combined_digest(digests),
             rss_peak=self.rss.peak(),
             private_peak=self.rss.peak_private(),
-            receive_s=list(self.receive_s),
-            apply_s=list(self.apply_s),
+            sessions=list(self.sessions),
         )
 
 
-def bench_trainer_actor() -> Any:
+def _totals(stats: ReceiverStats) -> tuple[float, ...]:
+    """The receiver's running totals, in :class:`EngineSession`'s order after ``step``."""
+    return (
+        stats.received_bytes,
+        stats.load_s,
+        stats.verify_s,
+        stats.applied_bytes,
+        stats.apply_s,
+    )
+
+
+def bench_trainer_actor(**ray_options: Any) -> Any:
     """The remote :class:`BenchTrainer` class (async, ``max_concurrency=16``, no CPU reserved)."""
-    return train_actor(BenchTrainer, max_concurrency=16, num_cpus=0)
+    return train_actor(BenchTrainer, max_concurrency=16, num_cpus=0, **ray_options)
 
 
-def bench_engine_actor() -> Any:
+def bench_engine_actor(**ray_options: Any) -> Any:
     """The remote :class:`BenchEngine` class (async, ``max_concurrency=16``, no CPU reserved)."""
-    import ray
-
-    return ray.remote(BenchEngine).options(max_concurrency=16, num_cpus=0)
+    return tensor_engine_actor(BenchEngine, num_cpus=0, **ray_options)

@@ -27,13 +27,13 @@ from typing import Any
 
 import torch
 
+from ..engines.tensors import copy_named
 from ..spans import SpanLog
 from .probes import RssSampler, UsageMeter
-from .records import EngineRecord, TrainerRecord
+from .records import EngineRecord, EngineSession, TrainerRecord
 from .workload import (
     ModelSpec,
     TrainCompute,
-    apply_named,
     combined_digest,
     materialize,
     preallocate,
@@ -167,8 +167,9 @@ class BaselineEngine:
         self.shm_dir = shm_dir
         self.version: int | None = None
         self.rss = RssSampler()
-        self.receive_s: list[tuple[int, float]] = []
-        self.apply_s: list[tuple[int, float]] = []
+        self.sessions: list[EngineSession] = []
+        # (bytes received, load s, bytes applied, apply s) per bucket of the open step.
+        self._pending: list[tuple[int, float, int, float]] = []
 
     def receive(self, step: int, index: int, data: bytes) -> int:
         start = time.perf_counter()
@@ -183,13 +184,25 @@ class BaselineEngine:
             except FileNotFoundError:
                 pass
         loaded = time.perf_counter()
-        apply_named(self.params, list(tensors.items()))
-        self.receive_s.append((step, loaded - start))
-        self.apply_s.append((step, time.perf_counter() - loaded))
+        applied = copy_named(self.params, tensors.items())
+        done = time.perf_counter()
+        self._pending.append((len(data), loaded - start, applied, done - loaded))
         return len(data)
 
     def commit(self, step: int) -> int:
         self.version = step
+        parts = self._pending
+        self._pending = []
+        self.sessions.append(
+            EngineSession(
+                step=step,
+                received_bytes=sum(p[0] for p in parts),
+                load_s=sum(p[1] for p in parts),
+                verify_s=0.0,
+                applied_bytes=sum(p[2] for p in parts),
+                apply_s=sum(p[3] for p in parts),
+            )
+        )
         return step
 
     def ping(self) -> None:
@@ -204,8 +217,7 @@ class BaselineEngine:
             digest=combined_digest(weight_digests(self.params)),
             rss_peak=self.rss.peak(),
             private_peak=self.rss.peak_private(),
-            receive_s=list(self.receive_s),
-            apply_s=list(self.apply_s),
+            sessions=list(self.sessions),
         )
 
 

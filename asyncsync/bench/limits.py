@@ -21,6 +21,7 @@ __all__ = [
     "HostLimits",
     "LagFloor",
     "LimitsProbe",
+    "MachineLimits",
     "ObjectStoreLimits",
     "limits_probe_actor",
 ]
@@ -85,6 +86,28 @@ class DeviceLimits:
     pageable_gbps: float | None = None
     device: str | None = None
     skipped: str | None = None
+
+
+@dataclass(frozen=True)
+class MachineLimits:
+    """Every limit one bench run measured: host bandwidths at its start and at its end,
+    the object store, the device (or why not), and the event-loop lag floor."""
+
+    host_start: HostLimits
+    host_end: HostLimits
+    object_store: ObjectStoreLimits
+    device: DeviceLimits
+    lag_floor: LagFloor
+
+    @property
+    def copy_gbps(self) -> float:
+        """The copy limit: mean of the measurements at the start and the end of the run."""
+        return (self.host_start.copy_gbps + self.host_end.copy_gbps) / 2
+
+    @property
+    def checksum_gbps(self) -> float:
+        """The checksum limit: mean of the measurements at the start and the end of the run."""
+        return (self.host_start.checksum_gbps + self.host_end.checksum_gbps) / 2
 
 
 def _gbps(nbytes: int, seconds: list[float]) -> float:

@@ -1,8 +1,9 @@
 """In-actor measurements: resident set size, event-loop lag, cache residency; percentiles.
 
 Every probe runs *inside* the actor it measures: an RSS sampler thread (works in
-synchronous and async actors alike) and, for async actors, a task on the actor's
-loop that sleeps in short intervals and records how late each wake-up came.
+synchronous and async actors alike) and, for async actors, the library's
+:class:`~asyncsync.testing.LoopLagProbe` on the actor's loop, keeping every wake-up
+so that lag can be summarized over builds and over the rest.
 """
 
 from __future__ import annotations
@@ -11,20 +12,22 @@ import asyncio
 import resource
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import psutil
 
+from ..testing.looplag import LoopLagProbe
+
 __all__ = [
-    "LagSampler",
     "LagSummary",
     "RssSampler",
     "Usage",
     "UsageMeter",
     "ValueSampler",
+    "lag_probe",
+    "lag_summary",
     "percentile",
 ]
 
@@ -101,56 +104,33 @@ class LagSummary:
     interval_ms: float
 
 
-class LagSampler:
-    """A task on the running loop: sleeps ``interval_s``, records (wall time, overshoot).
+def lag_probe(interval_s: float = 0.002) -> LoopLagProbe:
+    """A loop-lag probe that keeps its wake-ups for :func:`lag_summary` (start it on the loop)."""
+    return LoopLagProbe(interval_s, history=500_000)
 
-    The overshoot of a wake-up is how long the loop could not run the task after
-    it was due: a loop blocked for 80 ms shows one sample of about 80 ms. On a
-    loaded machine the OS scheduling delay of the actor's thread is included too.
-    :meth:`start` must be called on the loop to measure; the other methods on the
-    same loop's thread.
+
+def lag_summary(
+    probe: LoopLagProbe,
+    windows: Sequence[tuple[float, float]],
+    *,
+    inside: bool = True,
+    since: float = 0.0,
+) -> LagSummary:
+    """Lag of the probe's wake-ups (at or after wall time ``since``) inside ``windows``.
+
+    ``inside=False``: of the wake-ups outside every window instead. Call on the
+    probe's loop thread, or once the probe is stopped.
     """
-
-    def __init__(self, interval_s: float = 0.002, maxlen: int = 500_000) -> None:
-        self.interval_s = interval_s
-        self._samples: deque[tuple[float, float]] = deque(maxlen=maxlen)
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="bench-lag")
-
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            due = loop.time() + self.interval_s
-            await asyncio.sleep(self.interval_s)
-            self._samples.append((time.time(), max(0.0, loop.time() - due)))
-
-    def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            self._task = None
-
-    def summary(
-        self, windows: Sequence[tuple[float, float]], *, inside: bool = True, since: float = 0.0
-    ) -> LagSummary:
-        """Lag of the wake-ups (at or after wall time ``since``) inside ``windows``.
-
-        ``inside=False``: of the wake-ups outside every window instead.
-        """
-        lags = [
-            lag
-            for t, lag in self._samples
-            if t >= since and any(a <= t <= b for a, b in windows) == inside
-        ]
-        return LagSummary(
-            samples=len(lags),
-            p50_ms=percentile(lags, 50) * 1e3,
-            p99_ms=percentile(lags, 99) * 1e3,
-            max_ms=max(lags, default=float("nan")) * 1e3,
-            interval_ms=self.interval_s * 1e3,
-        )
+    lags = [
+        lag for t, lag in probe.samples(since) if any(a <= t <= b for a, b in windows) == inside
+    ]
+    return LagSummary(
+        samples=len(lags),
+        p50_ms=percentile(lags, 50) * 1e3,
+        p99_ms=percentile(lags, 99) * 1e3,
+        max_ms=max(lags, default=float("nan")) * 1e3,
+        interval_ms=probe.interval_s * 1e3,
+    )
 
 
 class ValueSampler:

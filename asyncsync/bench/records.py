@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from ..spans import Span
 from .probes import LagSummary, Usage
 
-__all__ = ["BuildBreakdown", "EngineRecord", "TrainerRecord"]
+__all__ = ["BuildBreakdown", "EngineRecord", "EngineSession", "TrainerRecord"]
 
 
 @dataclass(frozen=True)
@@ -32,20 +32,33 @@ class TrainerRecord:
 
 
 @dataclass(frozen=True)
-class EngineRecord:
-    """What an engine measured: its version, weights digest, memory and where its time went.
+class EngineSession:
+    """Where one engine's time went in one session it committed (seconds, bytes).
 
-    ``receive_s``: ``(step, seconds)`` per bucket, loading the payload (and, for
-    asyncsync, checking its checksum). ``apply_s``: ``(step, seconds)`` per commit
-    (asyncsync) or per bucket (baseline), copying into the preallocated weights.
+    ``load_s``: getting the buckets' bytes from their payloads (asyncsync: mapping
+    the shared snapshot, reading the object store or the collective's buffers;
+    baseline: writing the bytes to ``/dev/shm`` and ``torch.load``). ``verify_s``:
+    checking them against the manifest, one checksum pass (baseline: none).
+    ``apply_s``: copying them into the engine's weights. Sums over the buckets.
     """
+
+    step: int
+    received_bytes: int
+    load_s: float
+    verify_s: float
+    applied_bytes: int
+    apply_s: float
+
+
+@dataclass(frozen=True)
+class EngineRecord:
+    """What an engine measured: its version, weights digest, memory, and its sessions."""
 
     version: int | None
     digest: str
     rss_peak: int
     private_peak: int
-    receive_s: list[tuple[int, float]] = field(default_factory=list)
-    apply_s: list[tuple[int, float]] = field(default_factory=list)
+    sessions: list[EngineSession] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,6 @@ __all__ = [
     "ModelSpec",
     "TensorSpec",
     "TrainCompute",
-    "apply_named",
     "combined_digest",
     "format_bytes",
     "llama_spec",
@@ -226,23 +225,6 @@ class TrainCompute:
         for _ in range(self.matmuls):
             x = torch.tanh(x @ self.b)
         return float(x[0, 0])
-
-
-def apply_named(params: dict[str, torch.Tensor], named: list[tuple[str, torch.Tensor]]) -> int:
-    """The engines' apply step, shared by both designs: copy into preallocated weights.
-
-    Raises ``KeyError`` naming an unknown tensor. Blocking. Returns bytes copied.
-    """
-    copied = 0
-    with torch.no_grad():
-        for name, tensor in named:
-            try:
-                dst = params[name]
-            except KeyError:
-                raise KeyError(f"engine has no weight named {name!r}") from None
-            dst.copy_(tensor)
-            copied += tensor.numel() * tensor.element_size()
-    return copied
 
 
 def preallocate(spec: ModelSpec) -> dict[str, torch.Tensor]:
