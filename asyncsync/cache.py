@@ -262,7 +262,9 @@ def _fill_slot(
     # Runs in a worker thread and touches only the slot it was given; the cache
     # looks at the slot's buffer only after this returned (see _Slot.writer).
     if slot.buffer is None:
-        slot.buffer = SharedBuffer.allocate(slot.capacity, pin_memory=pin_memory)
+        # Faulting the pages in first (in the kernel, for writing) is cheaper than
+        # taking a fault per page in the middle of the copy.
+        slot.buffer = SharedBuffer.allocate(slot.capacity, pin_memory=pin_memory, prefault=True)
     return fill_and_hash(slot.buffer.array[:total], index, tensors)
 
 

@@ -37,6 +37,9 @@ NAME_PREFIX = "asyncsync-"
 _PAGE = mmap.PAGESIZE
 _MAP_FAILED = ctypes.c_void_p(-1).value
 _MADV_REMOVE = 9  # free the pages behind a shared mapping (punch a hole in the file)
+# Fault every page in for writing (Linux >= 5.14). MAP_POPULATE on a shared mapping
+# only read-faults, and the first write to each page then still costs a fault.
+_MADV_POPULATE_WRITE = 23
 # Register the whole range with every CUDA context, so copies from any device are DMA.
 _CUDA_HOST_REGISTER_PORTABLE = 1
 
@@ -119,6 +122,13 @@ class _Mapping:
         return np.frombuffer(view, dtype=np.uint8)
 
 
+def _prefault(mapping: _Mapping) -> None:
+    if _libc.madvise(mapping.addr, mapping.length, _MADV_POPULATE_WRITE) == 0:
+        return
+    # An older kernel: write one byte per page (the pages are zero already).
+    mapping.array(readonly=False)[::_PAGE] = 0
+
+
 def _mmap(fd: int, length: int, offset: int, prot: int, populate: bool) -> _Mapping:
     flags = mmap.MAP_SHARED | (mmap.MAP_POPULATE if populate else 0)
     addr = _libc.mmap(None, length, prot, flags, fd, offset)
@@ -157,8 +167,8 @@ class SharedBuffer:
     ) -> SharedBuffer:
         """A new buffer of ``nbytes`` (zero-filled).
 
-        ``prefault`` maps every page up front (``MAP_POPULATE``), so the first
-        write into the buffer pays no page faults; ``pin_memory`` page-locks it
+        ``prefault`` faults every page in for writing up front, so writing into
+        the buffer later pays no page faults; ``pin_memory`` page-locks it
         with CUDA host registration (which also faults every page in), so
         device-to-host copies into it are asynchronous DMA. Blocking (the kernel
         zeroes every page when prefaulting): call it in a worker thread. Raises
@@ -178,10 +188,12 @@ class SharedBuffer:
             os.ftruncate(fd, nbytes)
             mapping = None
             if nbytes:
-                populate = prefault and not pin_memory
-                mapping = _mmap(fd, nbytes, 0, mmap.PROT_READ | mmap.PROT_WRITE, populate)
+                mapping = _mmap(fd, nbytes, 0, mmap.PROT_READ | mmap.PROT_WRITE, False)
                 if pin_memory:
+                    # Registration faults every page in and locks it.
                     _cuda_host_register(mapping, NAME_PREFIX + token)
+                elif prefault:
+                    _prefault(mapping)
         except OSError as exc:
             os.close(fd)
             raise SharedMemoryError(

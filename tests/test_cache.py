@@ -485,7 +485,7 @@ async def test_pool_top_up_stays_under_max_resident_bytes() -> None:
 
 
 class GatedPrefault:
-    """Holds the pool's pre-fault of every buffer after the first ``free`` until opened."""
+    """Holds every pre-faulted allocation after the first ``free`` until the gate opens."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, free: int) -> None:
         self.gate = threading.Event()
@@ -506,9 +506,10 @@ class GatedPrefault:
 async def test_a_build_waits_only_for_the_prefault_of_the_buffer_it_takes(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    gated = GatedPrefault(monkeypatch, free=1)
     cache = BucketCache(bucket_bytes=8 * KIB)
-    await publish(cache, 0)  # three buckets: the top-up pre-faults one, then stalls
+    await publish(cache, 0)  # three buckets
+    # Gated before the pool's top-up task first runs: it pre-faults one buffer, then stalls.
+    gated = GatedPrefault(monkeypatch, free=1)
     async with asyncio.timeout(10):
         while gated.started < 2:
             await asyncio.sleep(0.001)
