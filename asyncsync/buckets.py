@@ -563,13 +563,12 @@ def _fill(
     total = payload.nbytes
     flat: torch.Tensor | None = None
     hashed = 0  # payload[:hashed] was fed to the hasher
-    # Device copies still in flight, in payload order: (end offset, completion).
-    landing: list[tuple[int, _Landed]] = []
+    device = _DeviceCopies()
 
     def written(upto: int) -> None:
         """payload[:upto] is final on the host: hash it in chunks while it is hot."""
         nonlocal hashed
-        if hasher is not None and not landing and upto - hashed >= HASH_CHUNK:
+        if hasher is not None and not device.queued and upto - hashed >= HASH_CHUNK:
             hasher.update(view[hashed:upto])
             hashed = upto
 
@@ -593,10 +592,10 @@ def _fill(
                 src_at = src.data_ptr() - pos
                 while pos < end:
                     # Up to the next hash boundary; in one piece when nothing is hashed
-                    # now (no hasher, or device copies in flight that the hash must
-                    # wait for anyway).
-                    cut = end if hasher is None or landing else min(end, hashed + HASH_CHUNK)
-                    cut = max(cut, pos + 1)
+                    # now (no hasher, or device copies queued that the hash must wait
+                    # for anyway).
+                    inline = hasher is not None and not device.queued
+                    cut = max(min(end, hashed + HASH_CHUNK), pos + 1) if inline else end
                     ctypes.memmove(base + pos, src_at + pos, cut - pos)
                     pos = cut
                     written(pos)
@@ -620,7 +619,7 @@ def _fill(
                     dst[a:b].copy_(src[a:b], non_blocking=accel)
                 block_end = meta.offset + b * row_bytes
                 if accel:
-                    landing.append((block_end, _Landed(src.device)))
+                    device.add(src.device, (b - a) * row_bytes, block_end)
                 else:
                     written(block_end)
         except (RuntimeError, NotImplementedError, TypeError) as exc:
@@ -630,15 +629,49 @@ def _fill(
             ) from exc
     if total > end:
         ctypes.memset(base + end, 0, total - end)
-    # Hash what landed, in order, as it lands; everything after the last device
-    # copy is final already.
-    for upto, landed in landing:
-        landed.wait()
-        if hasher is not None:
+    # Hash what landed, in payload order, as it lands; the host's own writes
+    # between device copies are final already. Every copy has landed on return.
+    for upto, landed in device.marks(total):
+        for copies in landed:
+            copies.wait()
+        if hasher is not None and upto > hashed:
             hasher.update(view[hashed:upto])
             hashed = upto
-    if hasher is not None and hashed < total:
-        hasher.update(view[hashed:total])
+
+
+class _DeviceCopies:
+    """Device-to-host copies queued by one fill, marked for the hash in payload order.
+
+    A mark is recorded once about :data:`DEVICE_CHUNK` bytes were queued since the
+    last one: it covers every copy queued before it, on every device, so the hash
+    may take the payload up to its offset once the mark's copies have landed.
+    """
+
+    def __init__(self) -> None:
+        self.queued = False
+        self._marks: list[tuple[int, list[_Landed]]] = []
+        self._unmarked: dict[torch.device, None] = {}
+        self._since = 0
+
+    def add(self, device: torch.device, nbytes: int, upto: int) -> None:
+        self.queued = True
+        self._unmarked[device] = None
+        self._since += nbytes
+        if self._since >= DEVICE_CHUNK:
+            self._mark(upto)
+
+    def _mark(self, upto: int) -> None:
+        if self._unmarked:
+            self._marks.append((upto, [_Landed(d) for d in self._unmarked]))
+            self._unmarked.clear()
+            self._since = 0
+
+    def marks(self, total: int) -> list[tuple[int, list[_Landed]]]:
+        """Every mark, the last one at ``total`` (after the last copy)."""
+        self._mark(total)
+        if not self._marks or self._marks[-1][0] < total:
+            self._marks.append((total, []))
+        return self._marks
 
 
 class _Landed:
@@ -650,7 +683,6 @@ class _Landed:
     """
 
     def __init__(self, device: torch.device) -> None:
-        self.device = device
         self.event: torch.cuda.Event | None = None
         if device.type == "cuda":
             self.event = torch.cuda.Event()  # type: ignore[no-untyped-call]

@@ -107,8 +107,10 @@ class _Mapping:
             _cuda_host_unregister(self.addr)
 
     def __del__(self) -> None:
-        self.unregister()
-        _libc.munmap(self.addr, self.length)
+        try:
+            self.unregister()
+        finally:
+            _libc.munmap(self.addr, self.length)
 
     def array(self, readonly: bool) -> np.ndarray:
         raw = (ctypes.c_uint8 * self.length).from_address(self.addr)
@@ -319,10 +321,11 @@ def _cuda_host_register(mapping: _Mapping, name: str) -> None:
 
 
 def _cuda_host_unregister(addr: int) -> None:
-    import torch
-
     try:
+        import torch
+
         torch.cuda.cudart().cudaHostUnregister(addr)  # type: ignore[no-untyped-call]
-    except RuntimeError:
-        # The CUDA context is already gone (interpreter shutdown): nothing to undo.
+    except (ImportError, RuntimeError):
+        # The CUDA context (or torch) is already gone at interpreter shutdown:
+        # nothing is left to undo.
         pass
