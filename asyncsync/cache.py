@@ -216,13 +216,13 @@ class BuildHandle:
                 index, total, seen = await asyncio.to_thread(_next_group, stream)
                 if not index:
                     break
-                state.versions += seen
                 slot = await cache._reserve(state, total, self._timeout)
                 digest = await cache._fill(state, slot, total, index, [t for _, t, _ in seen])
                 assert slot.buffer is not None
                 state.buckets.append(
                     Bucket(slot.buffer.array[:total], index, digest, slot.buffer.region(0, total))
                 )
+                state.versions += seen
         except BaseException as exc:
             state.failed = f"{type(exc).__name__}: {exc}"
             raise
@@ -644,7 +644,7 @@ class BucketCache:
         pooled = sum(s.capacity for s in self._pool)
         for slot in slots:
             usable = (slot.buffer is not None or slot.prefaulting) and not slot.dirty
-            if usable and not self._closed and pooled + slot.capacity <= limit:
+            if usable and slot.capacity and not self._closed and pooled + slot.capacity <= limit:
                 self._pool.append(slot)
                 pooled += slot.capacity
             else:
@@ -732,6 +732,9 @@ class BucketCache:
                 raise ResidentLimitError(self._limit_message(state, nbytes, waited=wait)) from None
 
     def _take_or_reserve(self, state: _BuildState, nbytes: int) -> _Slot | None:
+        if nbytes == 0:
+            # A bucket of empty tensors: a memory file without pages, never a pooled buffer.
+            return _Slot(0)
         # Smallest pooled buffer that fits; of equal ones, one that is ready over one
         # being pre-faulted over one only reserved.
         fits = [s for s in self._pool if s.capacity >= nbytes]

@@ -783,3 +783,28 @@ async def test_unpackable_dtype_is_refused_and_the_cache_is_unchanged(dtype: tor
         before.pooled_bytes,
     )
     await cache.close()
+
+
+async def test_a_bucket_of_empty_tensors_takes_no_pooled_buffer() -> None:
+    cache = BucketCache(bucket_bytes=8 * KIB)
+    await publish(cache, 0)
+    await settle(cache)
+    pooled = cache.stats().pooled_bytes
+    assert pooled > 0
+    async with cache.build(1) as build:
+        await build.add([("empty", torch.empty(0, 4)), ("none", torch.empty(0))])
+        assert cache.stats().pooled_bytes == pooled
+        await build.add(weights(1))
+    async with cache.read() as snap:
+        empty = snap.buckets[0]
+        assert (empty.nbytes, [m.name for m in empty.index]) == (0, ["empty", "none"])
+        assert empty.region is not None
+        assert (await asyncio.to_thread(map_region, empty.region)).nbytes == 0
+        assert [t.shape for _, t in list(snap.named_tensors())[:2]] == [(0, 4), (0,)]
+    for step in range(2, 5):  # empty buckets are not pooled either: nothing piles up
+        async with cache.build(step) as build:
+            await build.add([("empty", torch.empty(0))])
+            await build.add(weights(step))
+    await settle(cache)
+    assert all(s.capacity for s in cache._pool)
+    await cache.close()
