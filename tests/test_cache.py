@@ -808,3 +808,18 @@ async def test_a_bucket_of_empty_tensors_takes_no_pooled_buffer() -> None:
     await settle(cache)
     assert all(s.capacity for s in cache._pool)
     await cache.close()
+
+
+async def test_cache_buckets_pass_through_the_object_store_zero_copy(ray_local: object) -> None:
+    import ray
+
+    cache = BucketCache(bucket_bytes=8 * KIB)
+    await publish(cache, 0)
+    async with cache.read() as snap:
+        refs = [ray.put(b) for b in snap.buckets]
+        got = await asyncio.gather(*refs)
+        for want, have in zip(snap.buckets, got, strict=True):
+            assert not have.buffer.flags.owndata  # mapped from the object store, not copied
+            assert have.region == want.region
+            have.verify(want.manifest)
+    await cache.close()
