@@ -40,6 +40,9 @@ _MADV_REMOVE = 9  # free the pages behind a shared mapping (punch a hole in the 
 # Fault every page in for writing (Linux >= 5.14). MAP_POPULATE on a shared mapping
 # only read-faults, and the first write to each page then still costs a fault.
 _MADV_POPULATE_WRITE = 23
+# Ask for transparent huge pages: fewer TLB misses in every copy. Takes effect where
+# /sys/kernel/mm/transparent_hugepage/shmem_enabled allows it ("advise" and up).
+_MADV_HUGEPAGE = 14
 # Register the whole range with every CUDA context, so copies from any device are DMA.
 _CUDA_HOST_REGISTER_PORTABLE = 1
 
@@ -191,6 +194,7 @@ class SharedBuffer:
             mapping = None
             if nbytes:
                 mapping = _mmap(fd, nbytes, 0, mmap.PROT_READ | mmap.PROT_WRITE, False)
+                _libc.madvise(mapping.addr, mapping.length, _MADV_HUGEPAGE)
                 if pin_memory:
                     # Registration faults every page in and locks it.
                     _cuda_host_register(mapping, NAME_PREFIX + token)

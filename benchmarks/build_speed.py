@@ -5,13 +5,15 @@ Measures, single-threaded (``torch.set_num_threads(1)``) and best of ``--reps``:
 * the limits: ``Tensor.copy_`` of one flat buffer into a touched one, and xxh3-64
   of one flat buffer (memory-bound reads);
 * ``fill_and_hash`` of one flat tensor per chunk size (how ``HASH_CHUNK`` was chosen);
-* a cache build of a Llama-shaped model (``llama_spec``) of each ``--sizes``:
-  the first build (fresh buffers: page faults), a build right after it into the
-  pre-faulted pool, the same with the pool top-up switched off, and a steady-state
-  build into recycled buffers; and the per-tensor overhead of a build.
+* for a Llama-shaped model (``llama_spec``) of each ``--sizes``: ``fill_buffer``
+  (the copy alone) and ``fill_and_hash`` of its tensors outside the cache; cache
+  builds: the first build (fresh buffers: page faults), the next build into the
+  pool pre-faulted after the first publish, the same with the top-up switched
+  off, and a steady-state build into recycled buffers; and the per-tensor
+  overhead of a build (against the same bytes as one tensor per bucket).
 
 Prints GB/s and each build as a fraction of the copy limit. The limits are
-measured again around every group of builds and the best is kept (other
+measured again between every group of measurements and the best is kept (other
 processes only ever slow a measurement down; a limit is what the machine can do).
 The target is a steady-state 1 GiB build at >= 0.80 of the copy limit on a quiet
 machine; the load average is printed first and last.
@@ -27,12 +29,11 @@ import os
 import time
 from collections.abc import Callable
 
-import numpy as np
 import torch
 
 from asyncsync import buckets
 from asyncsync.bench.workload import format_bytes, llama_spec, materialize, parse_size
-from asyncsync.buckets import checksum, fill_and_hash, layout
+from asyncsync.buckets import checksum, fill_and_hash, fill_buffer, layout
 from asyncsync.cache import BucketCache
 
 GB = 1e9
@@ -58,7 +59,7 @@ def limits(nbytes: int, reps: int) -> tuple[float, float]:
 
 def chunk_sweep(nbytes: int, reps: int) -> dict[int, float]:
     src = torch.empty(nbytes, dtype=torch.uint8).fill_(3)
-    payload = np.zeros(nbytes, dtype=np.uint8)
+    payload = torch.zeros(nbytes, dtype=torch.uint8).numpy()  # 4 KiB pages, like the limit
     index, _ = layout([("flat", src)])
     saved = buckets.HASH_CHUNK
     out = {}
@@ -86,42 +87,6 @@ async def settle(cache: BucketCache) -> None:
         await cache._top_up_task
 
 
-async def builds(nbytes: int, reps: int) -> dict[str, float]:
-    spec = llama_spec(nbytes)
-    named = list(materialize(spec, seed=0).items())
-    total = spec.nbytes
-    out: dict[str, float] = {"tensors": float(len(named)), "bytes": float(total)}
-
-    cache = BucketCache(bucket_bytes=512 << 20, pin_memory=False)
-    out["first"] = await timed_build(cache, 0, named)
-    await settle(cache)
-    out["after_prefault"] = await timed_build(cache, 1, named)
-    steady = float("inf")
-    for step in range(2, 2 + reps):
-        await settle(cache)
-        steady = min(steady, await timed_build(cache, step, named))
-    out["steady"] = steady
-    await cache.close()
-
-    cold = BucketCache(bucket_bytes=512 << 20, pin_memory=False, prefault_pool=False)
-    await timed_build(cold, 0, named)
-    out["after_no_prefault"] = await timed_build(cold, 1, named)
-    await cold.close()
-
-    # Per-tensor overhead: the same bytes as one tensor per bucket-sized piece.
-    flat = torch.cat([t.reshape(-1).view(torch.uint8) for _, t in named])
-    pieces = [(f"flat{i}", p) for i, p in enumerate(torch.split(flat, 512 << 20))]
-    warm = BucketCache(bucket_bytes=512 << 20, pin_memory=False)
-    await timed_build(warm, 0, pieces)
-    best = float("inf")
-    for step in range(1, 1 + reps):
-        await settle(warm)
-        best = min(best, await timed_build(warm, step, pieces))
-    out["flat_steady"] = best
-    await warm.close()
-    return out
-
-
 class Limits:
     """The best copy and hash bandwidths seen so far in this run."""
 
@@ -134,6 +99,72 @@ class Limits:
         copy_gbps, hash_gbps = limits(256 << 20, self.reps)
         self.copy_gbps = max(self.copy_gbps, copy_gbps)
         self.hash_gbps = max(self.hash_gbps, hash_gbps)
+
+
+def primitives(named: list[tuple[str, torch.Tensor]], reps: int) -> tuple[float, float]:
+    """The model's tensors through the library's primitives, outside the cache.
+
+    The copy alone (what any build of these tensors must do) and copy + hash.
+    """
+    index, size = layout(named)
+    tensors = [t for _, t in named]
+    # Touched like the copy limit's buffers and the cache's (numpy would ask for
+    # huge pages for a large array of its own, which neither of them gets).
+    payload = torch.zeros(size, dtype=torch.uint8).numpy()
+    copy_s = best_of(reps, lambda: fill_buffer(payload, index, tensors))
+    fused_s = best_of(reps, lambda: fill_and_hash(payload, index, tensors))
+    return copy_s, fused_s
+
+
+async def builds(nbytes: int, reps: int, lim: Limits) -> dict[str, float]:
+    spec = llama_spec(nbytes)
+    named = list(materialize(spec, seed=0).items())
+    total = spec.nbytes
+    out: dict[str, float] = {"tensors": float(len(named)), "bytes": float(total)}
+
+    lim.measure()
+    out["copy_only"], out["fused"] = primitives(named, reps)
+    lim.measure()
+
+    # A first build pays for fresh memory; the next one, with the pool pre-faulted
+    # after the first publish (or not), is what a trainer's second step sees.
+    first, prefaulted, fresh = [], [], []
+    for _ in range(min(reps, 3)):
+        for prefault, times in ((True, prefaulted), (False, fresh)):
+            cache = BucketCache(bucket_bytes=512 << 20, pin_memory=False, prefault_pool=prefault)
+            first.append(await timed_build(cache, 0, named))
+            await settle(cache)
+            times.append(await timed_build(cache, 1, named))
+            await cache.close()
+    out["first"] = min(first)
+    out["after_prefault"] = min(prefaulted)
+    out["after_no_prefault"] = min(fresh)
+    lim.measure()
+
+    cache = BucketCache(bucket_bytes=512 << 20, pin_memory=False)
+    steady = float("inf")
+    for step in range(2 + reps):
+        await settle(cache)
+        took = await timed_build(cache, step, named)
+        if step >= 2:  # buffers recycled from two steps back
+            steady = min(steady, took)
+    out["steady"] = steady
+    await cache.close()
+    lim.measure()
+
+    # Per-tensor overhead: the same bytes as one tensor per bucket-sized piece.
+    flat = torch.cat([t.reshape(-1).view(torch.uint8) for _, t in named])
+    pieces = [(f"flat{i}", p) for i, p in enumerate(torch.split(flat, 512 << 20))]
+    warm = BucketCache(bucket_bytes=512 << 20, pin_memory=False)
+    best = float("inf")
+    for step in range(2 + reps):
+        await settle(warm)
+        took = await timed_build(warm, step, pieces)
+        if step >= 2:
+            best = min(best, took)
+    out["flat_steady"] = best
+    await warm.close()
+    return out
 
 
 def main() -> None:
@@ -153,8 +184,7 @@ def main() -> None:
     lim.measure()
     results = []
     for nbytes in sizes:
-        results.append((nbytes, asyncio.run(builds(nbytes, args.reps))))
-        lim.measure()
+        results.append((nbytes, asyncio.run(builds(nbytes, args.reps, lim))))
 
     copy_gbps, hash_gbps = lim.copy_gbps, lim.hash_gbps
     serial = 1 / (1 / copy_gbps + 1 / hash_gbps)
@@ -176,7 +206,7 @@ def main() -> None:
         def line(label: str, seconds: float, total: float = total) -> None:
             gbps = total / seconds / GB
             print(
-                f"  {label:38} {seconds * 1e3:8.1f} ms {gbps:6.2f} GB/s = "
+                f"  {label:42} {seconds * 1e3:8.1f} ms {gbps:6.2f} GB/s = "
                 f"{gbps / copy_gbps:.2f} of copy"
             )
 
@@ -184,13 +214,15 @@ def main() -> None:
             f"cache build of llama_spec({format_bytes(nbytes)}): {int(r['tensors'])} tensors, "
             f"{format_bytes(total)}"
         )
+        line("fill_buffer (copy alone) of these tensors", r["copy_only"])
+        line("fill_and_hash of these tensors", r["fused"])
         line("first build (fresh buffers)", r["first"])
         line("next build, pool pre-faulted", r["after_prefault"])
         line("next build, no pre-fault (fresh)", r["after_no_prefault"])
         line("steady state (recycled buffers)", r["steady"])
         line("steady state, one tensor per bucket", r["flat_steady"])
         per_tensor = (r["steady"] - r["flat_steady"]) / r["tensors"]
-        print(f"  per-tensor overhead                    {per_tensor * 1e6:8.1f} us")
+        print(f"  {'per-tensor overhead of a build':42} {per_tensor * 1e6:8.1f} us")
     print(f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
