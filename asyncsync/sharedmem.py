@@ -311,12 +311,13 @@ def map_region(region: SharedRegion) -> np.ndarray:
 def _cuda_host_register(mapping: _Mapping, name: str) -> None:
     import torch
 
-    cudart = torch.cuda.cudart()  # type: ignore[no-untyped-call]
     try:
+        cudart = torch.cuda.cudart()  # type: ignore[no-untyped-call]
         err = cudart.cudaHostRegister(mapping.addr, mapping.length, _CUDA_HOST_REGISTER_PORTABLE)
-    except RuntimeError as exc:  # builds that check the result themselves
+    except (RuntimeError, AssertionError) as exc:
+        # No CUDA in this build or process, or a binding that checks the result itself.
         raise SharedMemoryError(f"cannot page-lock shared buffer {name}: {exc}") from None
-    if err != cudart.cudaError.success:
+    if err is not None and err != cudart.cudaError.success:
         raise SharedMemoryError(
             f"cannot page-lock shared buffer {name} ({mapping.length} bytes): "
             f"{cudart.cudaGetErrorString(err)}"
@@ -329,7 +330,7 @@ def _cuda_host_unregister(addr: int) -> None:
         import torch
 
         torch.cuda.cudart().cudaHostUnregister(addr)  # type: ignore[no-untyped-call]
-    except (ImportError, RuntimeError):
+    except (ImportError, RuntimeError, AssertionError):
         # The CUDA context (or torch) is already gone at interpreter shutdown:
         # nothing is left to undo.
         pass

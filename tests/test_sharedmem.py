@@ -14,6 +14,7 @@ import textwrap
 
 import numpy as np
 import pytest
+import torch
 
 from asyncsync.buckets import checksum
 from asyncsync.errors import SharedMemoryError
@@ -181,3 +182,12 @@ def test_read_only_view_pickles_by_value() -> None:
         assert np.array_equal(copy, view)
     finally:
         buffer.release()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="page-locking works with CUDA")
+def test_page_locking_without_cuda_is_a_typed_error_and_leaks_nothing() -> None:
+    before = memfd_links()
+    with pytest.raises(SharedMemoryError, match=rf"cannot page-lock shared buffer {NAME_PREFIX}"):
+        SharedBuffer.allocate(1 << 20, pin_memory=True)
+    gc.collect()
+    assert memfd_links() == before
