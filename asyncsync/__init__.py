@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from .actor import WeightSyncActor, cache_method, train_actor
+from typing import TYPE_CHECKING, Any
+
 from .buckets import Bucket, BucketManifest, TensorMeta, pack
 from .cache import BucketCache, BuildHandle, CacheStats, Snapshot
-from .coordinator import SyncCoordinator
 from .errors import (
     ActorDefinitionError,
     AdmissionError,
@@ -23,6 +23,7 @@ from .errors import (
     IncompleteSessionError,
     InvalidStepError,
     ManifestMismatchError,
+    NothingBuiltError,
     PayloadError,
     QuorumError,
     ReadTimeoutError,
@@ -32,17 +33,58 @@ from .errors import (
     SessionIdReusedError,
     SessionTimeoutError,
     ShardError,
+    SharedMemoryError,
     StaleStepError,
     TopologyError,
+    TornSnapshotError,
     TrainGroupError,
     TrainGroupTimeoutError,
     TransportError,
     UnknownSessionError,
     WrongLoopError,
 )
-from .fleet import EngineFleet, EngineState, FleetView, Health
-from .receiver import EngineInfo, ReceiverStats, StagingReceiver
-from .session import SyncPlan, SyncReport, TargetReport
+
+if TYPE_CHECKING:
+    from .actor import WeightSyncActor, cache_method, train_actor
+    from .coordinator import SyncCoordinator
+    from .fleet import EngineFleet, EngineState, FleetView, Health
+    from .receiver import EngineInfo, ReceiverStats, StagingReceiver
+    from .session import SyncPlan, SyncReport, TargetReport
+
+# Names of the train, session and engine sides: imported on first use, so that the
+# buckets, the cache, shared memory and the errors work in a process without Ray.
+_LAZY = {
+    "WeightSyncActor": "actor",
+    "cache_method": "actor",
+    "train_actor": "actor",
+    "SyncCoordinator": "coordinator",
+    "EngineFleet": "fleet",
+    "EngineState": "fleet",
+    "FleetView": "fleet",
+    "Health": "fleet",
+    "EngineInfo": "receiver",
+    "ReceiverStats": "receiver",
+    "StagingReceiver": "receiver",
+    "SyncPlan": "session",
+    "SyncReport": "session",
+    "TargetReport": "session",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __version__ = "0.1.0"
 
@@ -87,11 +129,12 @@ __all__ = [
     "ConfigError",
     "ConversionError",
     "CoordinatorClosedError",
-    "FleetError",
     "CoverageError",
+    "FleetError",
     "IncompleteSessionError",
     "InvalidStepError",
     "ManifestMismatchError",
+    "NothingBuiltError",
     "PayloadError",
     "QuorumError",
     "ReadTimeoutError",
@@ -101,8 +144,10 @@ __all__ = [
     "SessionIdReusedError",
     "SessionTimeoutError",
     "ShardError",
+    "SharedMemoryError",
     "StaleStepError",
     "TopologyError",
+    "TornSnapshotError",
     "TrainGroupError",
     "TrainGroupTimeoutError",
     "TransportError",

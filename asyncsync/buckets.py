@@ -7,6 +7,13 @@ of the payload. Offsets are aligned to :data:`ALIGN` bytes so that every view ba
 out is correctly aligned for its dtype; padding bytes are zero, so equal tensors
 always give equal checksums.
 
+Copying and hashing are one pass over memory (:func:`fill_and_hash`): each chunk
+of a bucket is fed to a streaming xxh3-64 right after it is written, while it is
+still in the CPU cache, so a build reads the weights once and writes the bucket
+once. Tensors the format cannot hold (quantized, sub-byte dtypes, any dtype whose
+bytes cannot be viewed back out) are refused with :class:`BucketError` before
+anything of theirs is copied.
+
 Packing respects a byte budget per bucket. A single tensor larger than the budget
 gets a bucket of its own (real embedding tables exceed 512 MiB); that is by design,
 never an error.
@@ -14,18 +21,22 @@ never an error.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import xxhash
 
 from .errors import BucketError, ChecksumMismatchError, ManifestMismatchError
+
+if TYPE_CHECKING:
+    from .sharedmem import SharedRegion
 
 __all__ = [
     "ALIGN",
@@ -37,6 +48,7 @@ __all__ = [
     "checksum",
     "dtype_from_name",
     "dtype_name",
+    "fill_and_hash",
     "fill_buffer",
     "pack",
     "tensor_digest",
@@ -51,9 +63,25 @@ def aligned(nbytes: int) -> int:
     return (nbytes + ALIGN - 1) // ALIGN * ALIGN
 
 
+HASH_CHUNK = 1 << 20
+"""Bytes copied before they are hashed, while still in the CPU cache (chosen by
+measurement: ``benchmarks/build_speed.py``; below 256 KiB the per-chunk overhead
+shows, above the L2 size the hash reads from farther away)."""
+
+DEVICE_CHUNK = 16 << 20
+"""Bytes per device-to-host copy that the hash can start on once it has landed:
+large enough that the copy's launch cost is small, small enough that hashing
+overlaps the transfer of the rest of the bucket."""
+
+_DTYPE_NAMES: dict[torch.dtype, str] = {}
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     """Stable text name of a torch dtype (``torch.bfloat16`` -> ``"bfloat16"``)."""
-    return str(dtype).removeprefix("torch.")
+    name = _DTYPE_NAMES.get(dtype)
+    if name is None:
+        name = _DTYPE_NAMES[dtype] = str(dtype).removeprefix("torch.")
+    return name
 
 
 def dtype_from_name(name: str) -> torch.dtype:
@@ -143,11 +171,18 @@ class Bucket:
 
     ``buffer`` is exactly ``nbytes`` long. Buckets handed out by a cache read are
     immutable while pinned: do not write through :meth:`named_tensors` views.
+    ``region`` names the shared memory that holds ``buffer`` when a cache built
+    it (a reader on the same node maps it with
+    :func:`~asyncsync.sharedmem.map_region` instead of receiving a copy);
+    ``None`` for buckets from :func:`pack` or received over a transport.
+    Pickling copies the payload zero-copy out of band (protocol 5) and the
+    region as a few fields.
     """
 
     buffer: np.ndarray
     index: tuple[TensorMeta, ...]
     checksum: int
+    region: SharedRegion | None = None
 
     @property
     def nbytes(self) -> int:
@@ -297,7 +332,9 @@ def validate_tensor(name: object, value: object) -> torch.Tensor:
     """Return ``value`` as a packable tensor, or raise :class:`BucketError` naming it.
 
     Accepts dense (strided) tensors on CPU or an accelerator; refuses non-tensors,
-    sparse and meta tensors, and names that are not non-empty strings.
+    sparse, nested, meta and quantized tensors, dtypes whose bytes cannot be
+    copied into a bucket and viewed back out (sub-byte ``uint1``..``uint7``,
+    ``int1``..``int7`` and the like), and names that are not non-empty strings.
     """
     if not isinstance(name, str) or not name:
         # No usable name: say what the value is, so the item can still be found.
@@ -309,11 +346,55 @@ def validate_tensor(name: object, value: object) -> torch.Tensor:
         raise BucketError(f"tensor names must be non-empty strings, got {name!r} for a {what}")
     if not isinstance(value, torch.Tensor):
         raise BucketError(f"{name!r} is a {type(value).__name__}, not a torch.Tensor")
-    if value.layout != torch.strided:
-        raise BucketError(f"{name!r} has layout {value.layout}; only dense tensors can be packed")
+    if value.layout != torch.strided or value.is_nested:
+        what = "nested" if value.is_nested else str(value.layout)
+        raise BucketError(f"{name!r} has layout {what}; only dense tensors can be packed")
     if value.is_meta:
         raise BucketError(f"{name!r} is a meta tensor and holds no data")
+    if value.is_quantized or value.dtype in _QUANTIZED:
+        raise BucketError(
+            f"{name!r} is a quantized {dtype_name(value.dtype)} tensor, which a bucket cannot "
+            "hold; send its int_repr() and its scales and zero points as separate tensors"
+        )
+    problem = _dtype_problem(value.dtype)
+    if problem is not None:
+        raise BucketError(
+            f"{name!r} has dtype {dtype_name(value.dtype)}, which a bucket cannot hold: {problem}"
+        )
     return value
+
+
+_QUANTIZED = frozenset({torch.qint8, torch.quint8, torch.qint32, torch.quint4x2, torch.quint2x4})
+_DTYPE_PROBLEMS: dict[torch.dtype, str | None] = {}
+
+
+def _dtype_problem(dtype: torch.dtype) -> str | None:
+    """Why a dtype cannot go through a bucket, or ``None`` if it can (cached per dtype).
+
+    A dtype is packable when its name maps back to it (the index stores names),
+    and torch can view bytes as it and copy it element-wise: that is exactly what
+    packing and :meth:`Bucket.named_tensors` do. The probe views a small uint8
+    buffer, so no tensor of the dtype is created (which warns for some dtypes).
+    """
+    if dtype in _DTYPE_PROBLEMS:
+        return _DTYPE_PROBLEMS[dtype]
+    problem: str | None = None
+    name = dtype_name(dtype)
+    if getattr(torch, name, None) is not dtype:
+        problem = f"its name {name!r} does not map back to it"
+    else:
+        try:
+            probe = torch.zeros(2 * max(1, dtype.itemsize), dtype=torch.uint8).view(dtype)
+            probe[:1].copy_(probe[1:2])
+        except (RuntimeError, NotImplementedError, TypeError) as exc:
+            problem = f"torch cannot copy it byte for byte ({_first_line(exc)})"
+    _DTYPE_PROBLEMS[dtype] = problem
+    return problem
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 def tensor_nbytes(t: torch.Tensor) -> int:
@@ -396,48 +477,223 @@ def layout(group: list[tuple[str, torch.Tensor]]) -> tuple[tuple[TensorMeta, ...
     return tuple(index), total
 
 
-def fill_buffer(
-    payload: np.ndarray, index: tuple[TensorMeta, ...], tensors: list[torch.Tensor]
-) -> None:
-    """Copy ``tensors`` into ``payload`` at ``index`` offsets and zero the padding.
+def fill_and_hash(
+    payload: np.ndarray, index: Sequence[TensorMeta], tensors: Sequence[torch.Tensor]
+) -> int:
+    """Copy ``tensors`` into ``payload`` at ``index`` offsets, zero the padding, return the hash.
 
-    Blocking; run it in a worker thread (torch releases the GIL while copying).
-    Accelerator tensors are copied to the host here, asynchronously (into pinned
-    memory when ``payload`` is pinned), with one synchronization per source device
-    per call, after the last copy. The checksum is left to the caller, so it can
-    overlap the next bucket's copy.
+    The result equals ``checksum(payload)`` bit for bit, but memory is crossed
+    once: the payload is written in chunks of :data:`HASH_CHUNK` bytes and each
+    chunk is fed to a streaming xxh3-64 right after it is written, while it is
+    still in the CPU cache. Contiguous CPU tensors are copied with ``memmove``;
+    other tensors with ``Tensor.copy_`` in blocks of rows. Accelerator tensors are
+    copied to the host asynchronously (DMA when ``payload`` is page-locked), in
+    blocks of about :data:`DEVICE_CHUNK` bytes, each hashed as soon as it has
+    landed, so the hash overlaps the rest of the transfer; the call returns after
+    every copy finished.
+
+    ``index`` must describe ``tensors`` (same order, sizes and shapes) in
+    increasing, non-overlapping offsets inside ``payload``, which must be a
+    writable, contiguous 1-D ``uint8`` array; bytes not covered by a tensor are
+    zeroed. Raises :class:`BucketError` naming the tensor when an argument does not
+    fit, before anything is written, or when torch fails to copy a tensor (the
+    payload is then partly written and must be discarded). Blocking: run it in a
+    worker thread (the GIL is released during every copy and hash).
     """
-    flat = torch.from_numpy(payload)
+    _check_fill(payload, index, tensors)
+    hasher = xxhash.xxh3_64()
+    _fill(payload, index, tensors, hasher)
+    return int(hasher.intdigest())
+
+
+def fill_buffer(
+    payload: np.ndarray, index: Sequence[TensorMeta], tensors: Sequence[torch.Tensor]
+) -> None:
+    """:func:`fill_and_hash` without the hash: the copy alone, to measure it apart.
+
+    Same contract and errors; the payload's checksum is left to the caller.
+    """
+    _check_fill(payload, index, tensors)
+    _fill(payload, index, tensors, None)
+
+
+def _check_fill(
+    payload: np.ndarray, index: Sequence[TensorMeta], tensors: Sequence[torch.Tensor]
+) -> None:
+    # Bytes are moved by address below: every range must lie inside the payload.
+    if (
+        not isinstance(payload, np.ndarray)
+        or payload.dtype != np.uint8
+        or payload.ndim != 1
+        or not payload.flags.c_contiguous
+        or not payload.flags.writeable
+    ):
+        raise BucketError("payload must be a writable, contiguous 1-D uint8 numpy array")
+    if len(index) != len(tensors):
+        raise BucketError(f"{len(index)} index entries for {len(tensors)} tensors")
     end = 0
-    devices: set[torch.device] = set()
+    for meta, src in zip(index, tensors, strict=True):
+        if not isinstance(src, torch.Tensor):
+            raise BucketError(f"{meta.name!r} is a {type(src).__name__}, not a torch.Tensor")
+        if tensor_nbytes(src) != meta.nbytes or src.shape != meta.shape:
+            raise BucketError(
+                f"tensor {meta.name!r}: index says {meta.dtype}{list(meta.shape)} of "
+                f"{meta.nbytes} bytes, the tensor is {dtype_name(src.dtype)}{list(src.shape)}"
+            )
+        if meta.offset < end or meta.offset + meta.nbytes > payload.nbytes:
+            raise BucketError(
+                f"tensor {meta.name!r}: bytes [{meta.offset}, {meta.offset + meta.nbytes}) "
+                f"overlap the tensor before it or lie outside the {payload.nbytes}-byte payload"
+            )
+        end = meta.offset + meta.nbytes
+
+
+_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def _fill(
+    payload: np.ndarray,
+    index: Sequence[TensorMeta],
+    tensors: Sequence[torch.Tensor],
+    hasher: xxhash.xxh3_64 | None,
+) -> None:
+    """The copy loop of :func:`fill_and_hash` (arguments already checked)."""
+    base = payload.ctypes.data
+    view = memoryview(payload)  # type: ignore[arg-type]
+    total = payload.nbytes
+    flat: torch.Tensor | None = None
+    hashed = 0  # payload[:hashed] was fed to the hasher
+    device = _DeviceCopies()
+
+    def written(upto: int) -> None:
+        """payload[:upto] is final on the host: hash it in chunks while it is hot."""
+        nonlocal hashed
+        if hasher is not None and not device.queued and upto - hashed >= HASH_CHUNK:
+            hasher.update(view[hashed:upto])
+            hashed = upto
+
+    end = 0
     for meta, src in zip(index, tensors, strict=True):
         if meta.offset > end:
-            flat[end : meta.offset].zero_()
+            ctypes.memset(base + end, 0, meta.offset - end)
         end = meta.offset + meta.nbytes
         if meta.nbytes == 0:
             continue  # nothing to copy (and an empty buffer cannot be viewed as another dtype)
-        dst = flat[meta.offset : meta.offset + meta.nbytes].view(src.dtype).view(src.shape)
-        accel = src.device.type != "cpu"
-        if accel:
-            devices.add(src.device)
-        dst.copy_(src.detach(), non_blocking=accel)
-    for device in devices:
-        _wait_for_copies(device)
+        try:
+            if (
+                type(src) in _PLAIN_TENSOR_TYPES
+                and src.is_cpu
+                and src.is_contiguous()
+                and not src.is_conj()
+                and not src.is_neg()
+            ):
+                # Plain bytes: memmove (releases the GIL), cut where the hash wants them.
+                pos = meta.offset
+                src_at = src.data_ptr() - pos
+                while pos < end:
+                    # Up to the next hash boundary; in one piece when nothing is hashed
+                    # now (no hasher, or device copies queued that the hash must wait
+                    # for anyway).
+                    inline = hasher is not None and not device.queued
+                    cut = max(min(end, hashed + HASH_CHUNK), pos + 1) if inline else end
+                    ctypes.memmove(base + pos, src_at + pos, cut - pos)
+                    pos = cut
+                    written(pos)
+                continue
+            if flat is None:
+                flat = _as_uint8_tensor(payload)
+            dst = flat[meta.offset : end].view(src.dtype).view(src.shape)
+            src = src.detach()
+            accel = not src.is_cpu
+            rows = src.shape[0] if src.dim() else 1
+            row_bytes = meta.nbytes // rows
+            per_block = max(1, (DEVICE_CHUNK if accel else HASH_CHUNK) // row_bytes)
+            if src.dim() == 0 or per_block >= rows:
+                blocks = [(0, rows)]
+            else:
+                blocks = [(a, min(rows, a + per_block)) for a in range(0, rows, per_block)]
+            for a, b in blocks:
+                if len(blocks) == 1:
+                    dst.copy_(src, non_blocking=accel)
+                else:
+                    dst[a:b].copy_(src[a:b], non_blocking=accel)
+                block_end = meta.offset + b * row_bytes
+                if accel:
+                    device.add(src.device, (b - a) * row_bytes, block_end)
+                else:
+                    written(block_end)
+        except (RuntimeError, NotImplementedError, TypeError) as exc:
+            raise BucketError(
+                f"cannot copy tensor {meta.name!r} ({dtype_name(src.dtype)}{list(src.shape)} "
+                f"on {src.device}) into its bucket: {_first_line(exc)}"
+            ) from exc
+    if total > end:
+        ctypes.memset(base + end, 0, total - end)
+    # Hash what landed, in payload order, as it lands; the host's own writes
+    # between device copies are final already. Every copy has landed on return.
+    for upto, landed in device.marks(total):
+        for copies in landed:
+            copies.wait()
+        if hasher is not None and upto > hashed:
+            hasher.update(view[hashed:upto])
+            hashed = upto
 
 
-def _wait_for_copies(device: torch.device) -> None:
-    """Block until the copies queued on ``device``'s current stream by this thread are done.
+class _DeviceCopies:
+    """Device-to-host copies queued by one fill, marked for the hash in payload order.
 
-    Not ``torch.cuda.synchronize()``: that waits on the thread's current device (the
-    first GPU in a fresh worker thread) whatever device the tensors are on, and for
-    every stream's work there, not just these copies.
+    A mark is recorded once about :data:`DEVICE_CHUNK` bytes were queued since the
+    last one: it covers every copy queued before it, on every device, so the hash
+    may take the payload up to its offset once the mark's copies have landed.
     """
-    if device.type == "cuda":
-        done = torch.cuda.Event()  # type: ignore[no-untyped-call]
-        done.record(torch.cuda.current_stream(device))
-        done.synchronize()
-    else:
-        torch.accelerator.synchronize(device)
+
+    def __init__(self) -> None:
+        self.queued = False
+        self._marks: list[tuple[int, list[_Landed]]] = []
+        self._unmarked: dict[torch.device, None] = {}
+        self._since = 0
+
+    def add(self, device: torch.device, nbytes: int, upto: int) -> None:
+        self.queued = True
+        self._unmarked[device] = None
+        self._since += nbytes
+        if self._since >= DEVICE_CHUNK:
+            self._mark(upto)
+
+    def _mark(self, upto: int) -> None:
+        if self._unmarked:
+            self._marks.append((upto, [_Landed(d) for d in self._unmarked]))
+            self._unmarked.clear()
+            self._since = 0
+
+    def marks(self, total: int) -> list[tuple[int, list[_Landed]]]:
+        """Every mark, the last one at ``total`` (after the last copy)."""
+        self._mark(total)
+        if not self._marks or self._marks[-1][0] < total:
+            self._marks.append((total, []))
+        return self._marks
+
+
+class _Landed:
+    """Marks the copies queued so far on ``device``'s current stream by this thread.
+
+    Not ``torch.cuda.synchronize()``: that waits on the thread's current device
+    (the first GPU in a fresh worker thread) whatever device the tensors are on,
+    and for every stream's work there, not just these copies.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.event: torch.cuda.Event | None = None
+        if device.type == "cuda":
+            self.event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            self.event.record(torch.cuda.current_stream(device))
+        else:
+            # No events to wait on per copy elsewhere: wait for the device now.
+            torch.accelerator.synchronize(device)
+
+    def wait(self) -> None:
+        if self.event is not None:
+            self.event.synchronize()  # type: ignore[no-untyped-call]
 
 
 def pack(
@@ -447,14 +703,15 @@ def pack(
 
     A tensor larger than ``bucket_bytes`` gets a bucket of its own. Raises
     :class:`BucketError` naming the first bad item (non-tensor, sparse, meta,
-    duplicate or empty name). Blocking; the cache does the same work off the loop
-    into pooled buffers.
+    quantized, an unpackable dtype, duplicate or empty name). Blocking; the
+    cache does the same work off the loop into pooled shared-memory buffers.
+    The buckets have no shared region (``region=None``).
     """
     stream = TensorStream(named_tensors, bucket_bytes)
     buckets: list[Bucket] = []
     while group := stream.next_group():
         index, total = layout(group)
         payload = np.empty(total, dtype=np.uint8)
-        fill_buffer(payload, index, [t for _, t in group])
-        buckets.append(Bucket(payload, index, checksum(payload)))
+        digest = fill_and_hash(payload, index, [t for _, t in group])
+        buckets.append(Bucket(payload, index, digest))
     return buckets

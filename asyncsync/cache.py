@@ -3,49 +3,57 @@
 The whole cache is guarded by one :class:`asyncio.Lock` and lives on one event loop.
 The lock is held only for state transitions (claim the build slot, reserve a
 buffer, publish, pin, unpin): purely synchronous steps of microseconds. Copies,
-allocations and checksums run in worker threads after the lock is released.
+allocations, checksums and freeing memory run in worker threads after the lock
+is released.
+
+Payload buffers are shared memory (:class:`~asyncsync.sharedmem.SharedBuffer`):
+every published bucket carries the :class:`~asyncsync.sharedmem.SharedRegion`
+that a reader on the same node maps instead of receiving a copy. After a publish
+the pool is topped up to one snapshot's worth of pre-faulted buffers in a worker
+thread, so the next build writes into memory that pays no page faults.
+
 """
 
 # Guarded state (``_lock``):
 #     ``_ready``     the newest published snapshot (or ``None``)
 #     ``_held``      superseded snapshots that readers still pin, by step
 #     ``_building``  the build that owns the build slot (or ``None``)
-#     ``_pool``      spare payload buffers by capacity, for the next build
+#     ``_pool``      spare payload buffers for the next build (some still being pre-faulted)
 #     ``_resident``  bytes of every buffer the cache holds or has reserved
-#     counters and ``_changed`` (the event waiters sleep on, replaced on every notify)
+#     ``_to_free``   buffers dropped under the lock, freed in a worker thread right after it
+#     ``_closed``, counters and ``_changed`` (the event waiters sleep on, replaced on
+#     every notify)
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import threading
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 
-from .buckets import (
-    Bucket,
-    BucketManifest,
-    TensorMeta,
-    TensorStream,
-    checksum,
-    fill_buffer,
-    layout,
-)
+from .buckets import Bucket, BucketManifest, TensorMeta, TensorStream, fill_and_hash, layout
 from .errors import (
     BuildInProgressError,
     CacheClosedError,
     CacheError,
     ConfigError,
     InvalidStepError,
+    NothingBuiltError,
     ReadTimeoutError,
     ResidentLimitError,
+    SharedMemoryError,
     StaleStepError,
+    TornSnapshotError,
     WrongLoopError,
 )
+from .sharedmem import SharedBuffer
 
 __all__ = ["BucketCache", "BuildHandle", "CacheStats", "Snapshot"]
 
@@ -100,16 +108,30 @@ class CacheStats:
 
 @dataclass(eq=False)
 class _Slot:
-    """One payload buffer owned by a build or a snapshot.
+    """One payload buffer owned by a build, a snapshot or the pool.
 
-    ``array`` is ``None`` while a new buffer is being allocated in a worker thread.
-    ``dirty`` marks a buffer a cancelled worker thread may still be writing: it is
-    dropped, never pooled.
+    ``buffer`` is ``None`` until allocated: by the worker thread of the build
+    that fills the slot (which sets it), or by the pool's pre-fault task.
+    ``prefaulting``: that task is allocating it now; a build that takes the slot
+    waits for it (less time than faulting a fresh buffer itself). ``writer``: the
+    worker filling the slot while it runs; a slot whose writer is still running
+    when it is let go (its build was cancelled or left) is dirty: freed once the
+    writer returns, never pooled. ``dropped``: the cache no longer counts it.
     """
 
     capacity: int
-    array: np.ndarray | None
-    dirty: bool = False
+    buffer: SharedBuffer | None = None
+    prefaulting: bool = False
+    writer: asyncio.Future[int] | None = None
+    dropped: bool = False
+
+    @property
+    def array(self) -> np.ndarray | None:
+        return self.buffer.array if self.buffer is not None else None
+
+    @property
+    def dirty(self) -> bool:
+        return self.writer is not None and not self.writer.done()
 
 
 @dataclass(eq=False)
@@ -122,9 +144,13 @@ class _Entry:
 @dataclass(eq=False)
 class _BuildState:
     step: int
+    guard: Callable[[], object] | None = None
+    guard_value: object = None
     slots: list[_Slot] = field(default_factory=list)
     buckets: list[Bucket] = field(default_factory=list)
     names: set[str] = field(default_factory=set)
+    # Every tensor copied, with its version counter when the build first saw it.
+    versions: list[tuple[str, torch.Tensor, int | None]] = field(default_factory=list)
     adding: bool = False
     done: bool = False
     # Why an add() of this build failed: such a build can only be discarded, never
@@ -158,35 +184,46 @@ class BuildHandle:
 
         The iterable is consumed in a worker thread (it may gather across ranks or
         convert layouts), one bucket's worth at a time; each call starts a new
-        bucket. Accelerator tensors are copied to host memory. Raises
-        :class:`~asyncsync.BucketError` naming a bad item; the build is then
-        discarded when the ``async with`` block exits with that error. A build
-        whose ``add()`` raised (or was cancelled) is never published: leaving the
-        block normally anyway raises :class:`~asyncsync.CacheError` and discards it.
+        bucket. Each bucket is copied and hashed in one pass
+        (:func:`~asyncsync.buckets.fill_and_hash`); accelerator tensors are copied
+        to host memory. Every tensor's version counter is recorded when the build
+        first sees it, and the build keeps a reference to the tensor until it ends
+        (to check the counter again before publishing: a converting source's
+        temporaries therefore live until then).
+
+        Raises :class:`~asyncsync.BucketError` naming a bad item (checked before
+        any of its bucket is copied), :class:`~asyncsync.CacheClosedError` if the
+        cache is closed, :class:`~asyncsync.ResidentLimitError` if no memory can
+        be had; the build is then discarded when the ``async with`` block exits
+        with that error. A build whose ``add()`` raised (or was cancelled) is never
+        published: leaving the block normally anyway raises
+        :class:`~asyncsync.CacheError` and discards it.
         """
         state = self._state
-        self._cache._check_loop()
+        cache = self._cache
+        cache._check_loop()
         if state.done:
             raise CacheError(f"build of step {state.step} has already ended")
         if state.adding:
             raise CacheError(f"add() is already running on the build of step {state.step}")
         state.adding = True
         try:
-            stream = TensorStream(named_tensors, self._cache.bucket_bytes, seen=state.names)
-            while group := await asyncio.to_thread(stream.next_group):
-                index, total = layout(group)
-                tensors = [t for _, t in group]
-                slot = await self._cache._reserve(state, total, self._timeout)
-                try:
-                    array, digest = await asyncio.to_thread(
-                        _fill_slot, slot, total, index, tensors, self._cache.pin_memory
-                    )
-                except BaseException:
-                    # A cancelled worker may still be writing into this buffer.
-                    slot.dirty = True
-                    raise
-                slot.array = array
-                state.buckets.append(Bucket(array[:total], index, digest))
+            if cache._closed:
+                raise CacheClosedError(
+                    f"cache is closed; cannot add to the build of step {state.step}"
+                )
+            stream = TensorStream(named_tensors, cache.bucket_bytes, seen=state.names)
+            while True:
+                index, total, seen = await asyncio.to_thread(_next_group, stream)
+                if not index:
+                    break
+                slot = await cache._reserve(state, total, self._timeout)
+                digest = await cache._fill(state, slot, total, index, [t for _, t, _ in seen])
+                assert slot.buffer is not None
+                state.buckets.append(
+                    Bucket(slot.buffer.array[:total], index, digest, slot.buffer.region(0, total))
+                )
+                state.versions += seen
         except BaseException as exc:
             state.failed = f"{type(exc).__name__}: {exc}"
             raise
@@ -194,10 +231,26 @@ class BuildHandle:
             state.adding = False
 
 
-def _allocate(nbytes: int, pin_memory: bool) -> np.ndarray:
-    if pin_memory:
-        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True).numpy()
-    return np.empty(nbytes, dtype=np.uint8)
+def _next_group(
+    stream: TensorStream,
+) -> tuple[tuple[TensorMeta, ...], int, list[tuple[str, torch.Tensor, int | None]]]:
+    # Runs in a worker thread: pulls one bucket's worth from the source and records
+    # each tensor's version counter right when the build first sees it.
+    group = stream.next_group()
+    if not group:
+        return (), 0, []
+    index, total = layout(group)
+    return index, total, [(name, t, _version(t)) for name, t in group]
+
+
+def _version(t: torch.Tensor) -> int | None:
+    """The tensor's in-place write counter; ``None`` where torch keeps none (inference tensors)."""
+    if t.is_inference():
+        return None
+    try:
+        return int(t._version)
+    except RuntimeError:
+        return None
 
 
 def _fill_slot(
@@ -206,15 +259,19 @@ def _fill_slot(
     index: tuple[TensorMeta, ...],
     tensors: list[torch.Tensor],
     pin_memory: bool,
-) -> tuple[np.ndarray, int]:
-    # Runs in a worker thread: reads only the slot it was given. The checksum runs
-    # right after the copy in the same thread: both are memory-bound, so hashing
-    # in a second thread measured no faster on 2 cores and took the core the
-    # event loop needs.
-    array = slot.array if slot.array is not None else _allocate(slot.capacity, pin_memory)
-    payload = array[:total]
-    fill_buffer(payload, index, tensors)
-    return array, checksum(payload)
+) -> int:
+    # Runs in a worker thread and touches only the slot it was given; the cache
+    # looks at the slot's buffer only after this returned (see _Slot.writer).
+    if slot.buffer is None:
+        # Faulting the pages in first (in the kernel, for writing) is cheaper than
+        # taking a fault per page in the middle of the copy.
+        slot.buffer = SharedBuffer.allocate(slot.capacity, pin_memory=pin_memory, prefault=True)
+    return fill_and_hash(slot.buffer.array[:total], index, tensors)
+
+
+def _release_buffers(buffers: list[SharedBuffer]) -> None:
+    for buffer in buffers:
+        buffer.release()
 
 
 class BucketCache:
@@ -229,11 +286,17 @@ class BucketCache:
             superseded snapshots to be released, then raises
             :class:`~asyncsync.ResidentLimitError`. If nothing could ever be freed
             (the bound is smaller than the ready snapshot plus this build) it
-            raises at once.
+            raises at once. Pool top-ups stay under it too.
         resident_wait_s: default time a build waits for memory under
             ``max_resident_bytes`` (``build(timeout=...)`` overrides it).
-        pin_memory: allocate page-locked host buffers (fast, asynchronous
-            device-to-host copies). ``None``: when CUDA is available.
+        pin_memory: page-lock the shared buffers with CUDA host registration
+            (fast, asynchronous device-to-host copies). ``None``: when CUDA is
+            available.
+        prefault_pool: after each publish, top the pool up to one snapshot's
+            worth of pre-faulted buffers in a worker thread, so the next build
+            pays no page faults. This holds the memory of two snapshots from the
+            first publish on (the steady state anyway) and a third while a reader
+            pins a superseded one.
 
     The cache binds to the event loop that first uses it; every later call from
     another loop or thread raises :class:`~asyncsync.WrongLoopError`.
@@ -246,6 +309,7 @@ class BucketCache:
         *,
         resident_wait_s: float = 30.0,
         pin_memory: bool | None = None,
+        prefault_pool: bool = True,
     ) -> None:
         if not isinstance(bucket_bytes, int) or bucket_bytes <= 0:
             raise ConfigError(f"bucket_bytes must be a positive int, got {bucket_bytes!r}")
@@ -255,6 +319,7 @@ class BucketCache:
         self.max_resident_bytes = max_resident_bytes
         self.resident_wait_s = resident_wait_s
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.prefault_pool = prefault_pool
         # Bound on first use (see _check_loop).
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: int | None = None
@@ -266,12 +331,17 @@ class BucketCache:
         self._building: _BuildState | None = None
         self._pool: list[_Slot] = []
         self._resident = 0
+        self._to_free: list[SharedBuffer] = []
         self._closed = False
         self._builds = 0
         self._publishes = 0
         self._discards = 0
         self._reads = 0
         self._max_hold = 0.0
+        # Loop-only bookkeeping: the pool's pre-fault task, and tasks that free
+        # memory in worker threads (close() waits for all of them).
+        self._top_up_task: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[Any]] = set()
 
     # ----------------------------------------------------------------- loop binding
 
@@ -303,19 +373,34 @@ class BucketCache:
 
     @asynccontextmanager
     async def _locked(self) -> AsyncIterator[None]:
-        """Hold the lock for one synchronous transition and record how long."""
+        """Hold the lock for one synchronous transition and record how long.
+
+        Buffers the transition dropped are freed in a worker thread once the lock
+        is released: returning pages to the system takes milliseconds per 100 MiB.
+        """
         assert self._lock is not None
-        async with self._lock:
-            start = time.perf_counter()
-            try:
-                yield
-            finally:
-                self._max_hold = max(self._max_hold, time.perf_counter() - start)
+        try:
+            async with self._lock:
+                start = time.perf_counter()
+                try:
+                    yield
+                finally:
+                    self._max_hold = max(self._max_hold, time.perf_counter() - start)
+        finally:
+            if self._to_free:
+                buffers, self._to_free = self._to_free, []
+                self._spawn(asyncio.to_thread(_release_buffers, buffers))
 
     def _notify(self) -> None:
         assert self._changed is not None
         self._changed.set()
         self._changed = asyncio.Event()
+
+    def _spawn(self, work: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
 
     # ----------------------------------------------------------------- public state
 
@@ -347,9 +432,10 @@ class BucketCache:
         ready = self._ready.snapshot.step if self._ready else None
         building = self._building.step if self._building else None
         pins = {e.snapshot.step: e.pins for e in self._entries() if e.pins}
+        closed = " closed" if self._closed else ""
         return (
             f"<BucketCache ready={ready} building={building} pinned={pins} "
-            f"resident={self._resident / 2**30:.2f} GiB>"
+            f"resident={self._resident / 2**30:.2f} GiB{closed}>"
         )
 
     def _entries(self) -> list[_Entry]:
@@ -358,20 +444,39 @@ class BucketCache:
     # ----------------------------------------------------------------- build
 
     @asynccontextmanager
-    async def build(self, step: int, *, timeout: float | None = None) -> AsyncIterator[BuildHandle]:
+    async def build(
+        self,
+        step: int,
+        *,
+        timeout: float | None = None,
+        guard: Callable[[], object] | None = None,
+    ) -> AsyncIterator[BuildHandle]:
         """Claim the single build slot for ``step``; publish on normal exit.
 
         ``step`` must be newer than the ready step and any build in flight (step
         ``-1`` is the base weights). Raises :class:`~asyncsync.StaleStepError`
         otherwise, :class:`~asyncsync.BuildInProgressError` if another build holds
         the slot, :class:`~asyncsync.InvalidStepError` for a non-int or a step
-        below -1. Leaving the block normally publishes the snapshot atomically
-        (an empty one if nothing was added); an exception or cancellation discards
-        it and leaves the ready step unchanged. ``timeout`` bounds waiting for
-        memory under ``max_resident_bytes`` (default ``resident_wait_s``).
+        below -1, :class:`~asyncsync.CacheClosedError` once the cache is closed.
+        Leaving the block normally publishes the snapshot atomically (an empty
+        one if nothing was added); an exception or cancellation discards it and
+        leaves the ready step unchanged. ``timeout`` bounds waiting for memory
+        under ``max_resident_bytes`` (default ``resident_wait_s``).
+
+        A torn snapshot is never published. Before publishing, the build checks
+        that no tensor it copied was written in place since it first saw it (the
+        tensor's version counter; ``state_dict()`` tensors share their
+        parameter's). Writes through ``.data`` do not move that counter: a trainer
+        whose optimizer writes that way passes ``guard``, a cheap callable (for
+        example the optimizer's step count) read on the loop when the build starts
+        and again before it publishes. A moved counter or a changed guard value
+        raises :class:`~asyncsync.TornSnapshotError` naming the step and the first
+        changed tensor, and the build is discarded. Leaving the block after
+        :meth:`close` raises :class:`~asyncsync.CacheClosedError` and discards.
         """
         self._check_loop()
         _check_step(step, "build")
+        guard_value = guard() if guard is not None else None
         async with self._locked():
             if self._closed:
                 raise CacheClosedError(f"cache is closed; cannot build step {step}")
@@ -388,21 +493,44 @@ class BucketCache:
                 )
             if ready is not None and step <= ready:
                 raise StaleStepError(f"step {step} is not newer than the ready step {ready}")
-            state = _BuildState(step)
+            state = _BuildState(step, guard, guard_value)
             self._building = state
             self._builds += 1
         published = False
         try:
             yield BuildHandle(self, state, timeout)
+            if not state.adding and state.failed is None:
+                self._check_not_torn(state)
             async with self._locked():
-                self._publish(state)
+                top_up = self._publish(state)
                 published = True
+            if top_up:
+                self._start_top_up()
         finally:
             if not published:
                 async with self._locked():
                     self._discard(state)
 
-    def _publish(self, state: _BuildState) -> None:
+    def _check_not_torn(self, state: _BuildState) -> None:
+        """Raise TornSnapshotError if the weights changed since the build first saw them."""
+        for name, tensor, version in state.versions:
+            if version is not None and tensor._version != version:
+                raise TornSnapshotError(
+                    f"build of step {state.step} is torn: tensor {name!r} was written in place "
+                    f"while the build copied the weights (version {version} -> "
+                    f"{tensor._version}); nothing was published"
+                )
+        if state.guard is not None:
+            now = state.guard()
+            if now != state.guard_value:
+                raise TornSnapshotError(
+                    f"build of step {state.step} is torn: its guard changed from "
+                    f"{state.guard_value!r} to {now!r} while the build copied the weights; "
+                    "nothing was published"
+                )
+
+    def _publish(self, state: _BuildState) -> bool:
+        """Make ``state`` the ready snapshot; return whether the pool wants topping up."""
         if state.adding:
             raise CacheError(f"build of step {state.step} exited while add() was still running")
         if state.failed is not None:
@@ -410,7 +538,12 @@ class BucketCache:
                 f"build of step {state.step} cannot be published: an add() of it failed "
                 f"({state.failed})"
             )
+        if self._closed:
+            raise CacheClosedError(
+                f"cache was closed while step {state.step} was being built; it is not published"
+            )
         state.done = True
+        state.versions = []
         self._building = None
         entry = _Entry(Snapshot(state.step, tuple(state.buckets)), state.slots)
         old, self._ready = self._ready, entry
@@ -426,47 +559,171 @@ class BucketCache:
         while self._pool and pooled > limit:
             dropped = self._pool.pop()
             pooled -= dropped.capacity
-            self._resident -= dropped.capacity
+            self._drop(dropped)
         self._notify()
+        return self._plan_top_up(entry)
+
+    def _plan_top_up(self, entry: _Entry) -> bool:
+        """Reserve pool slots for the buffers the next build will lack; True if any."""
+        if not self.prefault_pool:
+            return False
+        # Match every buffer of the new snapshot with the smallest pooled one that fits.
+        spare = sorted(s.capacity for s in self._pool)
+        missing = []
+        for size in sorted((s.capacity for s in entry.slots), reverse=True):
+            i = bisect.bisect_left(spare, size)
+            if i < len(spare):
+                del spare[i]
+            else:
+                missing.append(size)
+        limit = sum(s.capacity for s in entry.slots)
+        pooled = sum(s.capacity for s in self._pool)
+        wanted = False
+        for size in missing:
+            if pooled + size > limit or size == 0:
+                continue
+            if (
+                self.max_resident_bytes is not None
+                and self._resident + size > self.max_resident_bytes
+            ):
+                continue
+            self._pool.append(_Slot(size))
+            self._resident += size
+            pooled += size
+            wanted = True
+        return wanted
+
+    def _start_top_up(self) -> None:
+        if self._top_up_task is None or self._top_up_task.done():
+            self._top_up_task = self._spawn(self._top_up())
+
+    async def _top_up(self) -> None:
+        """Allocate and pre-fault the pool's reserved slots, one at a time, off the loop."""
+        while True:
+            async with self._locked():
+                slot = next((s for s in self._pool if s.buffer is None and not s.prefaulting), None)
+                if slot is None or self._closed:
+                    return
+                slot.prefaulting = True
+            buffer: SharedBuffer | None = None
+            try:
+                buffer = await asyncio.to_thread(
+                    SharedBuffer.allocate,
+                    slot.capacity,
+                    pin_memory=self.pin_memory,
+                    prefault=True,
+                )
+            except (SharedMemoryError, MemoryError):
+                pass  # the build that needs this slot allocates it itself (and reports why not)
+            finally:
+                async with self._locked():
+                    slot.prefaulting = False
+                    if buffer is not None and slot.dropped:
+                        self._to_free.append(buffer)
+                    elif buffer is not None:
+                        slot.buffer = buffer
+                    elif slot in self._pool:
+                        self._pool.remove(slot)
+                        self._drop(slot)
+                    self._notify()
 
     def _discard(self, state: _BuildState) -> None:
         state.done = True
+        state.versions = []
         if self._building is state:
             self._building = None
         self._discards += 1
-        if state.adding:
-            # The block was left while an add() still runs: a worker thread may be
-            # writing into any of these buffers, so drop them rather than pool them.
-            for slot in state.slots:
-                slot.dirty = True
         self._release(state.slots)
         self._notify()
 
     def _release(self, slots: list[_Slot]) -> None:
-        """Return buffers to the pool, keeping at most one ready snapshot's worth."""
+        """Return buffers to the pool, keeping at most one ready snapshot's worth; drop the rest.
+
+        A slot a worker may still be writing (dirty) is never pooled.
+        """
         limit = sum(s.capacity for s in self._ready.slots) if self._ready else 0
         pooled = sum(s.capacity for s in self._pool)
         for slot in slots:
-            if slot.array is not None and not slot.dirty and pooled + slot.capacity <= limit:
+            usable = (slot.buffer is not None or slot.prefaulting) and not slot.dirty
+            if usable and slot.capacity and not self._closed and pooled + slot.capacity <= limit:
                 self._pool.append(slot)
                 pooled += slot.capacity
             else:
-                self._resident -= slot.capacity
+                self._drop(slot)
+
+    def _drop(self, slot: _Slot) -> None:
+        """Stop counting ``slot``; its memory is freed off the loop (after its writer, if dirty)."""
+        if slot.dropped:
+            return
+        slot.dropped = True
+        self._resident -= slot.capacity
+        if slot.writer is not None and not slot.writer.done():
+            self._spawn(self._free_after_writer(slot, slot.writer))
+        elif slot.buffer is not None:
+            self._to_free.append(slot.buffer)
+        # A slot being pre-faulted is freed by the top-up task when it is done.
+
+    async def _free_after_writer(self, slot: _Slot, writer: asyncio.Future[int]) -> None:
+        await asyncio.wait([writer])
+        if slot.buffer is not None:
+            await asyncio.to_thread(slot.buffer.release)
+
+    async def _fill(
+        self,
+        state: _BuildState,
+        slot: _Slot,
+        total: int,
+        index: tuple[TensorMeta, ...],
+        tensors: list[torch.Tensor],
+    ) -> int:
+        """Copy and hash one bucket into ``slot`` in a worker thread; return the checksum."""
+        loop = asyncio.get_running_loop()
+        work = loop.run_in_executor(None, _fill_slot, slot, total, index, tensors, self.pin_memory)
+        slot.writer = work
+        try:
+            # Shielded: a cancelled build stops waiting, but the worker runs on and
+            # the slot stays marked with it, so the buffer is not reused under it.
+            digest = await asyncio.shield(work)
+        except asyncio.CancelledError:
+            raise
+        except BaseException:
+            slot.writer = None
+            raise
+        slot.writer = None
+        if slot.dropped:
+            # The build ended (its block was left) while this bucket was being filled.
+            raise CacheError(f"build of step {state.step} has already ended")
+        return digest
 
     async def _reserve(self, state: _BuildState, nbytes: int, timeout: float | None) -> _Slot:
-        """Give ``state`` a buffer slot of at least ``nbytes``: pooled, or reserved to allocate."""
+        """Give ``state`` a buffer slot of at least ``nbytes``: pooled, or reserved to allocate.
+
+        A pooled slot still being pre-faulted is waited for (a bounded wait, less
+        than faulting a fresh buffer); waiting for memory under
+        ``max_resident_bytes`` is bounded by ``timeout``.
+        """
         wait = self.resident_wait_s if timeout is None else timeout
         deadline = time.monotonic() + wait
+        slot: _Slot | None = None
         while True:
             async with self._locked():
+                if self._closed:
+                    raise CacheClosedError(
+                        f"cache was closed while the build of step {state.step} was running"
+                    )
                 if state.done:
                     raise CacheError(f"build of step {state.step} has already ended")
-                slot = self._take_or_reserve(state, nbytes)
-                if slot is not None:
-                    state.slots.append(slot)
+                if slot is None:
+                    slot = self._take_or_reserve(state, nbytes)
+                    if slot is not None:
+                        state.slots.append(slot)
+                if slot is not None and not slot.prefaulting:
                     return slot
                 assert self._changed is not None
                 changed = self._changed
+            if slot is not None:
+                await changed.wait()  # the pre-fault of this slot ends soon
+                continue
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise ResidentLimitError(self._limit_message(state, nbytes, waited=wait))
@@ -476,25 +733,34 @@ class BucketCache:
                 raise ResidentLimitError(self._limit_message(state, nbytes, waited=wait)) from None
 
     def _take_or_reserve(self, state: _BuildState, nbytes: int) -> _Slot | None:
-        # Smallest pooled buffer that fits.
+        if nbytes == 0:
+            # A bucket of empty tensors: a memory file without pages, never a pooled buffer.
+            return _Slot(0)
+        # Smallest pooled buffer that fits; of equal ones, one that is ready over one
+        # being pre-faulted over one only reserved.
         fits = [s for s in self._pool if s.capacity >= nbytes]
         if fits:
-            best = min(fits, key=lambda s: s.capacity)
+            best = min(
+                fits,
+                key=lambda s: (
+                    s.capacity,
+                    0 if s.buffer is not None else 1 if s.prefaulting else 2,
+                ),
+            )
             self._pool.remove(best)
             return best
         limit = self.max_resident_bytes
         if limit is not None:
             # Pooled buffers of the wrong size are the first to go.
             while self._pool and self._resident + nbytes > limit:
-                dropped = self._pool.pop()
-                self._resident -= dropped.capacity
+                self._drop(self._pool.pop())
             if self._resident + nbytes > limit:
                 if not self._held:
                     # Only the ready snapshot and this build remain; waiting cannot help.
                     raise ResidentLimitError(self._limit_message(state, nbytes, waited=None))
                 return None
         self._resident += nbytes
-        return _Slot(nbytes, None)
+        return _Slot(nbytes)
 
     def _limit_message(self, state: _BuildState, nbytes: int, waited: float | None) -> str:
         ready = self._ready.snapshot.nbytes if self._ready else 0
@@ -518,12 +784,15 @@ class BucketCache:
     ) -> AsyncIterator[Snapshot]:
         """Pin the newest ready snapshot whose step is >= ``min_step``.
 
-        ``min_step=None`` takes the newest ready snapshot (waiting for the first
-        publish if there is none). Choosing the snapshot and pinning it is one
-        atomic step, so the snapshot yielded is exactly the one read. Waits up to
-        ``timeout`` seconds (``None``: no bound) and then raises
+        ``min_step=None`` takes the newest ready snapshot. If none was ever
+        published it waits for a first build in flight, and raises
+        :class:`~asyncsync.NothingBuiltError` at once when no build is in flight
+        (or when the one it waited for was discarded and no other started): build
+        first, or pass ``min_step`` to wait for a step. Choosing the snapshot and
+        pinning it is one atomic step, so the snapshot yielded is exactly the one
+        read. Waits up to ``timeout`` seconds (``None``: no bound) and then raises
         :class:`~asyncsync.ReadTimeoutError`; raises
-        :class:`~asyncsync.CacheClosedError` if the cache is closed while waiting.
+        :class:`~asyncsync.CacheClosedError` if the cache is or gets closed.
         The pin is released when the block exits, also on error or cancellation;
         the snapshot's buffers must not be used after that.
         """
@@ -548,6 +817,12 @@ class BucketCache:
                     entry.pins += 1
                     self._reads += 1
                     return entry
+                if min_step is None and self._building is None:
+                    raise NothingBuiltError(
+                        "nothing to read: no snapshot was ever published and no build is in "
+                        "flight; build (and publish) a step first, or read(min_step=...) to "
+                        "wait for one"
+                    )
                 assert self._changed is not None
                 changed = self._changed
             remaining = None if deadline is None else deadline - time.monotonic()
@@ -564,22 +839,41 @@ class BucketCache:
 
     def _unpin(self, entry: _Entry) -> None:
         entry.pins -= 1
-        if entry.pins == 0 and entry is not self._ready:
+        if entry.pins == 0 and (entry is not self._ready or self._closed):
             self._held.pop(entry.snapshot.step, None)
-            self._release(entry.slots)
+            slots, entry.slots = entry.slots, []
+            self._release(slots)
             self._notify()
 
     # ----------------------------------------------------------------- shutdown
 
     async def close(self) -> None:
-        """Refuse new builds and reads and wake every waiter with CacheClosedError.
+        """Close the cache: wake every waiter with CacheClosedError and free what is unused.
 
-        Snapshots already pinned stay valid until their readers release them.
+        Builds waiting for memory and reads waiting for a step raise
+        :class:`~asyncsync.CacheClosedError`; a build in flight can no longer
+        publish (leaving its block raises the same and discards it); later
+        ``build()``, ``add()`` and ``read()`` calls raise it too. Pooled buffers
+        and an unpinned ready snapshot are freed before this returns; snapshots
+        still pinned stay valid until their readers release them, and are freed
+        then. ``ready_step``, ``stats()`` and ``repr()`` keep working. Idempotent.
         """
         self._check_loop()
         async with self._locked():
-            self._closed = True
-            self._notify()
+            if not self._closed:
+                self._closed = True
+                pool, self._pool = self._pool, []
+                for slot in pool:
+                    self._drop(slot)
+                ready = self._ready
+                if ready is not None and not ready.pins:
+                    slots, ready.slots = ready.slots, []
+                    for slot in slots:
+                        self._drop(slot)
+                self._notify()
+        # Wait for memory being freed or pre-faulted now, also what those tasks spawn.
+        while self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
 
 
 def _check_step(step: object, what: str) -> None:

@@ -15,7 +15,10 @@ AsyncSyncError
 │   ├── ReadTimeoutError (TimeoutError)  no ready step >= min_step within the timeout
 │   ├── ResidentLimitError               max_resident_bytes cannot be honoured
 │   ├── CacheClosedError                 the cache was closed
+│   ├── NothingBuiltError (LookupError)  read() of the newest snapshot before anything was built
+│   ├── TornSnapshotError                weights changed while a build copied them; not published
 │   └── WrongLoopError (RuntimeError)    called from another event loop or thread
+├── SharedMemoryError                    a shared snapshot buffer cannot be created or mapped
 ├── SessionError                         a sync session failed and was aborted everywhere
 │   ├── SessionTimeoutError (TimeoutError)
 │   ├── AdmissionError                   more sessions than the train actor admits at once
@@ -63,6 +66,7 @@ __all__ = [
     "ManifestMismatchError",
     "PayloadError",
     "QuorumError",
+    "NothingBuiltError",
     "ReadTimeoutError",
     "ReceiverError",
     "ResidentLimitError",
@@ -75,6 +79,8 @@ __all__ = [
     "TrainGroupError",
     "TrainGroupTimeoutError",
     "TransportError",
+    "SharedMemoryError",
+    "TornSnapshotError",
     "UnknownSessionError",
     "WrongLoopError",
 ]
@@ -123,11 +129,39 @@ class CacheClosedError(CacheError):
     """The cache was closed; no new builds or reads are accepted."""
 
 
+class NothingBuiltError(CacheError, LookupError):
+    """``read()`` of the newest snapshot when none was ever published and no build will publish one.
+
+    Raised at once when no build is in flight, or when the first build in flight is
+    discarded and no other started. Build (and publish) a snapshot first, or ask
+    for ``read(min_step=...)``, which waits for that step.
+    """
+
+
+class TornSnapshotError(CacheError):
+    """A build saw the weights change while it copied them, so it published nothing.
+
+    Raised when leaving the ``build()`` block if a copied tensor's version counter
+    moved (an in-place write, such as an optimizer step, ran during the build) or
+    the build's ``guard`` value changed. The ready step is unchanged; build again
+    once the weights are quiet.
+    """
+
+
 class WrongLoopError(CacheError, RuntimeError):
     """A cache method was called from an event loop or thread other than its own.
 
     Ray runs each concurrency group on its own loop and thread; a cache touched from
     two groups would be guarded by a lock that cannot see both sides.
+    """
+
+
+class SharedMemoryError(AsyncSyncError):
+    """A shared-memory snapshot buffer cannot be created, page-locked or mapped.
+
+    The message names the buffer or region (``/memfd:asyncsync-<token>``, owner pid
+    and fd) and why: out of memory, the owner released the buffer or exited, or the
+    region lies on another node.
     """
 
 

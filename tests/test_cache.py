@@ -3,23 +3,29 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
+from collections.abc import Iterator
 
 import pytest
 import torch
 
-from asyncsync import BucketCache
+from asyncsync import BucketCache, Snapshot
+from asyncsync.buckets import checksum
 from asyncsync.errors import (
     BucketError,
     BuildInProgressError,
     CacheClosedError,
     CacheError,
     InvalidStepError,
+    NothingBuiltError,
     ReadTimeoutError,
     ResidentLimitError,
     StaleStepError,
+    TornSnapshotError,
     WrongLoopError,
 )
+from asyncsync.sharedmem import NAME_PREFIX, SharedBuffer, map_region
 
 KIB = 1024
 
@@ -342,3 +348,478 @@ async def test_repr_summarises_state() -> None:
     await publish(cache, 0)
     async with cache.read():
         assert repr(cache) == "<BucketCache ready=0 building=None pinned={0: 1} resident=0.00 GiB>"
+
+
+# --------------------------------------------------------------------- shared-memory buffers
+
+
+def open_buffers() -> set[str]:
+    """Tokens of the asyncsync shared buffers this process holds an fd of."""
+    out = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            link = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("/memfd:" + NAME_PREFIX):
+            out.add(link.removeprefix("/memfd:" + NAME_PREFIX).split()[0])
+    return out
+
+
+def tokens(snap: Snapshot) -> set[str]:
+    return {b.region.token for b in snap.buckets if b.region is not None}
+
+
+async def settle(cache: BucketCache) -> None:
+    """Wait for the pool's pre-fault task and for buffers being freed in worker threads."""
+    while cache._background:
+        await asyncio.gather(*cache._background)
+
+
+async def test_every_bucket_names_its_shared_memory_and_maps_back_equal() -> None:
+    cache = BucketCache(bucket_bytes=8 * KIB)
+    await publish(cache, 0)
+    async with cache.read() as snap:
+        assert len(snap.buckets) == 3
+        for bucket in snap.buckets:
+            region = bucket.region
+            assert region is not None
+            assert (region.pid, region.offset, region.nbytes) == (os.getpid(), 0, bucket.nbytes)
+            mapped = await asyncio.to_thread(map_region, region)
+            assert not mapped.flags.writeable
+            assert checksum(mapped) == bucket.checksum
+        assert len(tokens(snap)) == 3  # one buffer per bucket
+    await cache.close()
+
+
+def mapped() -> set[str]:
+    """Tokens of the asyncsync shared buffers mapped into this process."""
+    with open("/proc/self/maps") as f:
+        return {
+            line.split("/memfd:" + NAME_PREFIX, 1)[1].split()[0]
+            for line in f
+            if "/memfd:" + NAME_PREFIX in line
+        }
+
+
+async def test_buffers_the_pool_cannot_keep_are_unmapped_and_their_fds_closed() -> None:
+    model = 6 * 4 * KIB
+    cache = BucketCache(bucket_bytes=8 * KIB, prefault_pool=False)
+    before = open_buffers()
+    await publish(cache, 0)
+    async with cache.read() as snap0:
+        for step in (1, 2, 3):  # 0 is pinned: its buffers cannot be reused
+            await publish(cache, step)
+        old = tokens(snap0)
+        # Ready 3, pool (2's buffers), pinned 0.
+        assert len(open_buffers() - before) == 9
+        assert cache.stats().resident_bytes == 3 * model
+    del snap0
+    # Unpinned while the pool already holds a snapshot's worth: 0's buffers are dropped.
+    assert cache.stats().resident_bytes == 2 * model
+    await settle(cache)
+    assert not old & open_buffers()
+    assert not old & mapped()
+    await cache.close()
+    assert not open_buffers() - before
+    assert cache.stats().resident_bytes == 0
+
+
+async def test_close_frees_pool_and_ready_snapshot_but_not_a_pinned_one() -> None:
+    model = 6 * 4 * KIB
+    cache = BucketCache(bucket_bytes=8 * KIB)
+    before = open_buffers()
+    await publish(cache, 0)
+    async with cache.read() as snap0:
+        await publish(cache, 1)
+        await settle(cache)
+        held = tokens(snap0)
+        assert len(open_buffers() - before) == 9  # pinned 0, ready 1, pre-faulted pool
+        await cache.close()
+        # Closed: the pool and the unpinned ready snapshot are freed; pinned 0 stays whole.
+        assert open_buffers() - before == held
+        assert_whole_step(list(snap0.named_tensors()), 0)
+        assert cache.stats().resident_bytes == model
+    await settle(cache)
+    assert not open_buffers() - before
+    assert cache.stats().resident_bytes == 0
+    assert cache.ready_step == 1  # still reported after close
+
+
+async def test_pool_is_prefaulted_after_a_publish_and_the_next_build_uses_it() -> None:
+    model = 6 * 4 * KIB
+    cache = BucketCache(bucket_bytes=8 * KIB)
+    await publish(cache, 0)
+    await settle(cache)
+    stats = cache.stats()
+    assert (stats.pooled_bytes, stats.resident_bytes) == (model, 2 * model)
+    pooled = {s.buffer.token for s in cache._pool if s.buffer is not None}
+    assert len(pooled) == 3
+    await publish(cache, 1)
+    async with cache.read() as snap:
+        assert tokens(snap) == pooled  # built into the pre-faulted buffers
+    await cache.close()
+
+    off = BucketCache(bucket_bytes=8 * KIB, prefault_pool=False)
+    await publish(off, 0)
+    await settle(off)
+    assert off.stats().pooled_bytes == 0
+    await off.close()
+
+
+async def test_pool_top_up_stays_under_max_resident_bytes() -> None:
+    model = 6 * 4 * KIB
+    cache = BucketCache(bucket_bytes=8 * KIB, max_resident_bytes=2 * model)
+    await publish(cache, 0)
+    await settle(cache)
+    assert (cache.stats().pooled_bytes, cache.stats().resident_bytes) == (model, 2 * model)
+    await publish(cache, 1)
+    async with cache.read():
+        await publish(cache, 2)  # 1 is pinned: ready 2 + pinned 1 fill the bound
+        await settle(cache)
+        stats = cache.stats()
+        assert (stats.pooled_bytes, stats.resident_bytes) == (0, 2 * model)
+    # Unpinned: 1's buffers become the pool, within the bound.
+    assert (cache.stats().pooled_bytes, cache.stats().resident_bytes) == (model, 2 * model)
+    await cache.close()
+
+
+class GatedPrefault:
+    """Holds every pre-faulted allocation after the first ``free`` until the gate opens."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, free: int) -> None:
+        self.gate = threading.Event()
+        self.free = free
+        self.started = 0
+        real = SharedBuffer.allocate.__func__  # type: ignore[attr-defined]
+
+        def allocate(cls: type[SharedBuffer], nbytes: int, **kw: bool) -> SharedBuffer:
+            if kw.get("prefault"):
+                self.started += 1
+                if self.started > self.free:
+                    self.gate.wait(10)
+            return real(cls, nbytes, **kw)  # type: ignore[no-any-return]
+
+        monkeypatch.setattr(SharedBuffer, "allocate", classmethod(allocate))
+
+
+async def test_a_build_waits_only_for_the_prefault_of_the_buffer_it_takes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cache = BucketCache(bucket_bytes=8 * KIB)
+    await publish(cache, 0)  # three buckets
+    # Gated before the pool's top-up task first runs: it pre-faults one buffer, then stalls.
+    gated = GatedPrefault(monkeypatch, free=1)
+    async with asyncio.timeout(10):
+        while gated.started < 2:
+            await asyncio.sleep(0.001)
+    ready = {s.buffer.token for s in cache._pool if s.buffer is not None}
+    assert len(ready) == 1
+    # A one-bucket build takes the buffer that is ready and never waits for the rest.
+    async with asyncio.timeout(10):
+        await publish(cache, 1, n=2)
+    async with cache.read() as snap:
+        assert tokens(snap) == ready
+    # A build that needs the buffer being pre-faulted waits for that one, then uses it.
+    builder = asyncio.create_task(publish(cache, 2))
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert not builder.done()
+    gated.gate.set()
+    async with asyncio.timeout(10):
+        await builder
+    assert cache.ready_step == 2
+    await cache.close()
+
+
+# --------------------------------------------------------------------- torn snapshots
+
+
+def one_bucket(value: float) -> torch.Tensor:
+    """Exactly one 8 KiB bucket: the build copies it before it pulls the next tensor."""
+    return torch.full((2 * KIB,), value)
+
+
+async def test_in_place_write_to_a_copied_tensor_makes_the_build_torn() -> None:
+    cache = BucketCache(bucket_bytes=8 * KIB)
+    first, second = one_bucket(1.0), one_bucket(2.0)
+    await publish(cache, 0)
+    await settle(cache)
+    resident = cache.stats().resident_bytes
+
+    def source() -> Iterator[tuple[str, torch.Tensor]]:
+        yield "first", first
+        first.add_(1)  # the optimizer steps after "first" was copied
+        yield "second", second
+
+    with pytest.raises(TornSnapshotError, match=r"step 1 is torn: tensor 'first'.*0 -> 1"):
+        async with cache.build(1) as build:
+            await build.add(source())
+            assert build.num_buckets == 2  # everything was copied; publishing is refused
+    stats = cache.stats()
+    assert (stats.ready_step, stats.building_step, stats.discards) == (0, None, 1)
+    assert stats.resident_bytes == resident  # the torn build's buffers went back to the pool
+    await publish(cache, 1)
+    await cache.close()
+
+
+async def test_a_thread_stepping_the_model_mid_build_is_caught_through_state_dict() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Linear(64, 32))
+    cache = BucketCache(bucket_bytes=8 * KIB)  # each weight is one bucket
+    copied, stepped = threading.Event(), threading.Event()
+
+    def optimizer_step() -> None:
+        copied.wait(10)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(0.5)  # in place on the parameter: state_dict's tensors share the counter
+        stepped.set()
+
+    def source() -> Iterator[tuple[str, torch.Tensor]]:
+        items = list(model.state_dict().items())
+        yield items[0]
+        copied.set()
+        stepped.wait(10)
+        yield from items[1:]
+
+    trainer = threading.Thread(target=optimizer_step)
+    trainer.start()
+    try:
+        with pytest.raises(TornSnapshotError, match=r"tensor '0\.weight'"):
+            async with cache.build(0) as build:
+                await build.add(source())
+    finally:
+        trainer.join()
+    assert cache.ready_step is None
+    # Quiet weights publish.
+    async with cache.build(0) as build:
+        await build.add(model.state_dict().items())
+    assert cache.ready_step == 0
+    await cache.close()
+
+
+async def test_writes_through_data_are_caught_only_by_the_guard() -> None:
+    cache = BucketCache(bucket_bytes=8 * KIB)
+    param = torch.nn.Parameter(one_bucket(1.0))
+    steps = [0]
+
+    def source() -> Iterator[tuple[str, torch.Tensor]]:
+        yield "param", param
+        param.data.add_(1)  # an optimizer that writes through .data
+        steps[0] += 1
+        yield "other", one_bucket(2.0)
+
+    # The version counter cannot see it: without a guard the torn build publishes.
+    async with cache.build(0) as build:
+        await build.add(source())
+    assert cache.ready_step == 0
+    with pytest.raises(TornSnapshotError, match=r"step 1 is torn: its guard changed from 1 to 2"):
+        async with cache.build(1, guard=lambda: steps[0]) as build:
+            await build.add(source())
+    assert cache.ready_step == 0
+    async with cache.build(1, guard=lambda: steps[0]) as build:
+        await build.add([("param", param)])
+    assert cache.ready_step == 1
+    await cache.close()
+
+
+async def test_inference_tensors_have_no_counter_and_still_build() -> None:
+    cache = BucketCache(bucket_bytes=8 * KIB)
+    with torch.inference_mode():
+        frozen = one_bucket(3.0)
+    async with cache.build(0) as build:
+        await build.add([("frozen", frozen)])
+    assert cache.ready_step == 0
+    await cache.close()
+
+
+# --------------------------------------------------------------------- closing
+
+
+async def test_close_wakes_a_build_waiting_for_memory_and_it_never_publishes() -> None:
+    model = 6 * 4 * KIB
+    cache = BucketCache(bucket_bytes=8 * KIB, max_resident_bytes=2 * model, prefault_pool=False)
+    await publish(cache, 0)
+    await publish(cache, 1)
+    async with cache.read():
+        await publish(cache, 2)  # 1 is pinned; ready 2 + pinned 1 fill the bound
+        builder = asyncio.create_task(publish(cache, 3))
+        async with asyncio.timeout(10):
+            while cache.stats().building_step != 3:
+                await asyncio.sleep(0.001)
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert not builder.done()
+        await cache.close()
+        with pytest.raises(CacheClosedError, match="closed while the build of step 3"):
+            await builder
+    stats = cache.stats()
+    assert (stats.ready_step, stats.building_step, stats.publishes) == (2, None, 3)
+
+
+async def test_a_build_in_flight_at_close_cannot_publish() -> None:
+    cache = BucketCache(bucket_bytes=8 * KIB)
+    await publish(cache, 0)
+    with pytest.raises(CacheClosedError, match="closed while step 1 was being built"):
+        async with cache.build(1) as build:
+            await build.add(weights(1))
+            await cache.close()
+    assert cache.ready_step == 0
+    assert cache.stats().discards == 1
+    # An add() after close is refused too, and so is every later call.
+    with pytest.raises(CacheClosedError):
+        async with cache.build(2):
+            pass
+    with pytest.raises(CacheClosedError):
+        async with cache.read():
+            pass
+    await cache.close()  # idempotent
+
+
+async def test_add_after_close_is_refused_and_the_build_discarded() -> None:
+    cache = BucketCache(bucket_bytes=8 * KIB)
+    with pytest.raises(CacheClosedError, match="cannot add to the build of step 0"):
+        async with cache.build(0) as build:
+            await cache.close()
+            await build.add(weights(0))
+    assert cache.ready_step is None
+    assert cache.stats().resident_bytes == 0
+
+
+async def test_close_wakes_reads_waiting_for_a_step_and_for_the_first_build() -> None:
+    cache = BucketCache(bucket_bytes=8 * KIB)
+    with pytest.raises(CacheClosedError, match="closed while step 0 was being built"):
+        async with cache.build(0):
+            first = asyncio.create_task(_read_step(cache, min_step=None, timeout=None))
+            later = asyncio.create_task(_read_step(cache, min_step=5, timeout=None))
+            for _ in range(5):
+                await asyncio.sleep(0)
+            assert not first.done() and not later.done()
+            await cache.close()
+            for reader in (first, later):
+                with pytest.raises(CacheClosedError):
+                    await reader
+    assert "closed" in repr(cache)
+
+
+# --------------------------------------------------------------------- reading before any build
+
+
+async def test_read_of_newest_before_any_build_fails_at_once() -> None:
+    cache = BucketCache(bucket_bytes=8 * KIB)
+    with pytest.raises(NothingBuiltError, match=r"build \(and publish\) a step first"):
+        async with cache.read():
+            pass
+    with pytest.raises(NothingBuiltError):
+        async with cache.read(timeout=None):
+            pass
+    assert isinstance(NothingBuiltError("x"), CacheError)
+    # read(min_step=...) still waits for that step, as before.
+    with pytest.raises(ReadTimeoutError):
+        async with cache.read(min_step=0, timeout=0.01):
+            pass
+
+
+async def test_read_of_newest_waits_for_a_first_build_in_flight() -> None:
+    cache = BucketCache(bucket_bytes=8 * KIB)
+    go = asyncio.Event()
+
+    async def first_build() -> None:
+        async with cache.build(0) as build:
+            await go.wait()
+            await build.add(weights(0))
+
+    builder = asyncio.create_task(first_build())
+    await asyncio.sleep(0)
+    reader = asyncio.create_task(_read_step(cache, min_step=None, timeout=10))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not reader.done()
+    go.set()
+    await builder
+    assert await reader == 0
+
+
+async def test_read_of_newest_fails_when_the_first_build_is_discarded() -> None:
+    cache = BucketCache(bucket_bytes=8 * KIB)
+    go = asyncio.Event()
+
+    async def failing_build() -> None:
+        async with cache.build(0):
+            await go.wait()
+            raise RuntimeError("source failed")
+
+    builder = asyncio.create_task(failing_build())
+    await asyncio.sleep(0)
+    reader = asyncio.create_task(_read_step(cache, min_step=None, timeout=10))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not reader.done()
+    go.set()
+    with pytest.raises(RuntimeError):
+        await builder
+    with pytest.raises(NothingBuiltError):
+        await reader
+
+
+# --------------------------------------------------------------------- tensors the format cannot hold
+
+
+@pytest.mark.parametrize("dtype", [torch.uint4, torch.int2, torch.quint8], ids=str)
+async def test_unpackable_dtype_is_refused_and_the_cache_is_unchanged(dtype: torch.dtype) -> None:
+    cache = BucketCache(bucket_bytes=8 * KIB)
+    await publish(cache, 0)
+    await settle(cache)
+    before = cache.stats()
+    bad = torch.zeros(64, dtype=torch.uint8).view(dtype)
+    name = str(dtype).removeprefix("torch.")
+    with pytest.raises(BucketError, match=rf"'bad' .*{name}"):
+        async with cache.build(1) as build:
+            await build.add([("bad", bad), *weights(1)])
+    after = cache.stats()
+    assert (after.ready_step, after.resident_bytes, after.pooled_bytes) == (
+        0,
+        before.resident_bytes,
+        before.pooled_bytes,
+    )
+    await cache.close()
+
+
+async def test_a_bucket_of_empty_tensors_takes_no_pooled_buffer() -> None:
+    cache = BucketCache(bucket_bytes=8 * KIB)
+    await publish(cache, 0)
+    await settle(cache)
+    pooled = cache.stats().pooled_bytes
+    assert pooled > 0
+    async with cache.build(1) as build:
+        await build.add([("empty", torch.empty(0, 4)), ("none", torch.empty(0))])
+        assert cache.stats().pooled_bytes == pooled
+        await build.add(weights(1))
+    async with cache.read() as snap:
+        empty = snap.buckets[0]
+        assert (empty.nbytes, [m.name for m in empty.index]) == (0, ["empty", "none"])
+        assert empty.region is not None
+        assert (await asyncio.to_thread(map_region, empty.region)).nbytes == 0
+        assert [t.shape for _, t in list(snap.named_tensors())[:2]] == [(0, 4), (0,)]
+    for step in range(2, 5):  # empty buckets are not pooled either: nothing piles up
+        async with cache.build(step) as build:
+            await build.add([("empty", torch.empty(0))])
+            await build.add(weights(step))
+    await settle(cache)
+    assert all(s.capacity for s in cache._pool)
+    await cache.close()
+
+
+async def test_cache_buckets_pass_through_the_object_store_zero_copy(ray_local: object) -> None:
+    import ray
+
+    cache = BucketCache(bucket_bytes=8 * KIB)
+    await publish(cache, 0)
+    async with cache.read() as snap:
+        refs = [ray.put(b) for b in snap.buckets]
+        got = await asyncio.gather(*refs)
+        for want, have in zip(snap.buckets, got, strict=True):
+            assert not have.buffer.flags.owndata  # mapped from the object store, not copied
+            assert have.region == want.region
+            have.verify(want.manifest)
+    await cache.close()

@@ -1,7 +1,7 @@
 """A hypothesis state machine over the BucketCache: its invariants hold after every step.
 
 Rules build (claim, add, add in the background, publish, abort, cancel, publish
-while an add still runs), read (pin now, pin waiting for a newer step), release
+while an add still runs, a torn build), read (pin now, pin waiting for a newer step), release
 and cancel readers, and let the loop run, interleaving builds and readers as
 asyncio tasks on one event loop. The machine owns that loop
 (``asyncio.new_event_loop()``, ``run_until_complete`` per rule); the cache binds
@@ -45,6 +45,7 @@ from asyncsync.errors import (
     ReadTimeoutError,
     ResidentLimitError,
     StaleStepError,
+    TornSnapshotError,
 )
 
 pytestmark = pytest.mark.timeout(240)
@@ -333,6 +334,28 @@ class CacheMachine(RuleBasedStateMachine):
             assert "already ended" in str(exc), exc
         except ResidentLimitError:
             pass
+
+    @rule(
+        sizes=st.lists(st.integers(1, MAX_NUMEL), min_size=1, max_size=4), victim=st.integers(0, 3)
+    )
+    def torn_build(self, sizes: list[int], victim: int) -> None:
+        """A tensor written in place after the build copied it: the build is refused whole."""
+        if self.build is not None:
+            return
+        self.start_build(1)
+        build = self.idle_build()
+        assert build is not None
+        items = self.tensors(build.step, 0, sizes)
+        try:
+            self.run(build.handle.add(items))
+        except ResidentLimitError:
+            assert self.cache.max_resident_bytes is not None
+            self.end_build(ResidentLimitError("from add"))
+            return
+        items[victim % len(items)][1].add_(1)
+        self.build = None
+        with pytest.raises(TornSnapshotError, match=rf"step {build.step} is torn"):
+            self.run(build.cm.__aexit__(None, None, None))
 
     @rule()
     def abort(self) -> None:

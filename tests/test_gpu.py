@@ -3,6 +3,9 @@
 * A build from CUDA tensors copies them into pinned host buffers (asynchronous
   copies, one synchronization per bucket and device) that the pool hands back to
   the next build, and the bytes equal a CPU packing of the same tensors.
+* ``python -m asyncsync.testing.gpu_check`` passes: page-locked shared buffers,
+  CUDA builds bit for bit against ``.cpu()``, the torn-snapshot guard on CUDA
+  tensors (its figures are printed with ``-s``).
 * A train actor with its weights on a GPU sends to CPU engines over gloo, and to a
   GPU engine over NCCL when a second GPU exists (the group picks NCCL only when
   every rank has CUDA).
@@ -22,6 +25,7 @@ from asyncsync.actor import WeightSyncActor, train_actor
 from asyncsync.buckets import pack
 from asyncsync.cache import BucketCache
 from asyncsync.session import SyncPlan
+from asyncsync.testing import gpu_check
 from asyncsync.transport.collective import CollectiveStats
 
 pytestmark = pytest.mark.gpu
@@ -59,6 +63,10 @@ async def test_build_copies_cuda_tensors_into_reused_pinned_buffers() -> None:
     # Step 0's buffers went back to the pool when step 1 was published; step 2 reuses them.
     assert pointers[2] == pointers[0]
     await cache.close()
+
+
+def test_gpu_check_passes() -> None:
+    assert gpu_check.main(["--mib", "256"]) == 0
 
 
 class GpuTrainer(WeightSyncActor):

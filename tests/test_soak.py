@@ -306,7 +306,9 @@ def _torn(snap: Snapshot, want: list[int]) -> str:
 
 
 async def cache_ready(cache: BucketCache) -> None:
-    async with cache.read(timeout=30):
+    # min_step=-1: wait for the first publish (the builder task may not have
+    # claimed the build slot yet, and read() of the newest would refuse at once).
+    async with cache.read(min_step=-1, timeout=30):
         pass
 
 

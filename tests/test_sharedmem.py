@@ -1,0 +1,193 @@
+"""Shared-memory buffers: memfd on the owner's side, read-only maps in other processes."""
+
+from __future__ import annotations
+
+import fcntl
+import gc
+import os
+import pickle
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from asyncsync.buckets import checksum
+from asyncsync.errors import SharedMemoryError
+from asyncsync.sharedmem import NAME_PREFIX, SharedBuffer, SharedRegion, map_region
+
+
+def memfd_links() -> set[str]:
+    """This process's open fds that name an asyncsync buffer."""
+    out = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            link = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("/memfd:" + NAME_PREFIX):
+            out.add(link)
+    return out
+
+
+def mapped_buffers() -> set[str]:
+    """Tokens of the asyncsync buffers mapped into this process."""
+    with open("/proc/self/maps") as f:
+        return {
+            line.split("/memfd:" + NAME_PREFIX, 1)[1].split()[0]
+            for line in f
+            if "/memfd:" + NAME_PREFIX in line
+        }
+
+
+def pattern(n: int, seed: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8)
+
+
+def test_buffer_is_a_private_close_on_exec_memfd_and_nothing_lands_in_dev_shm() -> None:
+    before = set(os.listdir("/dev/shm"))
+    buffer = SharedBuffer.allocate(1 << 20, prefault=True)
+    try:
+        link = os.readlink(f"/proc/self/fd/{buffer.fd}")
+        assert link == f"/memfd:{NAME_PREFIX}{buffer.token} (deleted)"
+        assert stat.S_IMODE(os.fstat(buffer.fd).st_mode) == 0o600
+        assert fcntl.fcntl(buffer.fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC
+        assert buffer.array.flags.writeable and buffer.array.nbytes == 1 << 20
+        assert not buffer.array.any()  # fresh memory reads zero
+    finally:
+        buffer.release()
+    assert set(os.listdir("/dev/shm")) == before
+
+
+def test_region_maps_read_only_with_the_owners_bytes_and_survives_release() -> None:
+    buffer = SharedBuffer.allocate(3 << 20)
+    data = pattern(buffer.nbytes)
+    buffer.array[:] = data
+    region = buffer.region(12345, 1 << 20)  # not page aligned
+    assert pickle.loads(pickle.dumps(region)) == region
+    assert str(region).startswith(f"shared region {NAME_PREFIX}{buffer.token} [12345, ")
+    view = map_region(region)
+    assert view.nbytes == 1 << 20
+    assert np.array_equal(view, data[12345 : 12345 + (1 << 20)])
+    assert not view.flags.writeable
+    with pytest.raises(ValueError):
+        view.flags.writeable = True  # a read-only page could not take the write
+    # The owner writes again: the mapping is the same memory, not a copy.
+    buffer.array[12345] ^= 0xFF
+    assert view[0] == data[12345] ^ 0xFF
+    # Released by the owner: the memory is returned, the view stays safe to read.
+    buffer.release()
+    assert not view.any()
+    assert buffer.token in mapped_buffers()
+    del view
+    gc.collect()
+    assert buffer.token not in mapped_buffers()
+    assert not any(buffer.token in link for link in memfd_links())
+
+
+def test_empty_region_and_bad_ranges() -> None:
+    buffer = SharedBuffer.allocate(4096)
+    try:
+        assert map_region(buffer.region(4096, 0)).nbytes == 0
+        with pytest.raises(SharedMemoryError, match=r"range \[4000, 5000\) is outside"):
+            buffer.region(4000, 1000)
+        forged = SharedRegion(os.getpid(), buffer.fd, 0, 8192, buffer.token)
+        with pytest.raises(SharedMemoryError, match="holds only 4096 bytes"):
+            map_region(forged)
+    finally:
+        buffer.release()
+
+
+def test_a_released_or_reused_fd_is_refused_naming_the_region() -> None:
+    old = SharedBuffer.allocate(4096)
+    region = old.region()
+    old.release()
+    with pytest.raises(SharedMemoryError, match=rf"cannot open shared region {region.name}"):
+        map_region(region)
+    # The fd number is taken again by another buffer: the token tells them apart.
+    new = SharedBuffer.allocate(4096)
+    try:
+        assert new.fd == region.fd
+        with pytest.raises(SharedMemoryError, match=rf"{region.name}.*names '/memfd:{NAME_PREFIX}"):
+            map_region(region)
+        # And by a file that is not a buffer at all.
+    finally:
+        new.release()
+    with open(__file__) as f:
+        assert f.fileno() == region.fd
+        with pytest.raises(SharedMemoryError, match="not that buffer"):
+            map_region(region)
+    with pytest.raises(SharedMemoryError, match="pid 999999999"):
+        map_region(SharedRegion(999_999_999, 3, 0, 1, "0" * 16))
+
+
+OWNER = textwrap.dedent(
+    """
+    import sys, time
+    import numpy as np
+    from asyncsync.sharedmem import SharedBuffer
+    buffer = SharedBuffer.allocate(int(sys.argv[1]), prefault=True)
+    buffer.array[:] = np.random.default_rng(7).integers(0, 256, buffer.nbytes, dtype=np.uint8)
+    r = buffer.region(0)
+    print(r.pid, r.fd, r.offset, r.nbytes, r.token, flush=True)
+    time.sleep(600)
+    """
+)
+
+
+def test_another_process_maps_it_and_a_killed_owner_leaves_the_view_valid() -> None:
+    nbytes = 5 << 20
+    with subprocess.Popen(
+        [sys.executable, "-c", OWNER, str(nbytes)], stdout=subprocess.PIPE, text=True
+    ) as owner:
+        region, view, want = _map_then_kill(owner, nbytes)
+    token = region.token
+    # The owner is gone (and never cleaned up): the mapping still holds the bytes.
+    assert checksum(view) == checksum(want)
+    with pytest.raises(SharedMemoryError, match="owner closed it or exited"):
+        map_region(region)
+    del view
+    gc.collect()
+    # Nothing is left anywhere: the last mapping was the memory's last reference.
+    assert token not in mapped_buffers()
+    assert not any(token in name for name in os.listdir("/dev/shm"))
+
+
+def _map_then_kill(
+    owner: subprocess.Popen[str], nbytes: int
+) -> tuple[SharedRegion, np.ndarray, np.ndarray]:
+    try:
+        assert owner.stdout is not None
+        pid, fd, offset, size, token = owner.stdout.readline().split()
+        region = SharedRegion(int(pid), int(fd), int(offset), int(size), token)
+        view = map_region(region)
+        want = np.random.default_rng(7).integers(0, 256, nbytes, dtype=np.uint8)
+        assert checksum(view) == checksum(want)
+        return region, view, want
+    finally:
+        owner.send_signal(signal.SIGKILL)
+        owner.wait()
+
+
+def test_read_only_view_pickles_by_value() -> None:
+    buffer = SharedBuffer.allocate(1 << 16)
+    try:
+        buffer.array[:] = pattern(buffer.nbytes, seed=3)
+        view = map_region(buffer.region())
+        copy = pickle.loads(pickle.dumps(view, protocol=5))
+        assert np.array_equal(copy, view)
+    finally:
+        buffer.release()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="page-locking works with CUDA")
+def test_page_locking_without_cuda_is_a_typed_error_and_leaks_nothing() -> None:
+    before = memfd_links()
+    with pytest.raises(SharedMemoryError, match=rf"cannot page-lock shared buffer {NAME_PREFIX}"):
+        SharedBuffer.allocate(1 << 20, pin_memory=True)
+    gc.collect()
+    assert memfd_links() == before
