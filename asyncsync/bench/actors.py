@@ -14,24 +14,16 @@ import asyncio
 import statistics
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import numpy as np
 import torch
 
 from ..actor import WeightSyncActor, train_actor
-from ..buckets import (
-    Bucket,
-    TensorMeta,
-    TensorStream,
-    checksum,
-    fill_buffer,
-    layout,
-)
+from ..buckets import Bucket, TensorStream, checksum, fill_and_hash, fill_buffer, layout
 from ..engines.tensors import TensorEngine, tensor_engine_actor
 from ..receiver import ReceiverStats
 from ..session import SyncPlan, SyncReport
+from ..sharedmem import SharedBuffer
 from .probes import RssSampler, UsageMeter, ValueSampler, lag_probe, lag_summary
 from .records import BuildBreakdown, EngineRecord, EngineSession, TrainerRecord
 from .workload import (
@@ -185,8 +177,7 @@ class BenchTrainer(WeightSyncActor):
             flat_copy_s=parts["flat_copy_s"],
             copy_s=parts["copy_s"],
             checksum_s=parts["checksum_s"],
-            fill_s=parts["fill_s"],
-            pipelined_s=parts["pipelined_s"],
+            fused_s=parts["fused_s"],
             hop_s=statistics.median(hops) * n_hops,
             hops=n_hops,
             quiet_build_s=min(quiet),
@@ -201,21 +192,14 @@ def _noop() -> None:
     return None
 
 
-def _copy_only(
-    payload: np.ndarray, index: tuple[TensorMeta, ...], tensors: list[torch.Tensor]
-) -> None:
-    # fill_buffer's copy loop without the padding and the checksum.
-    flat = torch.from_numpy(payload)
-    for meta, src in zip(index, tensors, strict=True):
-        flat[meta.offset : meta.offset + meta.nbytes].view(src.dtype).view(src.shape).copy_(src)
-
-
 def _profile_parts(
     named: list[tuple[str, torch.Tensor]], bucket_bytes: int, reps: int
 ) -> dict[str, float]:
     """Time the steps of a build one by one with the cache's own functions (blocking).
 
-    Best of ``reps`` for each step, except the copy into fresh buffers (once).
+    Buckets are the cache's kind of buffer (:class:`~asyncsync.sharedmem.SharedBuffer`,
+    pre-faulted as the cache's pool keeps them). Best of ``reps`` for each step,
+    except the copy into fresh, never touched buffers (once).
     """
     start = time.perf_counter()
     stream = TensorStream(named, bucket_bytes)
@@ -225,50 +209,46 @@ def _profile_parts(
         groups.append((index, total, [t for _, t in group]))
     group_s = time.perf_counter() - start
 
+    fresh = [SharedBuffer.allocate(total) for _, total, _ in groups]
     start = time.perf_counter()
-    arrays = []
-    for index, total, tensors in groups:
-        array = np.empty(total, dtype=np.uint8)
-        _copy_only(array, index, tensors)
-        arrays.append(array)
+    for (index, total, tensors), buffer in zip(groups, fresh, strict=True):
+        fill_buffer(buffer.array[:total], index, tensors)
     fresh_copy_s = time.perf_counter() - start
+    for buffer in fresh:
+        buffer.release()
 
+    touched = [SharedBuffer.allocate(total, prefault=True) for _, total, _ in groups]
+    arrays = [b.array[:total] for b, (_, total, _) in zip(touched, groups, strict=True)]
     nbytes = sum(total for _, total, _ in groups)
     chunk = max(1, min(bucket_bytes, nbytes))
     flat_src = torch.empty(chunk, dtype=torch.uint8).fill_(1)
     flat_dst = torch.empty(chunk, dtype=torch.uint8).fill_(0)
-    copy_s = checksum_s = fill_s = pipelined_s = flat_s = float("inf")
-    pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="bench-checksum")
-    for _ in range(reps):
-        start = time.perf_counter()
-        for _ in range(-(-nbytes // chunk)):
-            flat_dst.copy_(flat_src)
-        flat_s = min(flat_s, (time.perf_counter() - start) * nbytes / (-(-nbytes // chunk) * chunk))
+    copy_s = checksum_s = fused_s = flat_s = float("inf")
+    try:
+        for _ in range(reps):
+            start = time.perf_counter()
+            for _ in range(-(-nbytes // chunk)):
+                flat_dst.copy_(flat_src)
+            took = time.perf_counter() - start
+            flat_s = min(flat_s, took * nbytes / (-(-nbytes // chunk) * chunk))
 
-        start = time.perf_counter()
-        for (index, _, tensors), array in zip(groups, arrays, strict=True):
-            _copy_only(array, index, tensors)
-        copy_s = min(copy_s, time.perf_counter() - start)
+            start = time.perf_counter()
+            for (index, _, tensors), array in zip(groups, arrays, strict=True):
+                fill_buffer(array, index, tensors)
+            copy_s = min(copy_s, time.perf_counter() - start)
 
-        start = time.perf_counter()
-        for array in arrays:
-            checksum(array)
-        checksum_s = min(checksum_s, time.perf_counter() - start)
+            start = time.perf_counter()
+            for array in arrays:
+                checksum(array)
+            checksum_s = min(checksum_s, time.perf_counter() - start)
 
-        start = time.perf_counter()
-        for (index, _, tensors), array in zip(groups, arrays, strict=True):
-            fill_buffer(array, index, tensors)
-        fill_s = min(fill_s, time.perf_counter() - start)
-
-        start = time.perf_counter()
-        hashing = []
-        for (index, _, tensors), array in zip(groups, arrays, strict=True):
-            fill_buffer(array, index, tensors)
-            hashing.append(pool.submit(checksum, array))
-        for future in hashing:
-            future.result()
-        pipelined_s = min(pipelined_s, time.perf_counter() - start)
-    pool.shutdown()
+            start = time.perf_counter()
+            for (index, _, tensors), array in zip(groups, arrays, strict=True):
+                fill_and_hash(array, index, tensors)
+            fused_s = min(fused_s, time.perf_counter() - start)
+    finally:
+        for buffer in touched:
+            buffer.release()
     return {
         "buckets": float(len(groups)),
         "group_s": group_s,
@@ -276,8 +256,7 @@ def _profile_parts(
         "flat_copy_s": flat_s,
         "copy_s": copy_s,
         "checksum_s": checksum_s,
-        "fill_s": fill_s,
-        "pipelined_s": pipelined_s,
+        "fused_s": fused_s,
     }
 
 

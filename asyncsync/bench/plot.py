@@ -103,6 +103,10 @@ def _fleet(ax: Any, rows: list[Row], key: str, title: str) -> None:
         points = [(n, v) for n, v in points if _finite(v)]
         if points:
             ax.plot(*zip(*points, strict=True), marker="o", label=policy)
+    counts = sorted({r["engines"] for r in rows})
+    if counts:
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(counts, [str(n) for n in counts])
     ax.set_xlabel("engines", fontsize=8)
     ax.set_title(title, fontsize=9)
     if not rows:

@@ -63,25 +63,26 @@ class EngineRecord:
 
 @dataclass(frozen=True)
 class BuildBreakdown:
-    """Where a build's time goes, measured on a quiet train actor with the real functions.
+    """Where a build's time goes, measured on a quiet train actor with the library's functions.
 
     Every figure is seconds for the whole model, the best of ``reps`` repetitions
-    (the least disturbed by other processes) unless noted. ``group_s``: pulling tensors
-    into bucket groups and computing the layout (``TensorStream`` + ``layout``).
-    ``alloc_fault_s``: first touch of freshly allocated buffers (page faults),
-    measured once as a copy into fresh buffers minus a copy into touched ones.
-    ``flat_copy_s``: the copy limit measured in the same process: ``copy_``
-    between two touched bucket-sized buffers, as many bytes as the model.
-    ``copy_s``: ``copy_`` of the model's tensors into touched buffers. ``checksum_s``: xxh3 of the
-    payloads. ``fill_s``: :func:`~asyncsync.buckets.fill_buffer` into touched
-    buffers (what the cache's worker thread runs per bucket). ``pipelined_s``:
-    ``fill_buffer`` of each bucket while the previous buckets are checksummed in a
-    second thread, as the cache schedules them, without the event loop. ``hop_s``: one ``asyncio.to_thread`` round trip of a no-op,
-    times the hops one build makes (``hops``). ``quiet_build_s``: a real
-    ``build_cpu_bucket_cache`` with nothing else running on the actor, buffers
-    from the pool. ``first_build_s``: the first build of the run (fresh buffers).
-    ``quiet_lag``: the actor's loop lag during those quiet builds; ``idle_lag``:
-    during an idle window just before them (the machine's scheduling noise).
+    (the least disturbed by other processes) unless noted, into the cache's kind
+    of buffer (shared memory, pre-faulted as the cache's pool keeps it).
+    ``group_s``: pulling tensors into bucket groups and computing the layout
+    (``TensorStream`` + ``layout``). ``alloc_fault_s``: first touch of fresh
+    buffers (page faults), measured once as a copy into never touched buffers
+    minus a copy into touched ones. ``flat_copy_s``: the copy limit measured in the
+    same process: ``copy_`` between two touched bucket-sized buffers, as many bytes
+    as the model. ``copy_s``: :func:`~asyncsync.buckets.fill_buffer`, the copy of
+    the model's tensors alone. ``checksum_s``: xxh3 of the payloads, a second pass.
+    ``fused_s``: :func:`~asyncsync.buckets.fill_and_hash`, copy and checksum in one
+    pass (what the cache's worker runs per bucket). ``hop_s``: one
+    ``asyncio.to_thread`` round trip of a no-op, times the hops one build makes
+    (``hops``). ``quiet_build_s``: a real ``build_cpu_bucket_cache`` with nothing
+    else running on the actor, buffers from the pool. ``first_build_s``: the first
+    build of the run (fresh buffers). ``quiet_lag``: the actor's loop lag during
+    those quiet builds; ``idle_lag``: during an idle window just before them (the
+    machine's scheduling noise).
     """
 
     nbytes: int
@@ -91,8 +92,7 @@ class BuildBreakdown:
     flat_copy_s: float
     copy_s: float
     checksum_s: float
-    fill_s: float
-    pipelined_s: float
+    fused_s: float
     hop_s: float
     hops: int
     quiet_build_s: float

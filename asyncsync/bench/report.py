@@ -214,9 +214,9 @@ def _limits_section(result: BenchResult) -> list[str]:
     for nbytes in sorted({r.model_bytes for r in result.all_runs}):
         model = limits(result, nbytes)
         out.append(
-            f"| {format_bytes(nbytes)} | {model.copy_s * 1e3:.0f} | {model.hash_s * 1e3:.0f} "
-            f"| {model.build_s * 1e3:.0f} | {model.session_s(1) * 1e3:.0f} "
-            f"| {model.session_s(8) * 1e3:.0f} |"
+            f"| {format_bytes(nbytes)} | {model.copy_s * 1e3:.1f} | {model.hash_s * 1e3:.1f} "
+            f"| {model.build_s * 1e3:.1f} | {model.session_s(1) * 1e3:.1f} "
+            f"| {model.session_s(8) * 1e3:.1f} |"
         )
     return [*out, ""]
 
@@ -497,16 +497,15 @@ def _breakdown_section(result: BenchResult) -> list[str]:
                 "the copy limit, in this process, now",
             ),
             line(
-                "`copy_` of the model's tensors into touched buffers",
+                "`fill_buffer`: the copy alone, into the cache's shared buffers",
                 b.copy_s,
                 f"limits table: {limit:.2f} GB/s",
             ),
-            line("xxh3 checksum of the payloads", b.checksum_s),
-            line("`fill_buffer` into touched buffers", b.fill_s, "the cache's worker, per bucket"),
+            line("xxh3 checksum of the payloads, a second pass", b.checksum_s),
             line(
-                "`fill_buffer` with checksums of earlier buckets in a 2nd thread",
-                b.pipelined_s,
-                "the cache's schedule, no event loop",
+                "`fill_and_hash`: copy and checksum in one pass",
+                b.fused_s,
+                "the cache's worker, per bucket",
             ),
             line(f"thread hops ({b.hops} x `asyncio.to_thread`)", b.hop_s),
             line(
@@ -519,12 +518,13 @@ def _breakdown_section(result: BenchResult) -> list[str]:
             line("median build during the run", in_run, "competes with sessions and training"),
             "",
             f"Against the copy limit measured here ({_f(b.nbytes / b.flat_copy_s / 1e9, '{:.2f}')} GB/s): "
-            f"copy then checksum one after the other would reach {_serial_fraction(b):.0f}%; with "
-            f"the checksums overlapped in a second thread {_fraction(b.nbytes, b.pipelined_s, b.flat_copy_s):.0f}% "
-            f"(copy and checksum are both memory-bound and share the memory bandwidth and the two "
-            f"cores); the quiet build reaches {_fraction(b.nbytes, b.quiet_build_s, b.flat_copy_s):.0f}% "
+            f"copy then checksum in two passes would reach {_serial_fraction(b):.0f}%, the fused "
+            f"pass reaches {_fraction(b.nbytes, b.fused_s, b.flat_copy_s):.0f}% (the copy alone "
+            f"{_fraction(b.nbytes, b.copy_s, b.flat_copy_s):.0f}%: the model's many tensors, not one "
+            f"flat buffer); the quiet build {_fraction(b.nbytes, b.quiet_build_s, b.flat_copy_s):.0f}% "
             f"(the rest is the event loop, the thread hops and the lock) and the median build "
-            f"during the run {_fraction(b.nbytes, in_run, b.flat_copy_s):.0f}%.",
+            f"during the run {_fraction(b.nbytes, in_run, b.flat_copy_s):.0f}% (it shares the "
+            f"cores with the sessions of the previous step and the engines).",
             "",
             f"Loop lag of the train actor during these quiet builds: p99 {_f(b.quiet_lag.p99_ms, '{:.1f}')} ms "
             f"(max {_f(b.quiet_lag.max_ms, '{:.1f}')} ms, {b.quiet_lag.samples} wake-ups); during an idle "
