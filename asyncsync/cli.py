@@ -227,16 +227,16 @@ def _bench(args: argparse.Namespace) -> int:
         if row["error"]:
             continue
         console.print(
-            f"{row['section']:>7} {row['config']:>28} {row['design']:<30} stall {row['stall_ms']:7.0f} ms  "
-            f"session {row['session_s']:6.3f} s ({row['session_frac'] * 100:4.0f}% of limit)  "
-            f"build {row['build_frac'] * 100:4.0f}% of copy",
+            f"{row['section']}: {row['config']} {row['design']}: stall {row['stall_ms']:.0f} ms, "
+            f"session {row['session_s']:.3f} s ({row['session_frac'] * 100:.0f}% of its limit), "
+            f"build {row['build_frac'] * 100:.0f}% of one copy",
             highlight=False,
         )
     console.print(
         f"wrote {', '.join(str(p) for p in paths.values())}", highlight=False, soft_wrap=True
     )
     if args.publish:
-        command = "make bench"
+        command = _command_line(args)
         published = publish(result, paths["plot"], Path(args.publish_dir), command)
         console.print(
             f"published {', '.join(str(p) for p in published.values())}",
@@ -249,6 +249,17 @@ def _bench(args: argparse.Namespace) -> int:
         if run.error:
             console.print(f"[red]{run.config_label} {run.label} failed:[/] {escape(run.error)}")
     return 0 if result.ok else 1
+
+
+def _command_line(args: argparse.Namespace) -> str:
+    """The ``asyncsync bench`` command that reproduces this run, for the published report:
+    ``make bench`` when run with the defaults, else the options given."""
+    import shlex
+
+    given = [a for a in args.argv if a not in ("bench", "--publish")]
+    if not given:
+        return "make bench"
+    return shlex.join(["asyncsync", "bench", "--publish", *given])
 
 
 def _measure_bench(args: argparse.Namespace, config: Any, console: Any) -> Any:
@@ -565,6 +576,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # argparse exits after --help, --version or a usage error
         return exc.code if isinstance(exc.code, int) else 0
     try:
+        args.argv = list(sys.argv[1:] if argv is None else argv)
         code: int = args.run(args)
     except UsageError as exc:
         sub = f"{parser.prog} {args.command}"

@@ -715,6 +715,9 @@ async def _run_asyncsync(
             if watch is not None:
                 run.node_bytes = await watch.stop()
                 watch = None
+            # The train loop's sessions; those that only bring a straggler up to date
+            # after it ended are not part of the figures.
+            reports = [r for r in coordinator.reports if first <= r.step <= last]
             await _until_all_serve(coordinator, last)
         finally:
             if watch is not None:
@@ -724,7 +727,6 @@ async def _run_asyncsync(
         engine_records: list[EngineRecord] = list(
             await asyncio.gather(*(e.record.remote() for e in engines.values()))
         )
-        reports = [r for r in coordinator.reports if r.step >= first and r.step <= last]
         for report in reports:
             run.session_gbps.append(report.gbps)
             run.session_s.append(report.seconds)
