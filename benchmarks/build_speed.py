@@ -32,8 +32,9 @@ from collections.abc import Callable
 import torch
 
 from asyncsync import buckets
+from asyncsync.bench.limits import LimitsProbe
 from asyncsync.bench.workload import format_bytes, llama_spec, materialize, parse_size
-from asyncsync.buckets import checksum, fill_and_hash, fill_buffer, layout
+from asyncsync.buckets import fill_and_hash, fill_buffer, layout
 from asyncsync.cache import BucketCache
 
 GB = 1e9
@@ -46,15 +47,6 @@ def best_of(reps: int, work: Callable[[], object]) -> float:
         work()
         best = min(best, time.perf_counter() - start)
     return best
-
-
-def limits(nbytes: int, reps: int) -> tuple[float, float]:
-    src = torch.empty(nbytes, dtype=torch.uint8).fill_(7)
-    dst = torch.empty(nbytes, dtype=torch.uint8).fill_(0)
-    copy_s = best_of(reps, lambda: dst.copy_(src))
-    array = dst.numpy()
-    hash_s = best_of(reps, lambda: checksum(array))
-    return nbytes / copy_s / GB, nbytes / hash_s / GB
 
 
 def chunk_sweep(nbytes: int, reps: int) -> dict[int, float]:
@@ -96,9 +88,10 @@ class Limits:
         self.hash_gbps = 0.0
 
     def measure(self) -> None:
-        copy_gbps, hash_gbps = limits(256 << 20, self.reps)
-        self.copy_gbps = max(self.copy_gbps, copy_gbps)
-        self.hash_gbps = max(self.hash_gbps, hash_gbps)
+        # The bench's own limit measurement (best of the repetitions, one thread).
+        host = LimitsProbe().host(256 << 20, self.reps)
+        self.copy_gbps = max(self.copy_gbps, host.copy_gbps)
+        self.hash_gbps = max(self.hash_gbps, host.checksum_gbps)
 
 
 def primitives(named: list[tuple[str, torch.Tensor]], reps: int) -> tuple[float, float]:
