@@ -29,6 +29,7 @@ the version it serves. A fleet never infers an engine's version; it asks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 import uuid
@@ -240,7 +241,8 @@ class StagingReceiver:
         if a bucket is missing, and :class:`~asyncsync.StaleStepError` (session
         dropped, nothing applied) if a newer version was committed meanwhile. Once
         the copy into the model started it runs to the end, even if this call is
-        cancelled: stopping halfway would leave the model a mix of two versions.
+        cancelled: stopping halfway would leave the model a mix of two versions; a
+        cancelled call still returns (cancelled) only once the copy has ended.
         """
         staging = self._staging(session_id)
         missing = [i for i in range(len(staging.manifest)) if i not in staging.buckets]
@@ -252,7 +254,17 @@ class StagingReceiver:
         commit = asyncio.ensure_future(self._commit(session_id, staging))
         # If we are cancelled, nobody awaits the commit's outcome: retrieve it.
         commit.add_done_callback(lambda f: f.cancelled() or f.exception())
-        return await asyncio.shield(commit)
+        try:
+            return await asyncio.shield(commit)
+        except asyncio.CancelledError:
+            # Answer only once the copy has ended, even when cancelled (``ray.cancel``
+            # of a session cancels its calls to engines too): whoever holds the memory
+            # the copy reads, the train actor's pin of a shared snapshot, holds it
+            # until this call returns.
+            while not commit.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.shield(commit)
+            raise
 
     async def _commit(self, session_id: str, staging: _Staging) -> int:
         async with self._commit_lock:
@@ -272,6 +284,10 @@ class StagingReceiver:
                 await self.apply(ordered, staging.step)
             finally:
                 staging.applying = False
+                # Let go of the buckets now, not when a garbage collection finds the
+                # last cycle that reaches them: they may map the train actor's memory.
+                ordered.clear()
+                staging.buckets.clear()
             self._sessions.pop(session_id, None)
             self.version = staging.step
             self._commits += 1
@@ -335,6 +351,7 @@ class StagingReceiver:
         staging = self._sessions.get(session_id)
         if staging is not None and not staging.applying:
             del self._sessions[session_id]
+            staging.buckets.clear()
             self._dropped[reason] += 1
             if session_id in self._seen:
                 self._seen[session_id] = f"{reason}{detail}"

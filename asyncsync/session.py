@@ -854,6 +854,9 @@ class _Session:
         if error is None:
             run.outcome, run.version = COMMITTED, int(commit.result())
             self.fleet.committed(run.name, run.version)
+        elif isinstance(error.__cause__, ray_cancelled()):
+            # Cancelled with the session: the engine may have committed; ask it again.
+            self.fleet.mark(run.name, Health.CATCHING_UP, "commit outcome unknown (cancelled)")
         else:
             self.fleet.mark(run.name, Health.QUARANTINED, last_line(error))
 
@@ -886,9 +889,16 @@ class _Session:
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
 
+def ray_cancelled() -> type[BaseException]:
+    """Ray's error for a cancelled remote call (imported late: Ray is optional here)."""
+    from ray.exceptions import TaskCancelledError
+
+    return TaskCancelledError
+
+
 def _shareable(snap: Snapshot) -> bool:
     """Whether same-node engines can map this snapshot's memory (the shared snapshot path)."""
-    return False
+    return all(b.region is not None for b in snap.buckets)
 
 
 def _brief(value: object) -> str:
