@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._primitives import Signal
 from .buckets import Bucket, BucketManifest, TensorMeta, TensorStream, fill_and_hash, layout
 from .errors import (
     BuildInProgressError,
@@ -324,7 +325,7 @@ class BucketCache:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: int | None = None
         self._lock: asyncio.Lock | None = None
-        self._changed: asyncio.Event | None = None
+        self._changed: Signal | None = None
         # Guarded by _lock.
         self._ready: _Entry | None = None
         self._held: dict[int, _Entry] = {}
@@ -357,7 +358,7 @@ class BucketCache:
             self._loop = loop
             self._thread = threading.get_ident()
             self._lock = asyncio.Lock()
-            self._changed = asyncio.Event()
+            self._changed = Signal()
         elif loop is not self._loop:
             raise WrongLoopError(
                 "BucketCache is bound to another event loop (thread "
@@ -393,8 +394,7 @@ class BucketCache:
 
     def _notify(self) -> None:
         assert self._changed is not None
-        self._changed.set()
-        self._changed = asyncio.Event()
+        self._changed.notify()
 
     def _spawn(self, work: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(work)
@@ -720,7 +720,7 @@ class BucketCache:
                 if slot is not None and not slot.prefaulting:
                     return slot
                 assert self._changed is not None
-                changed = self._changed
+                changed = self._changed.waiter()
             if slot is not None:
                 await changed.wait()  # the pre-fault of this slot ends soon
                 continue
@@ -824,7 +824,7 @@ class BucketCache:
                         "wait for one"
                     )
                 assert self._changed is not None
-                changed = self._changed
+                changed = self._changed.waiter()
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 ready = self._ready.snapshot.step if self._ready else None

@@ -38,6 +38,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ._primitives import detached
 from .buckets import Bucket, BucketManifest, check_manifests
 from .errors import (
     ConfigError,
@@ -251,9 +252,7 @@ class StagingReceiver:
                 f"session {session_id!r}: commit before buckets {missing[:8]} arrived "
                 f"({len(staging.buckets)}/{len(staging.manifest)} received)"
             )
-        commit = asyncio.ensure_future(self._commit(session_id, staging))
-        # If we are cancelled, nobody awaits the commit's outcome: retrieve it.
-        commit.add_done_callback(lambda f: f.cancelled() or f.exception())
+        commit = detached(self._commit(session_id, staging))
         try:
             return await asyncio.shield(commit)
         except asyncio.CancelledError:

@@ -52,7 +52,7 @@ from contextlib import AsyncExitStack, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
-from ._primitives import shielded
+from ._primitives import detached, shielded
 from .cache import BucketCache, Snapshot
 from .errors import (
     ConfigError,
@@ -308,7 +308,7 @@ class _Run:
     version: int | None = None
     error: str | None = None
     begun: bool = False
-    commit: asyncio.Task[int] | None = None
+    commit: asyncio.Future[int] | None = None
 
 
 class _Puts:
@@ -322,7 +322,7 @@ class _Puts:
         self.transport = transport
         self.ctx = ctx
         self.engines = set(ctx.targets)
-        self._puts: dict[int, asyncio.Task[Any]] = {}
+        self._puts: dict[int, asyncio.Future[Any]] = {}
         self._needed: dict[int, set[str]] = {}
         self.started = False
 
@@ -336,10 +336,9 @@ class _Puts:
         if put is None:
             assert self.session.snap is not None
             bucket = self.session.snap.buckets[index]
-            put = asyncio.ensure_future(
+            put = detached(
                 self.session.guard(self.name, index, self.transport.put(self.ctx, index, bucket))
             )
-            put.add_done_callback(lambda t: t.cancelled() or t.exception())
             self._puts[index] = put
             self._needed[index] = set(self.engines)
         # Shielded: one engine giving up must not cancel a put the others share.
@@ -618,7 +617,7 @@ class _Session:
         run = self.runs[name]
         async with updating:
             start = time.monotonic()
-            run.commit = asyncio.ensure_future(
+            run.commit = detached(
                 self.fleet.call(
                     name,
                     "commit",
@@ -629,7 +628,6 @@ class _Session:
                     cancel_remote=False,
                 )
             )
-            run.commit.add_done_callback(lambda t: t.cancelled() or t.exception())
             version = await asyncio.shield(run.commit)
         run.commit_s = time.monotonic() - start
         run.outcome, run.version = COMMITTED, int(version)
@@ -883,10 +881,9 @@ class _Session:
         self._adopt(finish_stragglers())
 
     def _adopt(self, work: Any) -> None:
-        task: asyncio.Task[None] = asyncio.ensure_future(work)
+        task: asyncio.Task[None] = detached(work)  # type: ignore[assignment]
         self.background.add(task)
         task.add_done_callback(self.background.discard)
-        task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
 
 def ray_cancelled() -> type[BaseException]:
