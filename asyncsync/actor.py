@@ -148,6 +148,9 @@ class WeightSyncActor:
         self._fleet_plan = SyncPlan()
         # Sessions' work that outlives their call (stragglers, commits still applying).
         self._background: set[asyncio.Task[None]] = set()
+        # Tasks running run_sync_session now: close() ends them before it closes
+        # the transports they stream through.
+        self._session_tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
 
     # ------------------------------------------------------------ for subclasses
@@ -191,7 +194,7 @@ class WeightSyncActor:
         :class:`ActorSlots`), and :class:`~asyncsync.CacheClosedError` after
         :meth:`close`.
         """
-        with self._admitted():
+        with self._admitted(), self._closable():
             if plan.targets is None:
                 self._fleet_plan = plan
                 self._start_keeper()
@@ -261,14 +264,21 @@ class WeightSyncActor:
     async def close(self) -> None:
         """Shut the actor's weight sync down: no new session or build starts.
 
-        Stops the fleet's keeper and catch-ups, waits for sessions' background work
-        (commits in flight finish; stragglers are aborted), closes every transport
-        and the cache. Idempotent.
+        Stops the fleet's keeper and catch-ups, ends the sessions in flight (each
+        aborts on every engine it had begun; its caller gets
+        :class:`~asyncsync.CacheClosedError`, as does a session waiting for its
+        step), waits for sessions' background work (commits in flight finish;
+        stragglers are aborted), closes every transport and the cache. Idempotent.
         """
         if self._closed:
             return
         self._closed = True
         await self.fleet.close()
+        sessions = list(self._session_tasks)
+        for task in sessions:
+            task.cancel()
+        if sessions:
+            await asyncio.gather(*sessions, return_exceptions=True)
         background = list(self._background)
         for task in background:
             task.cancel()
@@ -300,6 +310,25 @@ class WeightSyncActor:
             yield
         finally:
             self._sessions_in_flight -= 1
+
+    @contextlib.contextmanager
+    def _closable(self) -> Iterator[None]:
+        """Let :meth:`close` end the session running in this task; its caller then
+        gets :class:`~asyncsync.CacheClosedError`, not a bare cancellation."""
+        task = asyncio.current_task()
+        assert task is not None
+        self._session_tasks.add(task)
+        try:
+            yield
+        except asyncio.CancelledError:
+            if not self._closed:
+                raise
+            raise CacheClosedError(
+                "the train actor was closed while this session ran; it was aborted on "
+                "every engine it had begun"
+            ) from None
+        finally:
+            self._session_tasks.discard(task)
 
     def _check_open(self) -> None:
         if self._closed:
