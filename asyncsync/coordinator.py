@@ -38,7 +38,7 @@ from typing import Any
 
 from . import aio
 from ._primitives import Signal
-from .errors import ConfigError, CoordinatorClosedError, SessionError
+from .errors import ConfigError, CoordinatorClosedError, InvalidStepError, SessionError
 from .fleet import EngineState, FleetView, Health
 from .session import SyncPlan, SyncReport
 
@@ -83,6 +83,31 @@ class SyncCoordinator:
             raise ConfigError(
                 "SyncCoordinator chooses targets (its fleet) and min_step (the newest "
                 "built step) itself; pass engines= instead"
+            )
+        fields = {f.name for f in dataclasses.fields(SyncPlan)} - {"targets", "min_step"}
+        unknown = sorted(set(plan_options) - fields)
+        if unknown:
+            raise ConfigError(
+                f"SyncCoordinator got unknown option(s) {unknown}; SyncPlan options are "
+                f"{sorted(fields)}"
+            )
+        if (
+            isinstance(cancel_wait_s, bool)
+            or not isinstance(cancel_wait_s, int | float)
+            or not cancel_wait_s >= 0
+        ):
+            raise ConfigError(f"cancel_wait_s must be seconds >= 0, got {cancel_wait_s!r}")
+        if engines is not None and (
+            not isinstance(engines, Mapping) or not all(isinstance(n, str) and n for n in engines)
+        ):
+            raise ConfigError(
+                "engines must be None or a mapping of non-empty name -> engine handle, got "
+                f"{engines!r}"[:200]
+            )
+        if not hasattr(trainer, "run_sync_session"):
+            raise ConfigError(
+                f"trainer must be the handle of a train actor (see train_actor), got "
+                f"{type(trainer).__name__} with no run_sync_session"
             )
         self.plan = SyncPlan(**plan_options)  # every option checked now
         self.trainer = trainer
@@ -169,6 +194,8 @@ class SyncCoordinator:
         closed.
         """
         self._check_open()
+        if isinstance(step, bool) or not isinstance(step, int) or step < -1:
+            raise InvalidStepError(f"after_build: step must be an int >= -1, got {step!r}")
         await self._join_engines()
         self._latest_built = step if self._latest_built is None else max(self._latest_built, step)
         self._raise_pending()
