@@ -37,7 +37,7 @@ import torch
 
 from .buckets import tensor_digest
 from .cache import DEFAULT_BUCKET_BYTES, BucketCache, CacheStats
-from .errors import ActorDefinitionError, AdmissionError, CacheClosedError
+from .errors import ActorDefinitionError, AdmissionError, CacheClosedError, ConfigError
 from .fleet import EngineFleet, EngineState, FleetView, Health
 from .receiver import current_node
 from .session import SyncPlan, SyncReport, run_session
@@ -132,6 +132,20 @@ class WeightSyncActor:
         fleet_probe_interval_s: float = 2.0,
         engine_call_timeout_s: float = 60.0,
     ) -> None:
+        for option, value in (
+            ("fleet_probe_interval_s", fleet_probe_interval_s),
+            ("engine_call_timeout_s", engine_call_timeout_s),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+                raise ConfigError(f"{option} must be positive seconds, got {value!r}")
+        if transport_options is not None and not (
+            isinstance(transport_options, dict)
+            and all(isinstance(o, dict) for o in transport_options.values())
+        ):
+            raise ConfigError(
+                "transport_options must map a transport name to a dict of its options, got "
+                f"{transport_options!r}"[:200]
+            )
         self.weight_cache = BucketCache(bucket_bytes, max_resident_bytes)
         self.sync_span_log = SpanLog()
         self.fleet = EngineFleet(
@@ -139,9 +153,17 @@ class WeightSyncActor:
         )
         self._engine_call_timeout_s = engine_call_timeout_s
         self._transport_options = dict(transport_options or {})
-        for name in self._transport_options:
-            backend(name)  # ConfigError for an unknown transport, at construction
         self._transports: dict[str, Transport] = {}
+        for name, options in self._transport_options.items():
+            # Made now, so an unknown transport or option fails at construction
+            # (ConfigError), not in the first session that needs it.
+            try:
+                self._transports[name] = backend(name).make(**options)
+            except TypeError as exc:
+                raise ConfigError(
+                    f"transport_options[{name!r}]: {sorted(options)} are not options of the "
+                    f"{name!r} transport ({exc})"
+                ) from exc
         self._sessions_in_flight = 0
         self._sessions_refused = 0
         # The options of the last session sent to the fleet: catch-ups reuse them.
@@ -194,6 +216,8 @@ class WeightSyncActor:
         :class:`ActorSlots`), and :class:`~asyncsync.CacheClosedError` after
         :meth:`close`.
         """
+        if not isinstance(plan, SyncPlan):
+            raise ConfigError(f"run_sync_session takes a SyncPlan, got {type(plan).__name__}")
         with self._admitted(), self._closable():
             if plan.targets is None:
                 self._fleet_plan = plan
@@ -401,11 +425,19 @@ def train_actor(
     """
     if not (isinstance(cls, type) and issubclass(cls, WeightSyncActor)):
         raise ActorDefinitionError(f"{cls!r} is not a subclass of WeightSyncActor")
-    if not isinstance(reserved_slots, int) or reserved_slots < 1:
+    if (
+        isinstance(reserved_slots, bool)
+        or not isinstance(reserved_slots, int)
+        or reserved_slots < 1
+    ):
         raise ActorDefinitionError(
             f"reserved_slots={reserved_slots!r}: at least one slot must stay free for builds"
         )
-    if not isinstance(max_concurrency, int) or max_concurrency < reserved_slots + 1:
+    if (
+        isinstance(max_concurrency, bool)
+        or not isinstance(max_concurrency, int)
+        or max_concurrency < reserved_slots + 1
+    ):
         raise ActorDefinitionError(
             f"max_concurrency={max_concurrency!r}: a train actor needs at least "
             f"reserved_slots + 1 = {reserved_slots + 1} so a session can run beside a build"
@@ -446,4 +478,9 @@ def train_actor(
         if groups
         else ray.remote(configured)
     )
-    return remote_class.options(max_concurrency=max_concurrency, **ray_options)
+    try:
+        return remote_class.options(max_concurrency=max_concurrency, **ray_options)
+    except (TypeError, ValueError) as exc:  # Ray checks its options here
+        raise ActorDefinitionError(
+            f"{cls.__name__}: Ray refused the actor options {sorted(ray_options)}: {exc}"
+        ) from exc
