@@ -292,6 +292,9 @@ class EngineFleet:
         old = member.info
         member.info = info
         if old is not None and old.incarnation != info.incarnation:
+            # A new process: the back-off earned by the old one's failures does not
+            # apply to it, so the keeper catches it up at its next round.
+            member.failures, member.retry_at = 0, 0.0
             self._set(
                 member,
                 Health.CATCHING_UP,
