@@ -127,6 +127,49 @@ async def test_coordinator_close_wakes_waiters_and_nothing_runs_after(rig: Rig) 
     await within(trainer.close.remote())
 
 
+async def test_coordinator_close_during_sync_raises_in_the_loop_not_cancels_it(rig: Rig) -> None:
+    """A train loop awaiting ``sync()`` when another task closes the coordinator gets
+    ``CoordinatorClosedError`` and goes on running (its own task was not cancelled by
+    its owner); ``close()`` returns once the session ended, without waiting for the loop."""
+    trainer = await rig.trainer()
+    coordinator = SyncCoordinator(trainer, rig.engines, timeout_s=30.0)
+    await within(trainer.publish.remote(rig.next_step()))
+    loop_went_on = asyncio.Event()
+    release_loop = asyncio.Event()
+
+    async def train_loop() -> BaseException | None:
+        error: BaseException | None = None
+        try:
+            await coordinator.sync()
+        except CoordinatorClosedError as exc:
+            error = exc
+        loop_went_on.set()
+        await release_loop.wait()  # the loop keeps running after close() returned
+        return error
+
+    await rig.faults(receive_delay_s=0.5)
+    try:
+        loop = asyncio.ensure_future(train_loop())
+
+        async def streaming() -> bool:
+            return all(s.open_sessions for s in (await rig.engine_stats()).values())
+
+        await eventually(streaming, "the session never reached the engines")
+        await within(coordinator.close())
+        assert all(s.open_sessions == () for s in (await rig.engine_stats()).values())
+        await within(loop_went_on.wait())
+        assert not loop.done()
+        release_loop.set()
+        error = await within(loop)
+    finally:
+        await rig.faults()
+    assert isinstance(error, CoordinatorClosedError), repr(error)
+    assert "closed while this sync ran" in str(error)
+    with pytest.raises(CoordinatorClosedError):
+        await within(coordinator.sync())
+    await within(trainer.close.remote())
+
+
 async def test_train_actor_close_stops_keeper_and_catch_ups(rig: Rig) -> None:
     trainer = await rig.trainer()
     for name, engine in rig.engines.items():
