@@ -134,6 +134,10 @@ async def test_coordinator_close_during_sync_raises_in_the_loop_not_cancels_it(r
     trainer = await rig.trainer()
     coordinator = SyncCoordinator(trainer, rig.engines, timeout_s=30.0)
     await within(trainer.publish.remote(rig.next_step()))
+    # First at full speed: the engines join and serve, so the keeper has no
+    # catch-up of its own streaming when the slow session below is closed.
+    await within(coordinator.sync())
+    await within(trainer.publish.remote(rig.next_step()))
     loop_went_on = asyncio.Event()
     release_loop = asyncio.Event()
 

@@ -203,10 +203,16 @@ async def test_fleet_phase_one_failure_aborts_everywhere_and_quarantines_the_cul
         await rig.faults(["e1"])
     assert (info.value.target, info.value.step) == ("e1", step)
     # Aborted everywhere before the error was raised: every engine keeps its version
-    # and dropped the staging it had begun.
-    assert await rig.versions() == before
+    # and dropped the staging it had begun. (The keeper may already be catching e1
+    # up, so e1 alone may be on the new step, or have aborted a failed catch-up.)
+    versions = await rig.versions()
+    assert versions["e1"] in (before["e1"], step)
+    assert {n: v for n, v in versions.items() if n != "e1"} == {
+        n: v for n, v in before.items() if n != "e1"
+    }
     after = await rig.dropped("aborted")
-    assert all(after[n] == aborted[n] + 1 for n in rig.engines), (aborted, after)
+    assert after["e1"] >= aborted["e1"] + 1
+    assert all(after[n] == aborted[n] + 1 for n in rig.engines if n != "e1"), (aborted, after)
     state = (await rig.view()).engines["e1"]
     # The culprit is out of routing (or already being caught up by the keeper).
     assert state.health in (Health.QUARANTINED, Health.CATCHING_UP), state
@@ -238,10 +244,13 @@ async def test_fleet_phase_two_failure_quarantines_only_that_engine(rig: Rig) ->
     assert report.targets["e2"].outcome == "quarantined"
     assert "injected fault in apply" in (report.targets["e2"].error or "")
     assert sorted(report.committed) == sorted(n for n in rig.engines if n != "e2")
-    # The report says who serves what, and it is what the engines serve.
+    # The report says who serves what, and it is what the engines serve (e2 unless
+    # the keeper already caught it up since).
     actual = await rig.versions()
-    assert actual["e2"] == before["e2"]
-    assert {n: t.version for n, t in report.targets.items()} == actual
+    assert report.targets["e2"].version == before["e2"]
+    assert actual["e2"] in (before["e2"], step)
+    reported = {n: t.version for n, t in report.targets.items() if n != "e2"}
+    assert reported == {n: v for n, v in actual.items() if n != "e2"}
     assert report.view.engines["e2"].health is Health.QUARANTINED
     assert "e2" not in report.view.serving()
     assert report.view.by_version() == {step: tuple(n for n in rig.engines if n != "e2")}
