@@ -43,6 +43,7 @@ from .buckets import Bucket, BucketManifest, check_manifests
 from .errors import (
     ConfigError,
     IncompleteSessionError,
+    InvalidStepError,
     ManifestMismatchError,
     SessionIdReusedError,
     StaleStepError,
@@ -185,6 +186,12 @@ class StagingReceiver:
         malformed index, a name twice, or what :meth:`check_manifest` refuses);
         nothing is opened then and the id stays unused.
         """
+        if not isinstance(session_id, str) or not session_id:
+            raise ConfigError(f"begin: session ids are non-empty strings, got {session_id!r}")
+        if isinstance(step, bool) or not isinstance(step, int) or step < -1:
+            raise InvalidStepError(
+                f"session {session_id!r}: step must be an int >= -1, got {step!r}"
+            )
         if session_id in self._seen:
             raise SessionIdReusedError(f"session id {session_id!r} was already used")
         if self.version is not None and step < self.version:
@@ -193,8 +200,19 @@ class StagingReceiver:
                 f"committed version {self.version}"
             )
         ttl = DEFAULT_STAGING_TTL_S if ttl_s is None else ttl_s
-        if not ttl > 0:
+        if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not ttl > 0:
             raise ConfigError(f"session {session_id!r}: ttl_s must be positive, got {ttl_s!r}")
+        if isinstance(manifest, str | bytes) or not isinstance(manifest, Sequence):
+            raise ManifestMismatchError(
+                f"session {session_id!r}: the manifest must be a sequence of BucketManifest, "
+                f"got {type(manifest).__name__}"
+            )
+        wrong = [i for i, b in enumerate(manifest) if not isinstance(b, BucketManifest)]
+        if wrong:
+            raise ManifestMismatchError(
+                f"session {session_id!r}: manifest entry {wrong[0]} is a "
+                f"{type(manifest[wrong[0]]).__name__}, not a BucketManifest"
+            )
         check_manifests(manifest)
         self.check_manifest(manifest)
         self._remember(session_id)
@@ -210,10 +228,14 @@ class StagingReceiver:
         :class:`~asyncsync.ReceiverError` of the transport; nothing is staged then.
         """
         staging = self._staging(session_id)
-        if not 0 <= index < len(staging.manifest):
+        if (
+            isinstance(index, bool)
+            or not isinstance(index, int)
+            or not 0 <= index < len(staging.manifest)
+        ):
             self._rejected += 1
             raise ManifestMismatchError(
-                f"session {session_id!r}: bucket index {index} outside the manifest "
+                f"session {session_id!r}: bucket index {index!r} outside the manifest "
                 f"(0..{len(staging.manifest) - 1})"
             )
         if index in staging.buckets or index in staging.receiving:
@@ -303,8 +325,11 @@ class StagingReceiver:
     async def abort(self, session_id: str) -> None:
         """Drop the session's staging; idempotent, unknown ids are ignored.
 
-        A commit already applying is not interrupted (see :meth:`commit`).
+        A commit already applying is not interrupted (see :meth:`commit`). Raises
+        :class:`UnknownSessionError` for an id that is not a string.
         """
+        if not isinstance(session_id, str):
+            self._staging(session_id)  # raises, naming it
         self._drop(session_id, "aborted")
 
     async def transport_setup(self, transport: str, config: Any) -> Any:
@@ -337,6 +362,11 @@ class StagingReceiver:
     # ----------------------------------------------------------------- helpers
 
     def _staging(self, session_id: str) -> _Staging:
+        if not isinstance(session_id, str):
+            raise UnknownSessionError(
+                f"no open session {session_id!r}: session ids are strings, got "
+                f"{type(session_id).__name__}"
+            )
         staging = self._sessions.get(session_id)
         if staging is not None:
             return staging
