@@ -38,6 +38,7 @@ from typing import Any, ClassVar, TypeVar
 
 import torch
 
+from ._checks import is_number
 from .buckets import tensor_digest
 from .cache import DEFAULT_BUCKET_BYTES, BucketCache, CacheStats
 from .errors import ActorDefinitionError, AdmissionError, CacheClosedError, ConfigError
@@ -139,7 +140,7 @@ class WeightSyncActor:
             ("fleet_probe_interval_s", fleet_probe_interval_s),
             ("engine_call_timeout_s", engine_call_timeout_s),
         ):
-            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+            if not is_number(value) or not value > 0:
                 raise ConfigError(f"{option} must be positive seconds, got {value!r}")
         if transport_options is not None and not (
             isinstance(transport_options, dict)

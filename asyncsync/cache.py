@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._checks import is_int, is_number
 from ._primitives import Signal
 from .buckets import Bucket, BucketManifest, TensorMeta, TensorStream, fill_and_hash, layout
 from .errors import (
@@ -312,10 +313,21 @@ class BucketCache:
         pin_memory: bool | None = None,
         prefault_pool: bool = True,
     ) -> None:
-        if not isinstance(bucket_bytes, int) or bucket_bytes <= 0:
+        if not is_int(bucket_bytes) or bucket_bytes <= 0:
             raise ConfigError(f"bucket_bytes must be a positive int, got {bucket_bytes!r}")
-        if max_resident_bytes is not None and max_resident_bytes <= 0:
-            raise ConfigError(f"max_resident_bytes must be positive, got {max_resident_bytes!r}")
+        if max_resident_bytes is not None and (
+            not is_int(max_resident_bytes) or max_resident_bytes <= 0
+        ):
+            raise ConfigError(
+                f"max_resident_bytes must be None or a positive int, got {max_resident_bytes!r}"
+            )
+        if not is_number(resident_wait_s) or resident_wait_s < 0:
+            raise ConfigError(
+                f"resident_wait_s must be a finite number >= 0, got {resident_wait_s!r}"
+            )
+        for name, flag in (("pin_memory", pin_memory), ("prefault_pool", prefault_pool)):
+            if flag is not None and not isinstance(flag, bool):
+                raise ConfigError(f"{name} must be a bool, got {flag!r}")
         self.bucket_bytes = bucket_bytes
         self.max_resident_bytes = max_resident_bytes
         self.resident_wait_s = resident_wait_s

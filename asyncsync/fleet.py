@@ -41,6 +41,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ._checks import is_number
 from ._primitives import shielded
 from .errors import (
     ConfigError,
@@ -194,7 +195,7 @@ class EngineFleet:
             ("abort_timeout_s", abort_timeout_s),
             ("probe_interval_s", probe_interval_s),
         ):
-            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+            if not is_number(value) or not value > 0:
                 raise ConfigError(f"EngineFleet {option} must be positive seconds, got {value!r}")
         now = time.time()
         self.call_timeout_s = call_timeout_s

@@ -52,6 +52,7 @@ from contextlib import AsyncExitStack, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
+from ._checks import is_int, is_number
 from ._primitives import detached, shielded
 from .cache import BucketCache, Snapshot
 from .errors import (
@@ -173,23 +174,23 @@ class SyncPlan:
                 f"SyncPlan.min_engines must be an int >= 1 or a fraction in (0, 1], got {m!r}"
             )
         if self.max_updating is not None and (
-            not _is_int(self.max_updating) or self.max_updating < 1
+            not is_int(self.max_updating) or self.max_updating < 1
         ):
             raise ConfigError(
                 f"SyncPlan.max_updating must be None or an int >= 1, got {self.max_updating!r}"
             )
-        if not _is_int(self.max_inflight_buckets) or self.max_inflight_buckets < 1:
+        if not is_int(self.max_inflight_buckets) or self.max_inflight_buckets < 1:
             raise ConfigError(
                 f"SyncPlan.max_inflight_buckets must be an int >= 1, got "
                 f"{self.max_inflight_buckets!r}"
             )
         for name in ("timeout_s", "abort_timeout_s"):
             value = getattr(self, name)
-            if not _is_number(value) or not value > 0:
+            if not is_number(value) or not value > 0:
                 raise ConfigError(f"SyncPlan.{name} must be positive, got {value!r}")
         for name in ("pin_timeout_s", "straggler_grace_s"):
             value = getattr(self, name)
-            if value is not None and (not _is_number(value) or not value >= 0):
+            if value is not None and (not is_number(value) or not value >= 0):
                 raise ConfigError(f"SyncPlan.{name} must be None or >= 0, got {value!r}")
 
     def quorum(self, engines: int) -> int:
@@ -942,15 +943,6 @@ def ray_cancelled() -> type[BaseException]:
 def _shareable(snap: Snapshot) -> bool:
     """Whether same-node engines can map this snapshot's memory (the shared snapshot path)."""
     return all(b.region is not None for b in snap.buckets)
-
-
-def _is_int(value: object) -> bool:
-    """An int that is not a bool (``True`` is an int to Python, never a count here)."""
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _brief(value: object) -> str:

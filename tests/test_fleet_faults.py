@@ -30,6 +30,7 @@ from typing import Any
 
 import pytest
 import ray
+from _actors import engine_mappings
 from _fleet_actors import (
     WAIT_S,
     engine_class,
@@ -40,7 +41,6 @@ from _fleet_actors import (
 )
 
 from asyncsync import FleetView, Health, SessionError, SessionTimeoutError, SyncPlan, SyncReport
-from asyncsync.transport.shm import PREFIX
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -52,8 +52,9 @@ SLOW = {"receive_delay_s": 0.2, "apply_delay_s": 1.0}
 """An engine slowed 10x: each bucket and the apply take ten times as long."""
 
 
-def shm_files(pid: int) -> list[str]:
-    return sorted(n for n in os.listdir("/dev/shm") if n.startswith(f"{PREFIX}{pid}-"))
+def shm_files() -> list[str]:
+    """Anything of asyncsync in /dev/shm (the shared snapshot never creates a file there)."""
+    return sorted(n for n in os.listdir("/dev/shm") if n.startswith("asyncsync-"))
 
 
 class Rig:
@@ -173,7 +174,8 @@ async def assert_consistent(rig: Rig) -> FleetView:
         if version is not None:
             want = await within(rig.trainer.snapshot_digests.remote(version))
             assert digests == want, f"{name}'s weights differ from the snapshot of step {version}"
-    assert shm_files(rig.pid) == []
+    assert shm_files() == []
+    assert await within(engine_mappings(rig.engines)) == {}
     return view
 
 

@@ -182,9 +182,7 @@ def test_constructor_options(
         pytest.param({"pin_memory": "yes"}, id="pin_memory-str"),
     ],
 )
-@pytest.mark.xfail(strict=True, reason="cache.py (owned elsewhere) does not check these yet")
-def test_bucket_cache_options_not_yet_typed(options: dict[str, Any]) -> None:
-    """Known gaps, kept visible: each xfail turns into a failure once cache.py types it."""
+def test_bucket_cache_options_are_typed(options: dict[str, Any]) -> None:
     with raises_typed(ConfigError, next(iter(options))):
         BucketCache(**options)
 
