@@ -1,5 +1,6 @@
 """Small asyncio primitives used in several places, written once.
 
+``detached``  a task whose outcome is always retrieved, whoever (if anyone) awaits it
 ``shielded``  run an awaitable to its end even if the waiter is cancelled
 ``Signal``    wake every current waiter at once (an event that re-arms itself)
 """
@@ -10,21 +11,30 @@ import asyncio
 from collections.abc import Awaitable
 from typing import TypeVar
 
-__all__ = ["Signal", "shielded"]
+__all__ = ["Signal", "detached", "shielded"]
 
 T = TypeVar("T")
+
+
+def detached(awaitable: Awaitable[T]) -> asyncio.Future[T]:
+    """``awaitable`` as a task of its own, whose outcome is retrieved when it ends.
+
+    For work that must not be cancelled with whoever waits for it (await it through
+    :func:`asyncio.shield`), or that nobody may end up awaiting: it never logs
+    "exception never retrieved".
+    """
+    task = asyncio.ensure_future(awaitable)
+    task.add_done_callback(_retrieve)
+    return task
 
 
 async def shielded(awaitable: Awaitable[T]) -> T:
     """Run ``awaitable`` to its end even if the waiter is cancelled (then in the background).
 
-    The waiter sees its own cancellation at once; the work goes on and its outcome
-    is retrieved, so nothing logs "exception never retrieved". Use it for clean-up
-    that must complete (aborts, releasing a transport), never for long work.
+    The waiter sees its own cancellation at once; the work goes on. Use it for
+    clean-up that must complete (aborts, releasing a transport), never for long work.
     """
-    task = asyncio.ensure_future(awaitable)
-    task.add_done_callback(_retrieve)
-    return await asyncio.shield(task)
+    return await asyncio.shield(detached(awaitable))
 
 
 def _retrieve(task: asyncio.Future[T]) -> None:

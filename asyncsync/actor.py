@@ -38,9 +38,10 @@ from typing import Any, ClassVar, TypeVar
 
 import torch
 
+from ._checks import is_number
 from .buckets import tensor_digest
 from .cache import DEFAULT_BUCKET_BYTES, BucketCache, CacheStats
-from .errors import ActorDefinitionError, AdmissionError, CacheClosedError
+from .errors import ActorDefinitionError, AdmissionError, CacheClosedError, ConfigError
 from .fleet import EngineFleet, EngineState, FleetView, Health
 from .receiver import current_node
 from .session import SyncPlan, SyncReport, run_session
@@ -135,6 +136,20 @@ class WeightSyncActor:
         fleet_probe_interval_s: float = 2.0,
         engine_call_timeout_s: float = 60.0,
     ) -> None:
+        for option, value in (
+            ("fleet_probe_interval_s", fleet_probe_interval_s),
+            ("engine_call_timeout_s", engine_call_timeout_s),
+        ):
+            if not is_number(value) or not value > 0:
+                raise ConfigError(f"{option} must be positive seconds, got {value!r}")
+        if transport_options is not None and not (
+            isinstance(transport_options, dict)
+            and all(isinstance(o, dict) for o in transport_options.values())
+        ):
+            raise ConfigError(
+                "transport_options must map a transport name to a dict of its options, got "
+                f"{transport_options!r}"[:200]
+            )
         self.weight_cache = BucketCache(bucket_bytes, max_resident_bytes)
         self.sync_span_log = SpanLog()
         self.fleet = EngineFleet(
@@ -142,15 +157,26 @@ class WeightSyncActor:
         )
         self._engine_call_timeout_s = engine_call_timeout_s
         self._transport_options = dict(transport_options or {})
-        for name in self._transport_options:
-            backend(name)  # ConfigError for an unknown transport, at construction
         self._transports: dict[str, Transport] = {}
+        for name, options in self._transport_options.items():
+            # Made now, so an unknown transport or option fails at construction
+            # (ConfigError), not in the first session that needs it.
+            try:
+                self._transports[name] = backend(name).make(**options)
+            except TypeError as exc:
+                raise ConfigError(
+                    f"transport_options[{name!r}]: {sorted(options)} are not options of the "
+                    f"{name!r} transport ({exc})"
+                ) from exc
         self._sessions_in_flight = 0
         self._sessions_refused = 0
         # The options of the last session sent to the fleet: catch-ups reuse them.
         self._fleet_plan = SyncPlan()
         # Sessions' work that outlives their call (stragglers, commits still applying).
         self._background: set[asyncio.Task[None]] = set()
+        # Tasks running run_sync_session now: close() ends them before it closes
+        # the transports they stream through.
+        self._session_tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
 
     # ------------------------------------------------------------ for subclasses
@@ -194,7 +220,9 @@ class WeightSyncActor:
         :class:`ActorSlots`), and :class:`~asyncsync.CacheClosedError` after
         :meth:`close`.
         """
-        with self._admitted():
+        if not isinstance(plan, SyncPlan):
+            raise ConfigError(f"run_sync_session takes a SyncPlan, got {type(plan).__name__}")
+        with self._admitted(), self._closable():
             if plan.targets is None:
                 self._fleet_plan = plan
                 self._start_keeper()
@@ -264,14 +292,21 @@ class WeightSyncActor:
     async def close(self) -> None:
         """Shut the actor's weight sync down: no new session or build starts.
 
-        Stops the fleet's keeper and catch-ups, waits for sessions' background work
-        (commits in flight finish; stragglers are aborted), closes every transport
-        and the cache. Idempotent.
+        Stops the fleet's keeper and catch-ups, ends the sessions in flight (each
+        aborts on every engine it had begun; its caller gets
+        :class:`~asyncsync.CacheClosedError`, as does a session waiting for its
+        step), waits for sessions' background work (commits in flight finish;
+        stragglers are aborted), closes every transport and the cache. Idempotent.
         """
         if self._closed:
             return
         self._closed = True
         await self.fleet.close()
+        sessions = list(self._session_tasks)
+        for task in sessions:
+            task.cancel()
+        if sessions:
+            await asyncio.gather(*sessions, return_exceptions=True)
         background = list(self._background)
         for task in background:
             task.cancel()
@@ -303,6 +338,25 @@ class WeightSyncActor:
             yield
         finally:
             self._sessions_in_flight -= 1
+
+    @contextlib.contextmanager
+    def _closable(self) -> Iterator[None]:
+        """Let :meth:`close` end the session running in this task; its caller then
+        gets :class:`~asyncsync.CacheClosedError`, not a bare cancellation."""
+        task = asyncio.current_task()
+        assert task is not None
+        self._session_tasks.add(task)
+        try:
+            yield
+        except asyncio.CancelledError:
+            if not self._closed:
+                raise
+            raise CacheClosedError(
+                "the train actor was closed while this session ran; it was aborted on "
+                "every engine it had begun"
+            ) from None
+        finally:
+            self._session_tasks.discard(task)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -375,11 +429,19 @@ def train_actor(
     """
     if not (isinstance(cls, type) and issubclass(cls, WeightSyncActor)):
         raise ActorDefinitionError(f"{cls!r} is not a subclass of WeightSyncActor")
-    if not isinstance(reserved_slots, int) or reserved_slots < 1:
+    if (
+        isinstance(reserved_slots, bool)
+        or not isinstance(reserved_slots, int)
+        or reserved_slots < 1
+    ):
         raise ActorDefinitionError(
             f"reserved_slots={reserved_slots!r}: at least one slot must stay free for builds"
         )
-    if not isinstance(max_concurrency, int) or max_concurrency < reserved_slots + 1:
+    if (
+        isinstance(max_concurrency, bool)
+        or not isinstance(max_concurrency, int)
+        or max_concurrency < reserved_slots + 1
+    ):
         raise ActorDefinitionError(
             f"max_concurrency={max_concurrency!r}: a train actor needs at least "
             f"reserved_slots + 1 = {reserved_slots + 1} so a session can run beside a build"
@@ -420,4 +482,9 @@ def train_actor(
         if groups
         else ray.remote(configured)
     )
-    return remote_class.options(max_concurrency=max_concurrency, **ray_options)
+    try:
+        return remote_class.options(max_concurrency=max_concurrency, **ray_options)
+    except (TypeError, ValueError) as exc:  # Ray checks its options here
+        raise ActorDefinitionError(
+            f"{cls.__name__}: Ray refused the actor options {sorted(ray_options)}: {exc}"
+        ) from exc

@@ -38,6 +38,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._checks import is_int, is_number
+from ._primitives import Signal
 from .buckets import Bucket, BucketManifest, TensorMeta, TensorStream, fill_and_hash, layout
 from .errors import (
     BuildInProgressError,
@@ -311,10 +313,21 @@ class BucketCache:
         pin_memory: bool | None = None,
         prefault_pool: bool = True,
     ) -> None:
-        if not isinstance(bucket_bytes, int) or bucket_bytes <= 0:
+        if not is_int(bucket_bytes) or bucket_bytes <= 0:
             raise ConfigError(f"bucket_bytes must be a positive int, got {bucket_bytes!r}")
-        if max_resident_bytes is not None and max_resident_bytes <= 0:
-            raise ConfigError(f"max_resident_bytes must be positive, got {max_resident_bytes!r}")
+        if max_resident_bytes is not None and (
+            not is_int(max_resident_bytes) or max_resident_bytes <= 0
+        ):
+            raise ConfigError(
+                f"max_resident_bytes must be None or a positive int, got {max_resident_bytes!r}"
+            )
+        if not is_number(resident_wait_s) or resident_wait_s < 0:
+            raise ConfigError(
+                f"resident_wait_s must be a finite number >= 0, got {resident_wait_s!r}"
+            )
+        for name, flag in (("pin_memory", pin_memory), ("prefault_pool", prefault_pool)):
+            if flag is not None and not isinstance(flag, bool):
+                raise ConfigError(f"{name} must be a bool, got {flag!r}")
         self.bucket_bytes = bucket_bytes
         self.max_resident_bytes = max_resident_bytes
         self.resident_wait_s = resident_wait_s
@@ -324,7 +337,7 @@ class BucketCache:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: int | None = None
         self._lock: asyncio.Lock | None = None
-        self._changed: asyncio.Event | None = None
+        self._changed: Signal | None = None
         # Guarded by _lock.
         self._ready: _Entry | None = None
         self._held: dict[int, _Entry] = {}
@@ -357,7 +370,7 @@ class BucketCache:
             self._loop = loop
             self._thread = threading.get_ident()
             self._lock = asyncio.Lock()
-            self._changed = asyncio.Event()
+            self._changed = Signal()
         elif loop is not self._loop:
             raise WrongLoopError(
                 "BucketCache is bound to another event loop (thread "
@@ -393,8 +406,7 @@ class BucketCache:
 
     def _notify(self) -> None:
         assert self._changed is not None
-        self._changed.set()
-        self._changed = asyncio.Event()
+        self._changed.notify()
 
     def _spawn(self, work: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(work)
@@ -720,7 +732,7 @@ class BucketCache:
                 if slot is not None and not slot.prefaulting:
                     return slot
                 assert self._changed is not None
-                changed = self._changed
+                changed = self._changed.waiter()
             if slot is not None:
                 await changed.wait()  # the pre-fault of this slot ends soon
                 continue
@@ -824,7 +836,7 @@ class BucketCache:
                         "wait for one"
                     )
                 assert self._changed is not None
-                changed = self._changed
+                changed = self._changed.waiter()
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 ready = self._ready.snapshot.step if self._ready else None

@@ -38,7 +38,7 @@ from typing import Any
 
 from . import aio
 from ._primitives import Signal
-from .errors import ConfigError, CoordinatorClosedError, SessionError
+from .errors import ConfigError, CoordinatorClosedError, InvalidStepError, SessionError
 from .fleet import EngineState, FleetView, Health
 from .session import SyncPlan, SyncReport
 
@@ -84,6 +84,31 @@ class SyncCoordinator:
                 "SyncCoordinator chooses targets (its fleet) and min_step (the newest "
                 "built step) itself; pass engines= instead"
             )
+        fields = {f.name for f in dataclasses.fields(SyncPlan)} - {"targets", "min_step"}
+        unknown = sorted(set(plan_options) - fields)
+        if unknown:
+            raise ConfigError(
+                f"SyncCoordinator got unknown option(s) {unknown}; SyncPlan options are "
+                f"{sorted(fields)}"
+            )
+        if (
+            isinstance(cancel_wait_s, bool)
+            or not isinstance(cancel_wait_s, int | float)
+            or not cancel_wait_s >= 0
+        ):
+            raise ConfigError(f"cancel_wait_s must be seconds >= 0, got {cancel_wait_s!r}")
+        if engines is not None and (
+            not isinstance(engines, Mapping) or not all(isinstance(n, str) and n for n in engines)
+        ):
+            raise ConfigError(
+                "engines must be None or a mapping of non-empty name -> engine handle, got "
+                f"{engines!r}"[:200]
+            )
+        if not hasattr(trainer, "run_sync_session"):
+            raise ConfigError(
+                f"trainer must be the handle of a train actor (see train_actor), got "
+                f"{type(trainer).__name__} with no run_sync_session"
+            )
         self.plan = SyncPlan(**plan_options)  # every option checked now
         self.trainer = trainer
         self.staleness = staleness
@@ -93,7 +118,10 @@ class SyncCoordinator:
         self._pending_engines = dict(engines or {})
         self._latest_built: int | None = None
         self._pump: asyncio.Task[None] | None = None
-        self._calls: set[asyncio.Task[Any]] = set()
+        # Tasks in sync() now, each with an event set once its remote call ended.
+        self._calls: dict[asyncio.Task[Any], asyncio.Event] = {}
+        # Callers' tasks that close() cancelled (their sync raises CoordinatorClosedError).
+        self._cancelled_by_close: set[asyncio.Task[Any]] = set()
         self._error: BaseException | None = None
         self._progress = Signal()
         self._joined = False
@@ -148,14 +176,27 @@ class SyncCoordinator:
         await self._join_engines()
         plan = dataclasses.replace(self.plan, min_step=min_step)
         task = asyncio.current_task()
+        ended = asyncio.Event()
         if task is not None:
-            self._calls.add(task)
+            self._calls[task] = ended
         try:
             ref = self.trainer.run_sync_session.remote(plan)
             report: SyncReport = await aio.get(ref, cancel_wait_s=self.cancel_wait_s)
+        except asyncio.CancelledError:
+            if task is None or task not in self._cancelled_by_close:
+                raise
+            # close() cancelled the caller's own task to end its session: the caller
+            # was not cancelled by its owner, so it gets the typed error instead.
+            self._cancelled_by_close.discard(task)
+            task.uncancel()
+            raise CoordinatorClosedError(
+                "the SyncCoordinator was closed while this sync ran; its session was "
+                "cancelled and aborted on every engine"
+            ) from None
         finally:
             if task is not None:
-                self._calls.discard(task)
+                self._calls.pop(task, None)
+            ended.set()
         self.view = report.view
         self.reports.append(report)
         return report
@@ -169,6 +210,8 @@ class SyncCoordinator:
         closed.
         """
         self._check_open()
+        if isinstance(step, bool) or not isinstance(step, int) or step < -1:
+            raise InvalidStepError(f"after_build: step must be an int >= -1, got {step!r}")
         await self._join_engines()
         self._latest_built = step if self._latest_built is None else max(self._latest_built, step)
         self._raise_pending()
@@ -195,14 +238,25 @@ class SyncCoordinator:
         :class:`~asyncsync.CoordinatorClosedError`. Idempotent.
         """
         self._closed = True
-        tasks = [t for t in [self._pump, *self._calls] if t is not None and not t.done()]
         me = asyncio.current_task()
-        for task in tasks:
-            if task is not me:
-                task.cancel()
+        calls = {t: e for t, e in self._calls.items() if t is not me and not t.done()}
+        pump = self._pump if self._pump is not None and self._pump is not me else None
+        for task in calls:
+            if task is not pump:
+                self._cancelled_by_close.add(task)
+            task.cancel()
+        if pump is not None:
+            pump.cancel()
         try:
-            if tasks:
-                await asyncio.gather(*(t for t in tasks if t is not me), return_exceptions=True)
+            # Wait for the sessions to end, not for the callers' tasks: a train loop
+            # whose sync() raised CoordinatorClosedError goes on running.
+            waits: list[asyncio.Future[Any]] = [
+                asyncio.ensure_future(e.wait()) for e in calls.values()
+            ]
+            if pump is not None:
+                waits.append(pump)
+            if waits:
+                await asyncio.gather(*waits, return_exceptions=True)
         finally:
             self._progress.notify()
 

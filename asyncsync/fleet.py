@@ -41,8 +41,10 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ._checks import is_number
 from ._primitives import shielded
 from .errors import (
+    ConfigError,
     FleetError,
     SessionError,
     SessionTimeoutError,
@@ -181,6 +183,20 @@ class EngineFleet:
         abort_timeout_s: float = 10.0,
         probe_interval_s: float = 2.0,
     ) -> None:
+        if engines is not None and not isinstance(engines, Mapping):
+            raise FleetError(
+                f"EngineFleet engines must be a mapping of name -> engine handle, got "
+                f"{type(engines).__name__}"
+            )
+        if not isinstance(initial, Health):
+            raise ConfigError(f"EngineFleet initial must be a Health, got {initial!r}")
+        for option, value in (
+            ("call_timeout_s", call_timeout_s),
+            ("abort_timeout_s", abort_timeout_s),
+            ("probe_interval_s", probe_interval_s),
+        ):
+            if not is_number(value) or not value > 0:
+                raise ConfigError(f"EngineFleet {option} must be positive seconds, got {value!r}")
         now = time.time()
         self.call_timeout_s = call_timeout_s
         self.abort_timeout_s = abort_timeout_s
@@ -277,6 +293,9 @@ class EngineFleet:
         old = member.info
         member.info = info
         if old is not None and old.incarnation != info.incarnation:
+            # A new process: the back-off earned by the old one's failures does not
+            # apply to it, so the keeper catches it up at its next round.
+            member.failures, member.retry_at = 0, 0.0
             self._set(
                 member,
                 Health.CATCHING_UP,
@@ -550,6 +569,7 @@ class EngineFleet:
         return cls(message, session_id=tag.session_id, step=tag.step, target=name)
 
     def _member(self, name: str) -> _Member:
+        _check_name(name)
         try:
             return self._members[name]
         except KeyError:

@@ -29,6 +29,7 @@ the version it serves. A fleet never infers an engine's version; it asks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 import uuid
@@ -37,10 +38,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ._primitives import detached
 from .buckets import Bucket, BucketManifest, check_manifests
 from .errors import (
     ConfigError,
     IncompleteSessionError,
+    InvalidStepError,
     ManifestMismatchError,
     SessionIdReusedError,
     StaleStepError,
@@ -196,6 +199,12 @@ class StagingReceiver:
         malformed index, a name twice, or what :meth:`check_manifest` refuses);
         nothing is opened then and the id stays unused.
         """
+        if not isinstance(session_id, str) or not session_id:
+            raise ConfigError(f"begin: session ids are non-empty strings, got {session_id!r}")
+        if isinstance(step, bool) or not isinstance(step, int) or step < -1:
+            raise InvalidStepError(
+                f"session {session_id!r}: step must be an int >= -1, got {step!r}"
+            )
         if session_id in self._seen:
             raise SessionIdReusedError(f"session id {session_id!r} was already used")
         if self.version is not None and step < self.version:
@@ -204,8 +213,19 @@ class StagingReceiver:
                 f"committed version {self.version}"
             )
         ttl = DEFAULT_STAGING_TTL_S if ttl_s is None else ttl_s
-        if not ttl > 0:
+        if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not ttl > 0:
             raise ConfigError(f"session {session_id!r}: ttl_s must be positive, got {ttl_s!r}")
+        if isinstance(manifest, str | bytes) or not isinstance(manifest, Sequence):
+            raise ManifestMismatchError(
+                f"session {session_id!r}: the manifest must be a sequence of BucketManifest, "
+                f"got {type(manifest).__name__}"
+            )
+        wrong = [i for i, b in enumerate(manifest) if not isinstance(b, BucketManifest)]
+        if wrong:
+            raise ManifestMismatchError(
+                f"session {session_id!r}: manifest entry {wrong[0]} is a "
+                f"{type(manifest[wrong[0]]).__name__}, not a BucketManifest"
+            )
         check_manifests(manifest)
         self.check_manifest(manifest)
         self._remember(session_id)
@@ -221,10 +241,14 @@ class StagingReceiver:
         :class:`~asyncsync.ReceiverError` of the transport; nothing is staged then.
         """
         staging = self._staging(session_id)
-        if not 0 <= index < len(staging.manifest):
+        if (
+            isinstance(index, bool)
+            or not isinstance(index, int)
+            or not 0 <= index < len(staging.manifest)
+        ):
             self._rejected += 1
             raise ManifestMismatchError(
-                f"session {session_id!r}: bucket index {index} outside the manifest "
+                f"session {session_id!r}: bucket index {index!r} outside the manifest "
                 f"(0..{len(staging.manifest) - 1})"
             )
         if index in staging.buckets or index in staging.receiving:
@@ -256,7 +280,8 @@ class StagingReceiver:
         if a bucket is missing, and :class:`~asyncsync.StaleStepError` (session
         dropped, nothing applied) if a newer version was committed meanwhile. Once
         the copy into the model started it runs to the end, even if this call is
-        cancelled: stopping halfway would leave the model a mix of two versions.
+        cancelled: stopping halfway would leave the model a mix of two versions; a
+        cancelled call still returns (cancelled) only once the copy has ended.
         """
         staging = self._staging(session_id)
         missing = [i for i in range(len(staging.manifest)) if i not in staging.buckets]
@@ -265,10 +290,18 @@ class StagingReceiver:
                 f"session {session_id!r}: commit before buckets {missing[:8]} arrived "
                 f"({len(staging.buckets)}/{len(staging.manifest)} received)"
             )
-        commit = asyncio.ensure_future(self._commit(session_id, staging))
-        # If we are cancelled, nobody awaits the commit's outcome: retrieve it.
-        commit.add_done_callback(lambda f: f.cancelled() or f.exception())
-        return await asyncio.shield(commit)
+        commit = detached(self._commit(session_id, staging))
+        try:
+            return await asyncio.shield(commit)
+        except asyncio.CancelledError:
+            # Answer only once the copy has ended, even when cancelled (``ray.cancel``
+            # of a session cancels its calls to engines too): whoever holds the memory
+            # the copy reads, the train actor's pin of a shared snapshot, holds it
+            # until this call returns.
+            while not commit.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.shield(commit)
+            raise
 
     async def _commit(self, session_id: str, staging: _Staging) -> int:
         async with self._commit_lock:
@@ -284,13 +317,18 @@ class StagingReceiver:
                 )
             ordered = [staging.buckets[i] for i in range(len(staging.manifest))]
             staging.applying = True
+            applied = staging.nbytes
             start = time.perf_counter()
             try:
                 await self.apply(ordered, staging.step)
             finally:
                 staging.applying = False
+                # Let go of the buckets now, not when a garbage collection finds the
+                # last cycle that reaches them: they may map the train actor's memory.
+                ordered.clear()
+                staging.buckets.clear()
             self._timing.apply_s += time.perf_counter() - start
-            self._timing.applied_bytes += staging.nbytes
+            self._timing.applied_bytes += applied
             self._sessions.pop(session_id, None)
             self.version = staging.step
             self._commits += 1
@@ -307,8 +345,11 @@ class StagingReceiver:
     async def abort(self, session_id: str) -> None:
         """Drop the session's staging; idempotent, unknown ids are ignored.
 
-        A commit already applying is not interrupted (see :meth:`commit`).
+        A commit already applying is not interrupted (see :meth:`commit`). Raises
+        :class:`UnknownSessionError` for an id that is not a string.
         """
+        if not isinstance(session_id, str):
+            self._staging(session_id)  # raises, naming it
         self._drop(session_id, "aborted")
 
     async def transport_setup(self, transport: str, config: Any) -> Any:
@@ -346,6 +387,11 @@ class StagingReceiver:
     # ----------------------------------------------------------------- helpers
 
     def _staging(self, session_id: str) -> _Staging:
+        if not isinstance(session_id, str):
+            raise UnknownSessionError(
+                f"no open session {session_id!r}: session ids are strings, got "
+                f"{type(session_id).__name__}"
+            )
         staging = self._sessions.get(session_id)
         if staging is not None:
             return staging
@@ -359,6 +405,7 @@ class StagingReceiver:
         staging = self._sessions.get(session_id)
         if staging is not None and not staging.applying:
             del self._sessions[session_id]
+            staging.buckets.clear()
             self._dropped[reason] += 1
             if session_id in self._seen:
                 self._seen[session_id] = f"{reason}{detail}"

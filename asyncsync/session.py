@@ -52,7 +52,8 @@ from contextlib import AsyncExitStack, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
-from ._primitives import shielded
+from ._checks import is_int, is_number
+from ._primitives import detached, shielded
 from .cache import BucketCache, Snapshot
 from .errors import (
     ConfigError,
@@ -173,23 +174,23 @@ class SyncPlan:
                 f"SyncPlan.min_engines must be an int >= 1 or a fraction in (0, 1], got {m!r}"
             )
         if self.max_updating is not None and (
-            not isinstance(self.max_updating, int) or self.max_updating < 1
+            not is_int(self.max_updating) or self.max_updating < 1
         ):
             raise ConfigError(
                 f"SyncPlan.max_updating must be None or an int >= 1, got {self.max_updating!r}"
             )
-        if not isinstance(self.max_inflight_buckets, int) or self.max_inflight_buckets < 1:
+        if not is_int(self.max_inflight_buckets) or self.max_inflight_buckets < 1:
             raise ConfigError(
                 f"SyncPlan.max_inflight_buckets must be an int >= 1, got "
                 f"{self.max_inflight_buckets!r}"
             )
         for name in ("timeout_s", "abort_timeout_s"):
             value = getattr(self, name)
-            if not isinstance(value, int | float) or not value > 0:
+            if not is_number(value) or not value > 0:
                 raise ConfigError(f"SyncPlan.{name} must be positive, got {value!r}")
         for name in ("pin_timeout_s", "straggler_grace_s"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int | float) or value < 0):
+            if value is not None and (not is_number(value) or not value >= 0):
                 raise ConfigError(f"SyncPlan.{name} must be None or >= 0, got {value!r}")
 
     def quorum(self, engines: int) -> int:
@@ -308,7 +309,13 @@ class _Run:
     version: int | None = None
     error: str | None = None
     begun: bool = False
-    commit: asyncio.Task[int] | None = None
+    prepared: bool = False
+    commit: asyncio.Future[int] | None = None
+
+    @property
+    def applying(self) -> bool:
+        """A commit was sent and has not ended (it is never interrupted)."""
+        return self.commit is not None and not self.commit.done()
 
 
 class _Puts:
@@ -322,7 +329,7 @@ class _Puts:
         self.transport = transport
         self.ctx = ctx
         self.engines = set(ctx.targets)
-        self._puts: dict[int, asyncio.Task[Any]] = {}
+        self._puts: dict[int, asyncio.Future[Any]] = {}
         self._needed: dict[int, set[str]] = {}
         self.started = False
 
@@ -336,10 +343,9 @@ class _Puts:
         if put is None:
             assert self.session.snap is not None
             bucket = self.session.snap.buckets[index]
-            put = asyncio.ensure_future(
+            put = detached(
                 self.session.guard(self.name, index, self.transport.put(self.ctx, index, bucket))
             )
-            put.add_done_callback(lambda t: t.cancelled() or t.exception())
             self._puts[index] = put
             self._needed[index] = set(self.engines)
         # Shielded: one engine giving up must not cancel a put the others share.
@@ -480,7 +486,17 @@ class _Session:
         except TimeoutError:
             if not deadline.expired():
                 raise
-            raise self.error(f"ran past {self.plan.timeout_s}s", SessionTimeoutError) from None
+            stuck = self._stuck()
+            for culprit in stuck:
+                run = self.runs[culprit]
+                run.outcome = QUARANTINED
+                run.error = f"had not finished when the session ran past {self.plan.timeout_s}s"
+                self.fleet.mark(culprit, Health.QUARANTINED, run.error)
+            raise self.error(
+                f"ran past {self.plan.timeout_s}s" + (f"; not finished: {stuck}" if stuck else ""),
+                SessionTimeoutError,
+                target=stuck[0] if stuck else None,
+            ) from None
         except SessionError as exc:
             # Under "fleet" an engine that failed the session is taken out of routing
             # (a catch-up brings it back); a refused plan is nobody's fault.
@@ -612,13 +628,14 @@ class _Session:
         except BaseExceptionGroup as errors:
             raise first_session_error(errors) from None
         run.transfer_s = time.monotonic() - start
+        run.prepared = True
 
     async def _commit(self, name: str, updating: asyncio.Semaphore) -> None:
         """Commit on ``name``; the commit is never interrupted once sent (see the module doc)."""
         run = self.runs[name]
         async with updating:
             start = time.monotonic()
-            run.commit = asyncio.ensure_future(
+            run.commit = detached(
                 self.fleet.call(
                     name,
                     "commit",
@@ -629,7 +646,6 @@ class _Session:
                     cancel_remote=False,
                 )
             )
-            run.commit.add_done_callback(lambda t: t.cancelled() or t.exception())
             version = await asyncio.shield(run.commit)
         run.commit_s = time.monotonic() - start
         run.outcome, run.version = COMMITTED, int(version)
@@ -712,6 +728,23 @@ class _Session:
             self.stragglers[name] = task
 
     # ----------------------------------------------------------------- helpers
+
+    def _stuck(self) -> list[str]:
+        """At a timeout: the engines that held the session up, to name and quarantine.
+
+        Those still streaming or still applying their commit, when others got
+        further (or when they are the session's only engine). If every engine is
+        still streaming, the timeout was too short for the session, not an
+        engine's fault: nobody is named.
+        """
+        live = self._live()
+        stuck = [
+            n
+            for n in live
+            if self.runs[n].outcome != COMMITTED
+            and (not self.runs[n].prepared or self.runs[n].applying)
+        ]
+        return stuck if len(stuck) < len(live) or len(live) == 1 else []
 
     def _live(self) -> list[str]:
         """Engines still in the session (not dropped, not removed)."""
@@ -817,22 +850,33 @@ class _Session:
     async def _finish(self, pin: AsyncExitStack, claimed: list[str]) -> None:
         """Abort every engine not committed, finish the transports, release the pin.
 
-        Commits still applying keep the pin: if any is in flight (we were cancelled
-        while waiting for it), the rest of this runs in the background once they end.
+        Commits still applying keep the pin and their engines: if any is in flight
+        (we were cancelled or timed out while waiting for it), the other engines are
+        aborted and released now, and the rest runs in the background once those
+        commits end (a hung commit holds only its own engine, never the fleet).
         """
+        for run in self.runs.values():
+            if run.commit is not None and run.commit.done():
+                self._settle_commit(run)  # ended while its waiter was being cancelled
         ok = all(r.outcome in (COMMITTED, REMOVED) for r in self.runs.values())
-        uncommitted = [n for n, r in self.runs.items() if r.begun and r.outcome != COMMITTED]
-        applying = [r.commit for r in self.runs.values() if r.commit and not r.commit.done()]
+        applying = {n: r.commit for n, r in self.runs.items() if r.commit and r.applying}
+        uncommitted = [
+            n
+            for n, r in self.runs.items()
+            if r.begun and r.outcome != COMMITTED and n not in applying
+        ]
 
         async def end() -> None:
             try:
-                if applying:
-                    await asyncio.wait(applying)
-                    for run in self.runs.values():
-                        if run.commit is not None and run.commit.done():
-                            self._settle_commit(run)
                 if uncommitted:
                     await self._abort(uncommitted)
+                if applying:
+                    await asyncio.wait(applying.values())
+                    for name in applying:
+                        self._settle_commit(self.runs[name])
+                    failed = [n for n in applying if self.runs[n].outcome != COMMITTED]
+                    if failed:
+                        await self._abort(failed)
                 for puts in self.puts.values():
                     await puts.finish(ok)
             finally:
@@ -840,6 +884,7 @@ class _Session:
                 self.fleet.release(claimed, self.id)
 
         if applying:
+            self.fleet.release([n for n in claimed if n not in applying], self.id)
             self._adopt(end())
             return
         await shielded(end())
@@ -854,6 +899,9 @@ class _Session:
         if error is None:
             run.outcome, run.version = COMMITTED, int(commit.result())
             self.fleet.committed(run.name, run.version)
+        elif isinstance(error.__cause__, ray_cancelled()):
+            # Cancelled with the session: the engine may have committed; ask it again.
+            self.fleet.mark(run.name, Health.CATCHING_UP, "commit outcome unknown (cancelled)")
         else:
             self.fleet.mark(run.name, Health.QUARANTINED, last_line(error))
 
@@ -880,15 +928,21 @@ class _Session:
         self._adopt(finish_stragglers())
 
     def _adopt(self, work: Any) -> None:
-        task: asyncio.Task[None] = asyncio.ensure_future(work)
+        task: asyncio.Task[None] = detached(work)  # type: ignore[assignment]
         self.background.add(task)
         task.add_done_callback(self.background.discard)
-        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+
+def ray_cancelled() -> type[BaseException]:
+    """Ray's error for a cancelled remote call (imported late: Ray is optional here)."""
+    from ray.exceptions import TaskCancelledError
+
+    return TaskCancelledError
 
 
 def _shareable(snap: Snapshot) -> bool:
     """Whether same-node engines can map this snapshot's memory (the shared snapshot path)."""
-    return False
+    return all(b.region is not None for b in snap.buckets)
 
 
 def _brief(value: object) -> str:

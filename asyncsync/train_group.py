@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ._checks import is_int
 from .actor import DEFAULT_MAX_CONCURRENCY, WeightSyncActor, train_actor
 from .cache import DEFAULT_BUCKET_BYTES
 from .convert._registry import conversion_table
@@ -37,7 +38,7 @@ __all__ = ["MegatronTrainRank", "TrainGroup"]
 
 
 def _check_positive(name: str, value: object) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    if not is_int(value) or value < 1:
         raise ConfigError(f"{name} must be an int >= 1, got {value!r}")
     return value
 
@@ -102,7 +103,7 @@ class MegatronTrainRank(WeightSyncActor):
         _check_job(
             world_size, family=family, vocab_size=vocab_size, build_model=build_model, tp=tp, pp=pp
         )
-        if not isinstance(rank, int) or isinstance(rank, bool) or not 0 <= rank < world_size:
+        if not is_int(rank) or not 0 <= rank < world_size:
             raise ConfigError(f"rank={rank!r} is not in range(world_size={world_size})")
         super().__init__(bucket_bytes=bucket_bytes, max_resident_bytes=max_resident_bytes)
         self.rank = rank

@@ -115,6 +115,30 @@ class FaultyEngine(HFEngine):
         return self.receives_running
 
 
+def snapshot_mappings(pid: int) -> list[str]:
+    """Shared snapshot buffers (``/memfd:asyncsync-*``) that process ``pid`` maps now.
+
+    An engine maps the train actor's buffers only while it stages or applies a
+    session over the shared-snapshot transport; afterwards none may be left.
+    """
+    with open(f"/proc/{pid}/maps") as maps:
+        names = {
+            line.split("/memfd:", 1)[1].split()[0] for line in maps if "/memfd:asyncsync-" in line
+        }
+    return sorted(names)
+
+
+async def engine_mappings(engines: dict[str, Any]) -> dict[str, list[str]]:
+    """Per engine, the snapshot buffers it still maps (only engines that map some)."""
+    out = {}
+    for name, engine in engines.items():
+        info = await engine.engine_info.remote()
+        mapped = snapshot_mappings(info.pid)
+        if mapped:
+            out[name] = mapped
+    return out
+
+
 def trainer_class(**options: Any) -> Any:
     return train_actor(StepTrainer, max_concurrency=16, num_cpus=0, **options)
 
@@ -147,6 +171,8 @@ __all__ = [
     "StepTrainer",
     "assert_engines_hold",
     "engine_class",
+    "engine_mappings",
     "make_engine",
+    "snapshot_mappings",
     "trainer_class",
 ]

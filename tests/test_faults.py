@@ -8,7 +8,8 @@ third engine to kill) and then checks the same after-state, :func:`assert_recove
   answering ``generate``; no staging session and no ``receive`` call is left open;
 * no pin, no build in flight, the cache's lock is free, resident memory is at most
   the ready snapshot plus one snapshot of pooled buffers;
-* no file of the train actor is left in ``/dev/shm``;
+* no engine still maps a shared snapshot buffer of the train actor, and nothing of
+  asyncsync is left in ``/dev/shm``;
 * the next build and the next session succeed and deliver bit-identical weights.
 
 Every wait is bounded (:func:`within`, plus the module's pytest timeout).
@@ -17,7 +18,6 @@ Every wait is bounded (:func:`within`, plus the module's pytest timeout).
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import re
 import stat
@@ -25,17 +25,19 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
-import numpy as np
 import pytest
 import ray
-from _actors import TINY_LLAMA, assert_engines_hold, engine_class, trainer_class
-from safetensors import safe_open
+from _actors import (
+    TINY_LLAMA,
+    assert_engines_hold,
+    engine_class,
+    engine_mappings,
+    trainer_class,
+)
 
-from asyncsync import BucketManifest, SessionError, SessionTimeoutError
-from asyncsync.buckets import checksum
+from asyncsync import SessionError, SessionTimeoutError
 from asyncsync.coordinator import SyncCoordinator
 from asyncsync.session import SyncPlan
-from asyncsync.transport.shm import PREFIX
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -63,9 +65,18 @@ async def eventually(
         await asyncio.sleep(0.02)
 
 
-def shm_files(pid: int) -> list[str]:
-    """Bucket files in /dev/shm written by process ``pid`` (other suites may run beside us)."""
-    return sorted(n for n in os.listdir("/dev/shm") if n.startswith(f"{PREFIX}{pid}-"))
+def shm_files() -> list[str]:
+    """Anything of asyncsync in /dev/shm (the shared snapshot never creates a file there)."""
+    return sorted(n for n in os.listdir("/dev/shm") if n.startswith("asyncsync-"))
+
+
+async def assert_no_engine_maps_a_snapshot(engines: dict[str, Any]) -> None:
+    """Engines drop their mappings of the train actor's buffers once a session ends."""
+
+    async def unmapped() -> bool:
+        return await engine_mappings(engines) == {}
+
+    await eventually(unmapped, "an engine still maps a snapshot buffer")
 
 
 class Rig:
@@ -143,7 +154,8 @@ async def assert_recovered(
     # Every snapshot has the same layout here: the ready one plus at most one pooled.
     assert stats.resident_bytes <= 2 * rig.model_nbytes, stats
     assert await within(trainer.cache_lock_free.remote())
-    assert shm_files(rig.pid) == []
+    assert shm_files() == []
+    await assert_no_engine_maps_a_snapshot(rig.engines)
     for name, engine in rig.engines.items():
         receiver = await within(engine.receiver_stats.remote())
         assert (receiver.version, receiver.open_sessions) == (before[name][0], ()), name
@@ -163,7 +175,8 @@ async def assert_recovered(
     await assert_engines_hold(trainer, rig.engines, step)
     stats = await within(trainer.cache_stats.remote())
     assert (stats.pins, stats.building_step) == ({}, None)
-    assert shm_files(rig.pid) == []
+    assert shm_files() == []
+    await assert_no_engine_maps_a_snapshot(rig.engines)
 
 
 async def wait_for_open_session(engine: Any) -> None:
@@ -340,49 +353,41 @@ async def test_coordinator_close_returns_once_the_session_aborted(rig: Rig) -> N
 # --------------------------------------------------------------------- security, live
 
 
-SHM_NAME = re.compile(rf"^{re.escape(PREFIX)}(\d+)-([0-9a-f]{{24}})-(\d+)\.safetensors$")
-
-
-async def test_shm_files_in_flight_are_private_safetensors_with_random_names(rig: Rig) -> None:
-    """While a session streams: mode 0600, a random token per session, a plain safetensors file."""
-    tokens = []
+async def test_shared_snapshot_buffers_in_flight_are_private_and_unguessable(rig: Rig) -> None:
+    """While a session maps them: the train actor's buffers are memfds of mode 0600 with
+    random names, nothing appears in /dev/shm, and engines map exactly those buffers."""
     await within(rig.engines["e0"].set_faults.remote(receive_delay_s=SLOW_RECEIVE_S))
     try:
-        for _ in range(2):
-            await rig.publish()
-            session = rig.trainer.run_sync_session.remote(SyncPlan(rig.engines, transport="shm"))
-            seen = await within(_inspect_one_bucket_file(rig.pid))
-            tokens.append(seen)
-            await within(session)
+        await rig.publish()
+        session = rig.trainer.run_sync_session.remote(SyncPlan(rig.engines, transport="shm"))
+        await wait_for_open_session(rig.engines["e0"])
+        owned = _snapshot_fds(rig.pid)
+        mapped = await within(engine_mappings(rig.engines))
+        report = await within(session)
     finally:
         await within(rig.engines["e0"].set_faults.remote())
-    assert tokens[0] != tokens[1]
-    assert shm_files(rig.pid) == []
+    assert {t.transport for t in report.targets.values()} == {"shm"}
+    assert owned, "the train actor holds no shared snapshot buffer"
+    for name, mode in owned.items():
+        assert mode == 0o600, (name, oct(mode))
+        # 64 random bits name a buffer (access itself needs the owner's uid).
+        assert re.fullmatch(r"[0-9a-f]{16,}", name.removeprefix("asyncsync-")), name
+    # What the engines mapped mid-session are the train actor's own buffers.
+    assert mapped and all(set(m) <= set(owned) for m in mapped.values()), (mapped, owned)
+    assert shm_files() == []
+    await assert_no_engine_maps_a_snapshot(rig.engines)
 
 
-async def _inspect_one_bucket_file(pid: int) -> str:
-    """Check one bucket file of ``pid`` while it exists; return its session token."""
-    while True:
-        for name in shm_files(pid):
-            path = os.path.join("/dev/shm", name)
-            try:
-                mode = stat.S_IMODE(os.stat(path).st_mode)
-                # A plain safetensors reader, no asyncsync code: one uint8 tensor and
-                # the manifest as JSON metadata. Nothing here can unpickle.
-                with safe_open(path, framework="np") as f:
-                    keys = list(f.keys())
-                    metadata = f.metadata()
-                    payload = f.get_tensor("bucket")
-            except FileNotFoundError:
-                continue  # every engine had it and the session unlinked it: try the next
-            match = SHM_NAME.match(name)
-            assert match, name
-            assert int(match.group(1)) == pid
-            assert mode == 0o600, oct(mode)
-            assert keys == ["bucket"]
-            manifest = BucketManifest.from_json(metadata["asyncsync.manifest"])
-            assert json.loads(metadata["asyncsync.manifest"])["checksum"] == manifest.checksum
-            assert payload.dtype == np.uint8 and payload.nbytes == manifest.nbytes
-            assert checksum(payload) == manifest.checksum
-            return match.group(2)
-        await asyncio.sleep(0.005)
+def _snapshot_fds(pid: int) -> dict[str, int]:
+    """The train actor's snapshot memfds: name -> permission bits."""
+    owned = {}
+    fd_dir = f"/proc/{pid}/fd"
+    for fd in os.listdir(fd_dir):
+        try:
+            link = os.readlink(os.path.join(fd_dir, fd))
+            if link.startswith("/memfd:asyncsync-"):
+                name = link.removeprefix("/memfd:").split()[0]
+                owned[name] = stat.S_IMODE(os.stat(os.path.join(fd_dir, fd)).st_mode)
+        except FileNotFoundError:
+            continue  # closed meanwhile
+    return owned

@@ -6,24 +6,17 @@ Faults (killed, failing and hanging engines, cancellation) are in ``test_faults.
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 import ray
-from _actors import TINY_LLAMA, assert_engines_hold, engine_class, trainer_class
+from _actors import TINY_LLAMA, assert_engines_hold, engine_class, engine_mappings, trainer_class
 
 from asyncsync.coordinator import SyncCoordinator
 from asyncsync.session import SyncPlan
-from asyncsync.transport.shm import PREFIX
 
 PROMPT = [[1, 2, 3, 4]]
-
-
-def shm_leftovers(pid: int) -> list[str]:
-    """Bucket files in /dev/shm written by the process ``pid`` (the train actor)."""
-    return [n for n in os.listdir("/dev/shm") if n.startswith(f"{PREFIX}{pid}-")]
 
 
 class Rig:
@@ -70,18 +63,21 @@ async def wait_for_open_session(engine: Any) -> None:
     raise AssertionError("the engine never saw the session begin")
 
 
-@pytest.mark.parametrize("transport", ["object_store", "shm"])
+@pytest.mark.parametrize("transport", ["object_store", "shm", "auto"])
 async def test_transport_delivers_bit_identical_weights_to_two_engines(
     rig: Rig, transport: str
 ) -> None:
     step = await rig.publish()
     report = await rig.trainer.run_sync_session.remote(SyncPlan(rig.engines, transport=transport))
     assert report.step == step
+    # One node here: "auto" maps the shared snapshot, as "shm" does.
+    used = "shm" if transport == "auto" else transport
+    assert {t.transport for t in report.targets.values()} == {used}
     assert report.num_buckets > 4  # 64 KiB buckets: the model spans many
     assert set(report.targets) == {"e0", "e1"}
     assert all(t.version == step for t in report.targets.values())
     await assert_engines_hold(rig.trainer, rig.engines, step)
-    assert shm_leftovers(await rig.trainer.pid.remote()) == []
+    assert await engine_mappings(rig.engines) == {}
     gen = await rig.engines["e0"].generate.remote(PROMPT)
     assert gen.version == step
 

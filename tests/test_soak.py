@@ -34,14 +34,14 @@ import psutil
 import pytest
 import ray
 import torch
-from _actors import TINY_LLAMA, engine_class, trainer_class
+from _actors import TINY_LLAMA, engine_class, engine_mappings, trainer_class
 
 from asyncsync import BucketCache, SessionError, Snapshot, pack
 from asyncsync.buckets import checksum, tensor_digest
 from asyncsync.engines import HFEngine
 from asyncsync.fleet import EngineFleet, Health
 from asyncsync.session import SyncPlan, SyncReport, run_session
-from asyncsync.transport.shm import PREFIX, ShmTransport
+from asyncsync.transport import backend
 
 SOAK_S = float(os.environ.get("ASYNCSYNC_SOAK_SECONDS", "8"))
 pytestmark = pytest.mark.timeout(int(SOAK_S) * 2 + 180)
@@ -70,8 +70,9 @@ MEDIUM_LLAMA: dict[str, Any] = dict(
 )
 
 
-def shm_files(pid: int) -> list[str]:
-    return [n for n in os.listdir("/dev/shm") if n.startswith(f"{PREFIX}{pid}-")]
+def shm_files() -> list[str]:
+    """Anything of asyncsync in /dev/shm (the shared snapshot never creates a file there)."""
+    return [n for n in os.listdir("/dev/shm") if n.startswith("asyncsync-")]
 
 
 def fill_value(step: int, position: int) -> float:
@@ -147,7 +148,7 @@ async def test_soak_in_process_readers_sessions_and_builds() -> None:
     cache = BucketCache(bucket_bytes=BUCKET_BYTES)
     engines = {f"e{i}": HFEngine("llama", MEDIUM_LLAMA, seed=i) for i in range(2)}
     targets = {name: LocalHandle(e) for name, e in engines.items()}
-    transport = ShmTransport()
+    transport = backend("shm").make()
 
     def transports(name: str) -> Any:
         return transport
@@ -270,7 +271,7 @@ async def test_soak_in_process_readers_sessions_and_builds() -> None:
     ready_capacity = stats.resident_bytes - stats.pooled_bytes
     assert ready_capacity <= num_buckets * largest_bucket
     assert stats.pooled_bytes <= ready_capacity
-    assert shm_files(os.getpid()) == []
+    assert shm_files() == []
     assert growth < RSS_BOUND, f"anonymous RSS grew {growth / MIB:.1f} MiB"
 
 
@@ -425,5 +426,6 @@ async def test_soak_on_ray_sessions_and_builds(ray_rig: RayRig) -> None:
     ready_capacity = stats.resident_bytes - stats.pooled_bytes
     assert ready_capacity <= final.num_buckets * (64 << 10)  # StepTrainer's bucket_bytes
     assert stats.pooled_bytes <= ready_capacity
-    assert shm_files(ray_rig.pid) == []
+    assert shm_files() == []
+    assert await engine_mappings(ray_rig.engines) == {}
     assert growth < RSS_BOUND, f"the train actor's anonymous RSS grew {growth / MIB:.1f} MiB"

@@ -1,94 +1,184 @@
-"""The shm transport's files: safetensors, 0600, unguessable names, always unlinked."""
+"""The shared-snapshot transport: same-node engines map the pinned snapshot, nothing moves.
+
+In-process: the payload is only the region and the index; loading maps the cache's
+own bytes; what cannot be mapped is a typed error. On a real local Ray: the pin
+holds until every engine that maps the snapshot has committed, even when the
+session is cancelled mid-commit and the next build races it; a train actor
+killed mid-session leaves its engines nothing mapped once their staging expires.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import os
-import stat
-import subprocess
-import sys
+import pickle
+import signal
+import time
+from typing import Any
 
 import numpy as np
 import pytest
+import ray
 import torch
-from safetensors import safe_open
+from _actors import (
+    TINY_LLAMA,
+    FaultyEngine,
+    assert_engines_hold,
+    engine_class,
+    engine_mappings,
+    trainer_class,
+)
 
-from asyncsync.buckets import pack
-from asyncsync.transport import SessionContext, load_payload
-from asyncsync.transport.shm import PREFIX, ShmTransport, read_bucket_file, sweep, write_bucket_file
+from asyncsync import BucketCache, SessionError, SharedMemoryError, pack
+from asyncsync.session import SyncPlan
+from asyncsync.transport import SessionContext, backend, load_payload
+from asyncsync.transport.shm import SharedPayload, SharedSnapshotTransport
 
-
-def _bucket():  # type: ignore[no-untyped-def]
-    (bucket,) = pack([("a", torch.randn(8, 8)), ("b", torch.arange(5, dtype=torch.int64))])
-    return bucket
-
-
-def test_file_is_valid_safetensors_mode_0600_and_maps_back(tmp_path: os.PathLike[str]) -> None:
-    bucket = _bucket()
-    path = os.path.join(tmp_path, f"{PREFIX}1-x-0.safetensors")
-    write_bucket_file(path, bucket)
-    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
-    with safe_open(path, framework="np") as f:
-        assert list(f.keys()) == ["bucket"]
-        assert np.array_equal(f.get_tensor("bucket"), bucket.buffer)
-    loaded = read_bucket_file(path)
-    loaded.verify(bucket.manifest)
-    os.unlink(path)
-    # The read-only mapping outlives the name.
-    for (_, want), (_, got) in zip(bucket.named_tensors(), loaded.named_tensors(), strict=True):
-        assert got.equal(want)
-    write_bucket_file(path, bucket)
-    with pytest.raises(FileExistsError):
-        write_bucket_file(path, bucket)  # O_EXCL: never writes through someone's file
+pytestmark = pytest.mark.timeout(180)
 
 
-async def test_session_files_have_random_names_and_are_unlinked(tmp_path: os.PathLike[str]) -> None:
-    directory = str(tmp_path)
-    transport = ShmTransport(directory)
-    bucket = _bucket()
-    names = []
-    for session_id in ("s1", "s2"):
-        ctx = SessionContext(session_id, 0, {}, (bucket.manifest,))
-        await transport.start(ctx)
-        payload = await transport.put(ctx, 0, bucket)
-        names.append(os.path.basename(payload.path))
-        got = await asyncio.to_thread(load_payload, payload, {})
-        got.verify(bucket.manifest)
-        await transport.finish(ctx, ok=False)
-        assert os.listdir(directory) == []
-    token = [n.split("-")[2] for n in names]
-    assert token[0] != token[1] and len(token[0]) == 24
+async def _built(cache: BucketCache, step: int) -> None:
+    tensors = [(f"w{i}", torch.full((64, 64), step + i / 100)) for i in range(6)]
+    async with cache.build(step) as build:
+        await build.add(tensors)
 
 
-async def test_cancelled_put_leaves_no_file(tmp_path: os.PathLike[str]) -> None:
-    transport = ShmTransport(str(tmp_path))
-    (big,) = pack([("w", torch.randn(8 << 20))])  # 32 MiB: the write takes a while
-    ctx = SessionContext("s", 0, {}, (big.manifest,))
-    await transport.start(ctx)
-    put = asyncio.create_task(transport.put(ctx, 0, big))
-    await asyncio.sleep(0)
-    put.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await put
-    await transport.finish(ctx, ok=False)
-    assert os.listdir(tmp_path) == []
+async def test_payload_is_the_region_and_loading_maps_the_same_bytes() -> None:
+    cache = BucketCache(bucket_bytes=32 << 10)
+    await _built(cache, 3)
+    transport = backend("shm").make()
+    assert isinstance(transport, SharedSnapshotTransport)
+    async with cache.read() as snap:
+        ctx = SessionContext("s", snap.step, {}, snap.manifest)
+        for index, bucket in enumerate(snap.buckets):
+            payload = await transport.put(ctx, index, bucket)
+            assert isinstance(payload, SharedPayload)
+            # What travels is tiny: no payload byte, whatever the bucket's size.
+            assert len(pickle.dumps(payload)) < 1024 < bucket.nbytes
+            loaded = await asyncio.to_thread(load_payload, payload, {})
+            assert not loaded.buffer.flags.writeable
+            assert np.array_equal(loaded.buffer, bucket.buffer)
+            loaded.verify(bucket.manifest)
+    await cache.close()
 
 
-def test_sweep_removes_files_of_dead_processes_only(tmp_path: os.PathLike[str]) -> None:
-    dead = subprocess.run(
-        [sys.executable, "-c", "import os; print(os.getpid())"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    dead_pid = int(dead.stdout)
-    bucket = _bucket()
-    mine = os.path.join(tmp_path, f"{PREFIX}{os.getpid()}-tok-0.safetensors")
-    theirs = os.path.join(tmp_path, f"{PREFIX}{dead_pid}-tok-0.safetensors")
-    other = os.path.join(tmp_path, "unrelated.safetensors")
-    for path in (mine, theirs, other):
-        write_bucket_file(path, bucket)
-    assert sweep(str(tmp_path)) == [theirs]
-    assert sorted(os.listdir(tmp_path)) == sorted([os.path.basename(mine), "unrelated.safetensors"])
-    assert sweep(str(tmp_path), include_live=True) == [mine]
-    assert os.listdir(tmp_path) == ["unrelated.safetensors"]
+async def test_a_bucket_outside_shared_memory_is_refused_naming_it() -> None:
+    (bucket,) = pack([("a", torch.ones(4))])  # pack() allocates private memory
+    ctx = SessionContext("s", 7, {}, (bucket.manifest,))
+    with pytest.raises(SharedMemoryError, match="bucket 0 of step 7 is not in shared memory"):
+        await SharedSnapshotTransport().put(ctx, 0, bucket)
+
+
+async def test_a_region_whose_buffer_was_released_cannot_be_mapped() -> None:
+    cache = BucketCache(bucket_bytes=32 << 10, prefault_pool=False)
+    await _built(cache, 0)
+    async with cache.read() as snap:
+        payload = await SharedSnapshotTransport().put(
+            SessionContext("s", 0, {}, snap.manifest), 0, snap.buckets[0]
+        )
+    await cache.close()  # the unpinned snapshot's buffers are freed
+    with pytest.raises(SharedMemoryError, match=payload.region.name):
+        await asyncio.to_thread(load_payload, payload, {})
+
+
+# --------------------------------------------------------------------- on Ray
+
+
+class SlowApplyEngine(FaultyEngine):
+    """An engine whose commit takes ``apply_delay_s`` while it reads the mapped snapshot."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.apply_delay_s = 0.0
+
+    async def set_apply_delay(self, seconds: float) -> None:
+        self.apply_delay_s = seconds
+
+    def _copy_in(self, buckets: Any) -> None:
+        # Copy half, wait, copy the rest: a buffer reused under us shows up as torn weights.
+        half = len(buckets) // 2
+        super()._copy_in(buckets[:half])
+        time.sleep(self.apply_delay_s)
+        super()._copy_in(buckets[half:])
+
+
+@pytest.fixture
+async def rig(actor_factory: Any) -> Any:
+    trainer = actor_factory(trainer_class())
+    engines = {
+        "e0": actor_factory(
+            ray.remote(SlowApplyEngine).options(max_concurrency=16, num_cpus=0),
+            "llama",
+            TINY_LLAMA,
+            seed=1,
+            num_threads=1,
+        ),
+        "e1": actor_factory(engine_class(), "llama", TINY_LLAMA, seed=2, num_threads=1),
+    }
+    await asyncio.gather(trainer.pid.remote(), *(e.ping.remote() for e in engines.values()))
+    yield trainer, engines
+    await trainer.close.remote()
+
+
+async def test_the_pin_outlives_a_cancelled_session_until_its_commits_end(rig: Any) -> None:
+    trainer, engines = rig
+    await trainer.publish.remote(0)
+    _, want = await trainer.ready_snapshot_digests.remote()
+    await engines["e0"].set_apply_delay.remote(1.5)
+    session = trainer.run_sync_session.remote(SyncPlan(engines, transport="shm"))
+    # Wait until e1 committed: e0 is then applying, reading the mapped snapshot.
+    for _ in range(2000):
+        if (await engines["e1"].receiver_stats.remote()).version == 0:
+            break
+        await asyncio.sleep(0.005)
+    ray.cancel(session)
+    with pytest.raises((ray.exceptions.TaskCancelledError, SessionError)):
+        await session
+    # The cancelled session left the commit running, and with it the pin ...
+    assert (await trainer.cache_stats.remote()).pins == {0: 1}
+    # ... so the next builds cannot reuse the buffers e0 still reads.
+    await trainer.publish.remote(1)
+    await trainer.publish.remote(2)
+    for _ in range(2000):
+        if (await trainer.cache_stats.remote()).pins == {}:
+            break
+        await asyncio.sleep(0.005)
+    assert (await trainer.cache_stats.remote()).pins == {}
+    version, have = await engines["e0"].state_digests.remote()
+    assert version == 0
+    assert have == want, "e0 applied bytes that changed under it"
+    await engines["e0"].set_apply_delay.remote(0.0)
+    assert await engine_mappings(engines) == {}
+    report = await trainer.run_sync_session.remote(SyncPlan(engines, transport="shm"))
+    assert report.step == 2
+    await assert_engines_hold(trainer, engines, 2)
+
+
+async def test_a_killed_train_actor_leaves_engines_nothing_mapped(actor_factory: Any) -> None:
+    trainer = actor_factory(trainer_class())
+    engine = actor_factory(engine_class(), "llama", TINY_LLAMA, seed=1, num_threads=1)
+    pid = await trainer.pid.remote()
+    await trainer.publish.remote(0)
+    await engine.set_faults.remote(receive_delay_s=0.3)
+    ttl_s = 2.0
+    # The engine drops the staging of a session that cannot commit after its time to
+    # live (timeout_s + abort_timeout_s), which is the only way it learns of the death.
+    plan = SyncPlan({"e": engine}, transport="shm", timeout_s=ttl_s - 1.0, abort_timeout_s=1.0)
+    session = trainer.run_sync_session.remote(plan)
+    for _ in range(2000):
+        if await engine_mappings({"e": engine}):
+            break
+        await asyncio.sleep(0.005)
+    assert await engine_mappings({"e": engine}), "the engine never mapped the snapshot"
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(ray.exceptions.RayActorError):
+        await session
+    deadline = time.monotonic() + ttl_s + 10
+    while await engine_mappings({"e": engine}) and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert await engine_mappings({"e": engine}) == {}
+    stats = await engine.receiver_stats.remote()
+    assert stats.open_sessions == () and stats.staged_bytes == 0
+    assert stats.dropped.get("expired") == 1, stats
+    assert [n for n in os.listdir("/dev/shm") if n.startswith("asyncsync-")] == []
+    await engine.set_faults.remote()

@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 import torch
 
+from .._checks import is_int
 from ..errors import ConfigError, ConversionError, ShardError
 
 __all__ = [
@@ -51,7 +52,7 @@ __all__ = [
 
 def _check_int(owner: str, name: str, value: object, minimum: int) -> None:
     # bool is an int subclass; True layers or heads is a caller's mistake, not a size.
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+    if not is_int(value) or value < minimum:
         raise ConfigError(f"{owner}.{name} must be an int >= {minimum}, got {value!r}")
 
 
@@ -179,7 +180,7 @@ class Stage:
         """
         _check_int("Stage.of_pipeline", "size", size, 1)
         _check_int("Stage.of_pipeline", "num_layers", num_layers, 1)
-        if not isinstance(rank, int) or isinstance(rank, bool) or not 0 <= rank < size:
+        if not is_int(rank) or not 0 <= rank < size:
             raise ConfigError(f"Stage.of_pipeline: rank={rank!r} is not in range({size})")
         if num_layers % size:
             raise ConfigError(

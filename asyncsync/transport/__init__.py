@@ -137,7 +137,7 @@ class Backend:
 BACKENDS: Mapping[str, Backend] = {
     b.name: b
     for b in (
-        Backend("shm", "asyncsync.transport.shm:ShmTransport", None, True),
+        Backend("shm", "asyncsync.transport.shm:SharedSnapshotTransport", None, True),
         Backend(
             "object_store", "asyncsync.transport.object_store:ObjectStoreTransport", None, False
         ),

@@ -33,7 +33,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import math
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -44,6 +43,7 @@ import numpy as np
 import torch
 from torch.distributed import TCPStore  # type: ignore[attr-defined]
 
+from ..._checks import is_number
 from ...buckets import Bucket
 from ...errors import ConfigError, SessionError, first_session_error, last_line
 from ...fleet import EngineFleet, Health, SessionTag
@@ -454,12 +454,7 @@ def _retrieve(done: asyncio.Future[None]) -> None:
 
 
 def _positive_seconds(value: object) -> bool:
-    return (
-        isinstance(value, int | float)
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and value > 0
-    )
+    return is_number(value) and value > 0
 
 
 # --------------------------------------------------------------------------- rank 0
