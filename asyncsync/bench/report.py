@@ -299,7 +299,10 @@ def _engine_section(result: BenchResult, rows: list[Row]) -> list[str]:
         f"checks it against the manifest (one checksum pass), *apply* copies it into the "
         f"engine's weights. Fractions are of the single-thread limits "
         f"(checksum {result.checksum_limit_gbps:.2f} GB/s, copy {result.copy_limit_gbps:.2f} GB/s); "
-        f"with more engines than cores they share the cores.",
+        f"with more engines than cores they share the cores. Load and verify are summed over "
+        f"a session's buckets, and up to {result.config.max_inflight_buckets} buckets load and "
+        f"verify at once in separate threads: their sums can exceed the wall time (the "
+        f"sessions table below has the stream's wall time); apply is one pass in one thread.",
         "",
         "| section | model, engines | design | load ms | verify ms | verify GB/s (% of checksum) "
         "| apply ms | apply GB/s (% of copy) |",
@@ -363,9 +366,10 @@ def _slow_section(result: BenchResult, rows: list[Row]) -> list[str]:
         f"{cfg.slow_factor - 1:g}x as long as each receive and apply took. *plain* is the fleet row "
         "with the same policy and engine count and no slow engine (when it ran).",
         "",
-        "| policy | session s: slow / plain | stall/step ms: slow / plain | end-to-end ms: slow / plain "
-        "| sessions that returned without the slow engine | engine sessions by transport |",
-        "| --- | ---: | ---: | ---: | ---: | --- |",
+        "| policy | session s: slow / plain | stall/step ms: slow / plain | worst stall ms: slow / plain "
+        "| end-to-end ms: slow / plain | sessions for the steps | of them returned without the slow engine "
+        "| engine sessions by transport |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for row in section:
         if row["error"]:
@@ -378,16 +382,20 @@ def _slow_section(result: BenchResult, rows: list[Row]) -> list[str]:
 
         out.append(
             f"| {row['policy']} | {pair('session_s', '{:.3f}')} | {pair('stall_ms', '{:.0f}')} "
-            f"| {pair('e2e_ms', '{:.0f}')} | {row['left_behind']} of {row['sessions']} "
+            f"| {pair('stall_max_ms', '{:.0f}')} | {pair('e2e_ms', '{:.0f}')} "
+            f"| {row['sessions']} for {cfg.steps} | {row['left_behind']} "
             f"| {_transports(row['transports_used'])} |"
         )
     out += [
         "",
         "Under *fleet* every session waits for the slow engine, and the train loop waits once "
-        "the engines fall more than the staleness bound behind. Under *per_engine* a session "
-        "returns once the others committed and the slow engine had as long again; it goes on "
-        "in the background (reported `catching_up`, out of the staleness count), and rejoins "
-        "the sessions once it committed.",
+        "the engines fall more than the staleness bound behind: every step. Under *per_engine* "
+        "a session returns once the others committed and the slow engine had as long again; "
+        "the slow engine goes on in the background (reported `catching_up`, out of the "
+        "staleness count). When it has committed that older step it serves again and counts "
+        "toward the staleness bound: the train loop then waits (the worst stall) until a "
+        "session leaves it behind once more, and the coordinator keeps starting sessions "
+        "while it is behind (more sessions than steps).",
         "",
     ]
     return out

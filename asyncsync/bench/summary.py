@@ -160,6 +160,7 @@ def summarize(result: BenchResult) -> list[dict[str, Any]]:
             "slowdown": run.slowdown,
             "error": run.error,
             "stall_ms": stall * 1e3,
+            "stall_max_ms": max(run.stalls_s, default=float("nan")) * 1e3,
             "build_wait_ms": median(run.build_wait_s) * 1e3,
             "stall_x": ratio(median(base.stalls_s), stall) if base else float("nan"),
             "e2e_ms": median(run.e2e_s) * 1e3,
