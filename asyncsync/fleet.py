@@ -201,6 +201,10 @@ class EngineFleet:
         self.call_timeout_s = call_timeout_s
         self.abort_timeout_s = abort_timeout_s
         self.probe_interval_s = probe_interval_s
+        # A probe is one small call: an engine that cannot answer it within a few
+        # probe intervals is hung for routing purposes (and must not hold the
+        # keeper's round, and every catch-up, for a whole call timeout).
+        self.probe_timeout_s = min(call_timeout_s, max(5.0, 5 * probe_interval_s))
         self._members: dict[str, _Member] = {}
         for name, handle in (engines or {}).items():
             _check_name(name)
@@ -496,7 +500,7 @@ class EngineFleet:
     async def refresh(self, names: Iterable[str] | None = None) -> FleetView:
         """Probe engines (all by default) now; record what they report; return the view.
 
-        An engine that does not answer within ``call_timeout_s`` is quarantined; one
+        An engine that does not answer within :attr:`probe_timeout_s` is quarantined; one
         that Ray reports dead for good is ``gone``.
         """
         members = [self._members[n] for n in (names or list(self._members)) if n in self._members]
@@ -505,7 +509,7 @@ class EngineFleet:
             if member.health is Health.GONE:
                 return
             try:
-                info = await self._call(member, "engine_info", (), self.call_timeout_s, "probe")
+                info = await self._call(member, "engine_info", (), self.probe_timeout_s, "probe")
             except FleetError as exc:
                 cause = exc.__cause__
                 if _died_for_good(cause):

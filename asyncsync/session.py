@@ -83,6 +83,7 @@ POLICIES = ("fleet", "per_engine")
 
 # Outcomes of one engine in a session (TargetReport.outcome).
 COMMITTED = "committed"
+CURRENT = "current"
 CATCHING_UP = "catching_up"
 QUARANTINED = "quarantined"
 ABORTED = "aborted"
@@ -207,7 +208,9 @@ class SyncPlan:
 class TargetReport:
     """What one engine did in a session; times in seconds.
 
-    ``outcome``: ``"committed"``, ``"catching_up"`` (``per_engine``: still streaming
+    ``outcome``: ``"committed"``, ``"current"`` (the engine reported at ``begin``
+    that it serves this step already: nothing was sent), ``"catching_up"``
+    (``per_engine``: still streaming
     in the background when the session returned), ``"quarantined"`` (failed; keeps
     its old version, out of routing until caught up), ``"aborted"`` (``fleet``: the
     session failed elsewhere), ``"removed"`` (left the fleet mid-session).
@@ -251,6 +254,11 @@ class SyncReport:
     def committed(self) -> tuple[str, ...]:
         """Engines that committed ``step``."""
         return tuple(n for n, t in self.targets.items() if t.outcome == COMMITTED)
+
+    @property
+    def current(self) -> tuple[str, ...]:
+        """Engines that already served ``step`` (nothing was sent to them)."""
+        return tuple(n for n, t in self.targets.items() if t.outcome == CURRENT)
 
     @property
     def quarantined(self) -> tuple[str, ...]:
@@ -580,9 +588,18 @@ class _Session:
 
         start = time.monotonic()
         infos = await self._on_engines(live, "begin", args, "begin")
+        current = []
         for name, info in infos.items():
             self.fleet.observe(name, info)
-            self.runs[name].begin_s = time.monotonic() - start
+            run = self.runs[name]
+            run.begin_s = time.monotonic() - start
+            if info.version == step:
+                # The engine itself says it serves this step already: send nothing.
+                run.outcome, run.version = CURRENT, step
+                self.fleet.committed(name, step)
+                current.append(name)
+        if current:
+            await self._abort(current)
 
     async def _start_transports(self) -> None:
         assert self.snap is not None
@@ -751,13 +768,14 @@ class _Session:
         return [n for n, r in self.runs.items() if r.outcome in (ABORTED, COMMITTED)]
 
     def _committed(self) -> int:
-        return sum(1 for r in self.runs.values() if r.outcome == COMMITTED)
+        """Engines that serve the session's step (committed now, or already current)."""
+        return sum(1 for r in self.runs.values() if r.outcome in (COMMITTED, CURRENT))
 
     def _check_quorum(self) -> None:
         if self.plan.policy != "per_engine":
             return
         quorum = self.plan.quorum(len(self.runs))
-        possible = sum(1 for r in self.runs.values() if r.outcome in (ABORTED, COMMITTED))
+        possible = sum(1 for r in self.runs.values() if r.outcome in (ABORTED, COMMITTED, CURRENT))
         if possible < quorum:
             failed = {n: r.error for n, r in self.runs.items() if r.outcome == QUARANTINED}
             committed = [n for n, r in self.runs.items() if r.outcome == COMMITTED]
@@ -817,7 +835,9 @@ class _Session:
         for name, run in self.runs.items():
             state = view.engines.get(name)
             version = (
-                run.version if run.outcome == COMMITTED else (state.version if state else None)
+                run.version
+                if run.outcome in (COMMITTED, CURRENT)
+                else (state.version if state else None)
             )
             targets[name] = TargetReport(
                 name=name,
@@ -858,12 +878,12 @@ class _Session:
         for run in self.runs.values():
             if run.commit is not None and run.commit.done():
                 self._settle_commit(run)  # ended while its waiter was being cancelled
-        ok = all(r.outcome in (COMMITTED, REMOVED) for r in self.runs.values())
+        ok = all(r.outcome in (COMMITTED, CURRENT, REMOVED) for r in self.runs.values())
         applying = {n: r.commit for n, r in self.runs.items() if r.commit and r.applying}
         uncommitted = [
             n
             for n, r in self.runs.items()
-            if r.begun and r.outcome != COMMITTED and n not in applying
+            if r.begun and r.outcome not in (COMMITTED, CURRENT) and n not in applying
         ]
 
         async def end() -> None:
