@@ -27,6 +27,11 @@ ENGINES_PER_NODE = 2
 FLEET_PROBE_INTERVAL_S = 0.5
 """The trainer's fleet keeper probes this often: joins and catch-ups within a second."""
 
+COLLECTIVE_TIMEOUT_S = 5.0
+"""The trainer's bound on one collective broadcast (the tiny model's take milliseconds).
+An engine whose broadcast stopped because a peer's node went waits this long (plus
+2 s) before it gives up, instead of the default 120 s."""
+
 
 class NodeEngine(FaultyEngine):
     """A :class:`FaultyEngine` whose commit can be held back.
@@ -67,7 +72,8 @@ def start_engine(
 def start_trainer(cluster: LocalCluster) -> Any:
     """The train actor (the cache owner) on the head node."""
     return trainer_class(**cluster.placement(0)).remote(
-        fleet_probe_interval_s=FLEET_PROBE_INTERVAL_S
+        fleet_probe_interval_s=FLEET_PROBE_INTERVAL_S,
+        transport_options={"collective": {"timeout_s": COLLECTIVE_TIMEOUT_S}},
     )
 
 

@@ -36,7 +36,7 @@ from _fleet import (
     within,
 )
 
-from asyncsync import SessionError
+from asyncsync import QuorumError, SessionError
 from asyncsync.fleet import FleetView, Health
 from asyncsync.session import SyncPlan
 from asyncsync.testing import LocalCluster
@@ -205,3 +205,70 @@ async def test_fleet_a_node_lost_mid_session_fails_it_and_survivors_keep_their_v
     assert {n: view.serving().get(n) for n in survivors} == dict.fromkeys(survivors, old)
     await wait_gone(fleet, lost)
     assert (await within(fleet.trainer.cache_stats.remote())).pins == {}
+
+
+async def test_collective_a_node_lost_mid_session_per_engine_nobody_is_torn(
+    ray_cluster: LocalCluster, fleet: Fleet
+) -> None:
+    # One gloo group carries every engine of the session: when a member's node goes,
+    # the broadcast running stops part-way (engines that have the bucket keep it;
+    # those still waiting for it give up after the trainer's collective timeout_s)
+    # and every later one fails. Under per_engine the outcome is the policy's:
+    # each engine that received every bucket commits, each that could not is
+    # quarantined, and the session returns its report, or QuorumError if none
+    # could commit; never a transport error escaping from the engines that left.
+    # No engine is torn, none keeps staging, and the next session forms a new
+    # group with the engines left. (An ad-hoc session: the trainer's fleet is left
+    # alone.)
+    index = ray_cluster.add_node()
+    node_id = ray_cluster.nodes[index]
+    others = fleet.on_workers()
+    try:
+        # One engine there is enough to break the group (and saves starting another).
+        lost = {"nodeC-e0": start_engine(ray_cluster, index, seed=200)}
+        await within(lost["nodeC-e0"].ping.remote(), seconds=180)
+        targets = {**others, **lost}
+        step = await fleet.publish()
+        plan = SyncPlan(targets=targets, transport="collective")
+        assert (await within(fleet.trainer.run_sync_session.remote(plan))).step == step
+        before = await digests(others)
+        new = await fleet.publish()
+        for engine in lost.values():
+            await within(engine.set_faults.remote(hang_on_bucket=0))
+        session = fleet.trainer.run_sync_session.remote(
+            SyncPlan(
+                targets=targets,
+                transport="collective",
+                policy="per_engine",
+                straggler_grace_s=WAIT_S,
+                timeout_s=2 * WAIT_S,
+            )
+        )
+        # As soon as the session streams: broadcasts are likely still running.
+        await wait_until_receiving(lost["nodeC-e0"], "nodeC-e0 never started receiving")
+        ray_cluster.remove_node(ray_cluster.node_index(node_id))
+        committed: tuple[str, ...] = ()
+        try:
+            report = await within(session)
+        except QuorumError as exc:
+            assert "only 0 of 7 engines can still commit" in str(exc), exc
+        else:
+            assert report.step == new
+            for name in lost:
+                assert report.targets[name].outcome == "quarantined", report.targets[name]
+            committed = report.committed
+            outcomes = {report.targets[n].outcome for n in others if n not in committed}
+            assert outcomes <= {"quarantined"}, report.targets
+        await assert_engines_hold(fleet.trainer, {n: others[n] for n in committed}, new)
+        kept = [n for n in others if n not in committed]
+        assert await digests({n: others[n] for n in kept}) == {n: before[n] for n in kept}
+        assert all(not s.open_sessions for s in (await receiver_stats(others)).values())
+        step = await fleet.publish()
+        plan = SyncPlan(targets=others, transport="collective")
+        assert (await within(fleet.trainer.run_sync_session.remote(plan))).committed == tuple(
+            others
+        )
+        await assert_engines_hold(fleet.trainer, others, step)
+    finally:
+        if node_id in ray_cluster.nodes:
+            ray_cluster.remove_node(ray_cluster.node_index(node_id))
