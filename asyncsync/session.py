@@ -376,7 +376,14 @@ class _Puts:
     async def _release(self, index: int) -> None:
         del self._needed[index]
         put = self._puts[index]
-        if put.done() and not put.cancelled() and put.exception() is None:
+        if not put.done():
+            return  # its engines left before it ended: finish() waits for it
+        # No engine asks for this bucket again. Forget the put: its result (for the
+        # object store, the bucket's ObjectRef) would otherwise keep the bucket in
+        # the object stores of the owner's node and of every node that pulled it
+        # until this session (a reference cycle) is garbage-collected.
+        del self._puts[index]
+        if not put.cancelled() and put.exception() is None:
             release = self.transport.release(self.ctx, index, put.result())
             await self.session.guard(self.name, index, release)
 
@@ -386,6 +393,8 @@ class _Puts:
             await asyncio.wait(running)  # a put in a worker thread cannot be stopped
         if self.started:
             await shielded(self.transport.finish(self.ctx, ok))
+        # What a failed session never released goes with the transport's own references.
+        self._puts.clear()
 
 
 class _Session:
