@@ -42,14 +42,9 @@ async def test_auto_routes_each_engine_by_its_node_and_delivers_bit_identical(
     assert {n: report.targets[n].transport for n in fleet.on_workers()} == dict.fromkeys(
         fleet.on_workers(), cross_node
     )
-    # head-e0 shares the cache owner's node: auto gives it the shared snapshot ("shm")
-    # when the snapshot's memory can be shared, and falls back to the cross-node
-    # transport when it cannot. Until the shared-memory snapshot transport lands,
-    # no snapshot is shareable, so today it reads cross_node; both are correct.
-    # That the session does tell head-e0 apart from the others is checked without
-    # depending on it: test_shm_for_an_engine_on_another_node_is_refused_... names
-    # the first worker engine, not head-e0, which comes before it.
-    assert report.targets[Fleet.HEAD_ENGINE].transport in ("shm", cross_node)
+    # head-e0 shares the cache owner's node: auto maps it the shared snapshot. One
+    # session mixes both paths.
+    assert report.targets[Fleet.HEAD_ENGINE].transport == "shm"
 
 
 @pytest.mark.parametrize("transport", CROSS_NODE)
