@@ -1,4 +1,4 @@
-"""Driver side: keep a train actor's fleet in sync from any asyncio program, within a staleness bound.
+"""Driver side: keep a train actor's fleet in sync from any asyncio program, within a bound.
 
 An RL orchestrator calls :meth:`SyncCoordinator.after_build` after each published
 step. The coordinator keeps at most one session in flight, always asking for the

@@ -6,7 +6,7 @@ valid call succeeds.
 
 ```
 AsyncSyncError
-├── ConfigError (ValueError)             an option out of range (cache, plan, coordinator, transport)
+├── ConfigError (ValueError)             an option out of range (cache, plan, fleet, transport)
 ├── BucketError (ValueError)             bad tensors or names given to a bucket / build
 ├── CacheError
 │   ├── InvalidStepError (ValueError)    a step that is not an int >= -1
@@ -32,13 +32,13 @@ AsyncSyncError
 │   ├── UnknownSessionError (KeyError)
 │   ├── IncompleteSessionError
 │   ├── SessionIdReusedError (ValueError)
-│   └── TransportError                   a transport's engine side could not set up or deliver a bucket
+│   └── TransportError                   a transport's engine side could not set up or deliver
 │       └── PayloadError (TypeError)     a payload no transport produces
 ├── ActorDefinitionError (TypeError)     a train-actor class that would break the one-loop contract
 ├── ConversionError (KeyError)           a Megatron parameter or state dict that cannot be converted
 │   ├── CoverageError                    the parameters do not cover the model or stage exactly
 │   └── ShardError (ValueError)          a parameter's tensor-parallel shards do not fit its layout
-└── TrainGroupError (RuntimeError)       a rank of a train group failed its setup or build, or ranks disagree
+└── TrainGroupError (RuntimeError)       a rank failed its setup or build, or ranks disagree
     └── TrainGroupTimeoutError (TimeoutError)
 ```
 """

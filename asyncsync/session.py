@@ -327,7 +327,7 @@ class _Run:
 
 
 class _Puts:
-    """One transport's share of a session: each bucket put once, freed once all its engines have it."""
+    """One transport's share of a session: each bucket put once, freed once its engines have it."""
 
     def __init__(
         self, session: _Session, name: str, transport: Transport, ctx: SessionContext
