@@ -242,9 +242,10 @@ class EngineFleet:
     async def add(self, name: str, handle: Any) -> EngineState:
         """Add an engine: ask it what it is, then bring it to the newest step.
 
-        It starts ``catching_up`` (the keeper or the next session brings it the
-        newest ready step) unless it already serves what ``ready_step`` names.
-        Adding the same handle under the same name again is a no-op. Raises
+        It starts ``catching_up``: the keeper (after one probe interval) or the
+        next session brings it the newest ready step, and finds it ``current``,
+        sending nothing, if it already serves that step. Adding the same handle
+        under the same name again is a no-op. Raises
         :class:`~asyncsync.FleetError` for a name in use by another handle, or if
         the engine cannot be reached or is not a receiver; the fleet is unchanged.
         """

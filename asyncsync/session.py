@@ -113,8 +113,11 @@ class SyncPlan:
         straggler_grace_s: ``per_engine`` only: how long engines still streaming
             after the quorum committed get before the session returns without
             them (``None``: as long as the quorum took).
-        timeout_s: bound on the session after the pin (engines still streaming then
-            are aborted; :class:`~asyncsync.SessionTimeoutError` under ``fleet``).
+        timeout_s: bound on the session after the pin. Reached before the session
+            returned, it aborts every engine not committed and raises
+            :class:`~asyncsync.SessionTimeoutError`, naming the engines that held
+            it up; ``per_engine`` stragglers left finishing in the background are
+            aborted and quarantined when it is reached.
         pin_timeout_s: bound on waiting for a ready step >= ``min_step``
             (:class:`~asyncsync.ReadTimeoutError`); ``None`` waits without bound.
         max_inflight_buckets: unacknowledged buckets per engine (memory bound and
