@@ -53,7 +53,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._checks import is_int, is_number
-from ._primitives import detached, shielded
+from ._primitives import detached, shielded, uninterrupted
 from .cache import BucketCache, Snapshot
 from .errors import (
     ConfigError,
@@ -502,21 +502,15 @@ class _Session:
                 if self.plan.policy == "fleet":
                     await self._fleet_policy()
                 else:
-                    await self._per_engine_policy()
+                    # per_engine keeps the deadline itself: reaching it after the quorum
+                    # committed is a success (the rest is left to catch up), not an error.
+                    end = deadline.when()
+                    deadline.reschedule(None)
+                    await self._per_engine_policy(end)
         except TimeoutError:
             if not deadline.expired():
                 raise
-            stuck = self._stuck()
-            for culprit in stuck:
-                run = self.runs[culprit]
-                run.outcome = QUARANTINED
-                run.error = f"had not finished when the session ran past {self.plan.timeout_s}s"
-                self.fleet.mark(culprit, Health.QUARANTINED, run.error)
-            raise self.error(
-                f"ran past {self.plan.timeout_s}s" + (f"; not finished: {stuck}" if stuck else ""),
-                SessionTimeoutError,
-                target=stuck[0] if stuck else None,
-            ) from None
+            raise self._timed_out() from None
         except SessionError as exc:
             # Under "fleet" an engine that failed the session is taken out of routing
             # (a catch-up brings it back); a refused plan is nobody's fault.
@@ -713,7 +707,9 @@ class _Session:
             first = self.runs[live[0]]
             raise self.error(f"no engine could commit; {live[0]!r}: {first.error}", target=live[0])
 
-    async def _per_engine_policy(self) -> None:
+    async def _per_engine_policy(self, end: float | None) -> None:
+        """``end``: the session's deadline (loop time; ``None``: none)."""
+        loop = asyncio.get_running_loop()
         updating = self._updating()
         live = self._live()
         quorum = self.plan.quorum(len(self.runs))
@@ -730,9 +726,10 @@ class _Session:
         tasks = {asyncio.ensure_future(engine(n)): n for n in live}
         pending = set(tasks)
         try:
-            deadline: float | None = None
+            deadline: float | None = None  # for stragglers, once the quorum committed
             while pending:
-                timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+                bounds = [t for t in (deadline, end) if t is not None]
+                timeout = max(0.0, min(bounds) - loop.time()) if bounds else None
                 done, pending = await asyncio.wait(
                     pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
                 )
@@ -742,9 +739,22 @@ class _Session:
                 if deadline is None and self._committed() >= quorum:
                     took = time.monotonic() - start
                     grace = self.plan.straggler_grace_s
-                    deadline = time.monotonic() + (took if grace is None else grace)
-                if deadline is not None and time.monotonic() >= deadline:
+                    deadline = loop.time() + (took if grace is None else grace)
+                if deadline is not None and loop.time() >= deadline:
                     break
+                if end is not None and loop.time() >= end and pending:
+                    if deadline is None:
+                        raise self._timed_out()
+                    # The quorum committed; the rest ran out of the session's time.
+                    late = [tasks[t] for t in pending]
+                    for task in pending:
+                        task.cancel()
+                    await asyncio.gather(*pending, return_exceptions=True)
+                    for name in late:
+                        await self._drop(
+                            name, self.error(f"engine {name!r} ran past {self.plan.timeout_s}s")
+                        )
+                    return
         except BaseException:
             for task in pending:
                 task.cancel()
@@ -757,6 +767,21 @@ class _Session:
             self.stragglers[name] = task
 
     # ----------------------------------------------------------------- helpers
+
+    def _timed_out(self) -> SessionError:
+        """The error of a session past its timeout; the engines that held it up are quarantined."""
+        stuck = self._stuck()
+        for culprit in stuck:
+            run = self.runs[culprit]
+            run.outcome = QUARANTINED
+            run.error = f"had not finished when the session ran past {self.plan.timeout_s}s"
+            self.fleet.mark(culprit, Health.QUARANTINED, run.error)
+        error: SessionError = self.error(
+            f"ran past {self.plan.timeout_s}s" + (f"; not finished: {stuck}" if stuck else ""),
+            SessionTimeoutError,
+            target=stuck[0] if stuck else None,
+        )
+        return error
 
     def _stuck(self) -> list[str]:
         """At a timeout: the engines that held the session up, to name and quarantine.
@@ -903,7 +928,10 @@ class _Session:
                 if uncommitted:
                     await self._abort(uncommitted)
                 if applying:
-                    await asyncio.wait(applying.values())
+                    # Never give up on a commit in flight, even when cancelled (the train
+                    # actor closing): the engine may be copying out of the pinned
+                    # snapshot, and the pin is released only after this.
+                    await uninterrupted(asyncio.wait(applying.values()))
                     for name in applying:
                         self._settle_commit(self.runs[name])
                     failed = [n for n in applying if self.runs[n].outcome != COMMITTED]
@@ -943,17 +971,20 @@ class _Session:
         remaining = self.plan.timeout_s - (time.monotonic() - self.pinned_at)
 
         async def finish_stragglers() -> None:
+            late = set(tasks.values())
             try:
                 _, late = await asyncio.wait(tasks.values(), timeout=max(0.0, remaining))
+                why = f"ran past {self.plan.timeout_s}s"
+            except asyncio.CancelledError:
+                why = "the train actor closed"  # stop them too, then clean up
+                raise
+            finally:
                 for task in late:
                     task.cancel()
-                await asyncio.gather(*late, return_exceptions=True)
+                await uninterrupted(asyncio.gather(*late, return_exceptions=True))
                 for name, task in tasks.items():
                     if task in late:
-                        await self._drop(
-                            name, self.error(f"engine {name!r} ran past {self.plan.timeout_s}s")
-                        )
-            finally:
+                        await self._drop(name, self.error(f"engine {name!r}: {why}"))
                 await self._finish(pin, claimed)
 
         self.fleet.release([n for n in claimed if n not in tasks], self.id)
