@@ -2,6 +2,7 @@
 
 ``detached``  a task whose outcome is always retrieved, whoever (if anyone) awaits it
 ``shielded``  run an awaitable to its end even if the waiter is cancelled
+``uninterrupted``  wait for an awaitable to end even if cancelled; re-raise the cancellation then
 ``Signal``    wake every current waiter at once (an event that re-arms itself)
 """
 
@@ -11,7 +12,7 @@ import asyncio
 from collections.abc import Awaitable
 from typing import TypeVar
 
-__all__ = ["Signal", "detached", "shielded"]
+__all__ = ["Signal", "detached", "shielded", "uninterrupted"]
 
 T = TypeVar("T")
 
@@ -35,6 +36,28 @@ async def shielded(awaitable: Awaitable[T]) -> T:
     clean-up that must complete (aborts, releasing a transport), never for long work.
     """
     return await asyncio.shield(detached(awaitable))
+
+
+async def uninterrupted(awaitable: Awaitable[T]) -> T:
+    """Wait for ``awaitable`` to end even if this task is cancelled meanwhile.
+
+    The cancellation is held back, not lost: it is raised once the work has ended.
+    For the few waits that must not be cut short (a copy out of memory whose owner
+    is about to reuse it); everything else should stay cancellable.
+    """
+    work = detached(awaitable)
+    cancelled = False
+    while True:
+        try:
+            result = await asyncio.shield(work)
+            break
+        except asyncio.CancelledError:
+            if work.done():
+                raise
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
+    return result
 
 
 def _retrieve(task: asyncio.Future[T]) -> None:

@@ -352,8 +352,9 @@ class WeightSyncActor:
             if not self._closed:
                 raise
             raise CacheClosedError(
-                "the train actor was closed while this session ran; it was aborted on "
-                "every engine it had begun"
+                "the train actor was closed while this session ran: engines that had not "
+                "committed were aborted, a commit already applying was let finish (each "
+                "engine's served version is in fleet_view())"
             ) from None
         finally:
             self._session_tasks.discard(task)

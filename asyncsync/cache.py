@@ -196,8 +196,9 @@ class BuildHandle:
         Raises :class:`~asyncsync.BucketError` naming a bad item (checked before
         any of its bucket is copied), :class:`~asyncsync.CacheClosedError` if the
         cache is closed, :class:`~asyncsync.ResidentLimitError` if no memory can
-        be had; the build is then discarded when the ``async with`` block exits
-        with that error. A build whose ``add()`` raised (or was cancelled) is never
+        be had under ``max_resident_bytes``, :class:`~asyncsync.SharedMemoryError`
+        if a shared buffer cannot be created or page-locked; the build is then
+        discarded when the ``async with`` block exits with that error. A build whose ``add()`` raised (or was cancelled) is never
         published: leaving the block normally anyway raises
         :class:`~asyncsync.CacheError` and discards it.
         """

@@ -1,4 +1,4 @@
-"""Driver side: keep a train actor's fleet in sync from any asyncio program, within a staleness bound.
+"""Driver side: keep a train actor's fleet in sync from any asyncio program, within a bound.
 
 An RL orchestrator calls :meth:`SyncCoordinator.after_build` after each published
 step. The coordinator keeps at most one session in flight, always asking for the
@@ -12,8 +12,10 @@ What the engines serve is the fleet's view, as the engines report it
 :attr:`SyncCoordinator.engine_version` is the oldest version a *serving* engine
 serves. Under ``policy="per_engine"`` an engine that fails or lags is quarantined or
 left catching up in the background, out of that minimum, so it never holds the
-train loop back. Under ``policy="fleet"`` a session that fails because of one
-engine quarantines that engine and the coordinator retries at once without it.
+train loop back. A session that fails naming an engine it took out of serving
+(under ``policy="fleet"``, any engine at fault; under ``per_engine``, a
+:class:`~asyncsync.QuorumError`) is retried at once without that engine, at most
+as many times in a row as the fleet has engines; other errors are raised.
 
 Cancellation: awaiting an ``ObjectRef`` and cancelling the awaiting task does not
 stop the remote call, so the coordinator does it. When a task awaiting

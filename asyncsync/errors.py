@@ -6,7 +6,7 @@ valid call succeeds.
 
 ```
 AsyncSyncError
-├── ConfigError (ValueError)             an option out of range (cache, plan, coordinator, transport)
+├── ConfigError (ValueError)             an option out of range (cache, plan, fleet, transport)
 ├── BucketError (ValueError)             bad tensors or names given to a bucket / build
 ├── CacheError
 │   ├── InvalidStepError (ValueError)    a step that is not an int >= -1
@@ -19,12 +19,12 @@ AsyncSyncError
 │   ├── TornSnapshotError                weights changed while a build copied them; not published
 │   └── WrongLoopError (RuntimeError)    called from another event loop or thread
 ├── SharedMemoryError                    a shared snapshot buffer cannot be created or mapped
-├── SessionError                         a sync session failed and was aborted everywhere
+├── SessionError                         a sync session failed; engines not committed were aborted
 │   ├── SessionTimeoutError (TimeoutError)
 │   ├── AdmissionError                   more sessions than the train actor admits at once
 │   ├── TopologyError                    a same-node-only transport asked for an engine elsewhere
 │   └── QuorumError                      fewer engines than min_engines could commit
-├── FleetError                           a fleet call names an engine that is not a member, ...
+├── FleetError (KeyError)                a fleet call outside a session: unknown member, engine unreachable, ...
 ├── CoordinatorClosedError               the coordinator was closed
 ├── ReceiverError                        engine-side protocol violations
 │   ├── ManifestMismatchError (ValueError)
@@ -32,13 +32,13 @@ AsyncSyncError
 │   ├── UnknownSessionError (KeyError)
 │   ├── IncompleteSessionError
 │   ├── SessionIdReusedError (ValueError)
-│   └── TransportError                   a transport's engine side could not set up or deliver a bucket
+│   └── TransportError                   a transport's engine side could not set up or deliver
 │       └── PayloadError (TypeError)     a payload no transport produces
 ├── ActorDefinitionError (TypeError)     a train-actor class that would break the one-loop contract
 ├── ConversionError (KeyError)           a Megatron parameter or state dict that cannot be converted
 │   ├── CoverageError                    the parameters do not cover the model or stage exactly
 │   └── ShardError (ValueError)          a parameter's tensor-parallel shards do not fit its layout
-└── TrainGroupError (RuntimeError)       a rank of a train group failed its setup or build, or ranks disagree
+└── TrainGroupError (RuntimeError)       a rank failed its setup or build, or ranks disagree
     └── TrainGroupTimeoutError (TimeoutError)
 ```
 """
@@ -166,9 +166,11 @@ class SharedMemoryError(AsyncSyncError):
 
 
 class SessionError(AsyncSyncError):
-    """A sync session failed; it was aborted on every target and its pin released.
+    """A sync session failed; every engine that had not committed was aborted.
 
-    ``session_id`` and ``step`` identify the session; ``target`` names the engine that
+    Engines that committed before the failure (``per_engine``, or the commit phase
+    of ``fleet``) keep the new step; each keeps the version it reports. The pin is
+    released once no commit still reads the snapshot. ``session_id`` and ``step`` identify the session; ``target`` names the engine that
     failed first, ``transport`` and ``bucket`` the transport step that failed (each
     ``None`` when the failure was not specific to one).
     """
@@ -244,7 +246,11 @@ class QuorumError(SessionError):
 
 
 class FleetError(AsyncSyncError, KeyError):
-    """A fleet operation names an engine that is not a member, or adds a name twice."""
+    """A fleet operation outside a session failed, naming the engine.
+
+    A name that is not a member, a name added twice (with another handle), or an
+    engine that cannot be reached or is not a receiver (``fleet_add``, a probe).
+    """
 
     def __str__(self) -> str:  # KeyError quotes its argument; keep the message readable
         return str(self.args[0]) if self.args else ""

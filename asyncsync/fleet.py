@@ -201,6 +201,10 @@ class EngineFleet:
         self.call_timeout_s = call_timeout_s
         self.abort_timeout_s = abort_timeout_s
         self.probe_interval_s = probe_interval_s
+        # A probe is one small call: an engine that cannot answer it within a few
+        # probe intervals is hung for routing purposes (and must not hold the
+        # keeper's round, and every catch-up, for a whole call timeout).
+        self.probe_timeout_s = min(call_timeout_s, max(5.0, 5 * probe_interval_s))
         self._members: dict[str, _Member] = {}
         for name, handle in (engines or {}).items():
             _check_name(name)
@@ -238,9 +242,10 @@ class EngineFleet:
     async def add(self, name: str, handle: Any) -> EngineState:
         """Add an engine: ask it what it is, then bring it to the newest step.
 
-        It starts ``catching_up`` (the keeper or the next session brings it the
-        newest ready step) unless it already serves what ``ready_step`` names.
-        Adding the same handle under the same name again is a no-op. Raises
+        It starts ``catching_up``: the keeper (after one probe interval) or the
+        next session brings it the newest ready step, and finds it ``current``,
+        sending nothing, if it already serves that step. Adding the same handle
+        under the same name again is a no-op. Raises
         :class:`~asyncsync.FleetError` for a name in use by another handle, or if
         the engine cannot be reached or is not a receiver; the fleet is unchanged.
         """
@@ -496,7 +501,7 @@ class EngineFleet:
     async def refresh(self, names: Iterable[str] | None = None) -> FleetView:
         """Probe engines (all by default) now; record what they report; return the view.
 
-        An engine that does not answer within ``call_timeout_s`` is quarantined; one
+        An engine that does not answer within :attr:`probe_timeout_s` is quarantined; one
         that Ray reports dead for good is ``gone``.
         """
         members = [self._members[n] for n in (names or list(self._members)) if n in self._members]
@@ -505,7 +510,7 @@ class EngineFleet:
             if member.health is Health.GONE:
                 return
             try:
-                info = await self._call(member, "engine_info", (), self.call_timeout_s, "probe")
+                info = await self._call(member, "engine_info", (), self.probe_timeout_s, "probe")
             except FleetError as exc:
                 cause = exc.__cause__
                 if _died_for_good(cause):

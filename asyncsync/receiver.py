@@ -29,7 +29,6 @@ the version it serves. A fleet never infers an engine's version; it asks.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import time
 import uuid
@@ -38,7 +37,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._primitives import detached
+from ._primitives import uninterrupted
 from .buckets import Bucket, BucketManifest, check_manifests
 from .errors import (
     ConfigError,
@@ -290,18 +289,10 @@ class StagingReceiver:
                 f"session {session_id!r}: commit before buckets {missing[:8]} arrived "
                 f"({len(staging.buckets)}/{len(staging.manifest)} received)"
             )
-        commit = detached(self._commit(session_id, staging))
-        try:
-            return await asyncio.shield(commit)
-        except asyncio.CancelledError:
-            # Answer only once the copy has ended, even when cancelled (``ray.cancel``
-            # of a session cancels its calls to engines too): whoever holds the memory
-            # the copy reads, the train actor's pin of a shared snapshot, holds it
-            # until this call returns.
-            while not commit.done():
-                with contextlib.suppress(asyncio.CancelledError):
-                    await asyncio.shield(commit)
-            raise
+        # Answer only once the copy has ended, even when cancelled (``ray.cancel`` of a
+        # session cancels its calls to engines too): whoever holds the memory the copy
+        # reads, the train actor's pin of a shared snapshot, holds it until then.
+        return await uninterrupted(self._commit(session_id, staging))
 
     async def _commit(self, session_id: str, staging: _Staging) -> int:
         async with self._commit_lock:

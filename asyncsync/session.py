@@ -53,7 +53,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._checks import is_int, is_number
-from ._primitives import detached, shielded
+from ._primitives import detached, shielded, uninterrupted
 from .cache import BucketCache, Snapshot
 from .errors import (
     ConfigError,
@@ -83,6 +83,7 @@ POLICIES = ("fleet", "per_engine")
 
 # Outcomes of one engine in a session (TargetReport.outcome).
 COMMITTED = "committed"
+CURRENT = "current"
 CATCHING_UP = "catching_up"
 QUARANTINED = "quarantined"
 ABORTED = "aborted"
@@ -112,8 +113,11 @@ class SyncPlan:
         straggler_grace_s: ``per_engine`` only: how long engines still streaming
             after the quorum committed get before the session returns without
             them (``None``: as long as the quorum took).
-        timeout_s: bound on the session after the pin (engines still streaming then
-            are aborted; :class:`~asyncsync.SessionTimeoutError` under ``fleet``).
+        timeout_s: bound on the session after the pin. Reached before the session
+            returned, it aborts every engine not committed and raises
+            :class:`~asyncsync.SessionTimeoutError`, naming the engines that held
+            it up; ``per_engine`` stragglers left finishing in the background are
+            aborted and quarantined when it is reached.
         pin_timeout_s: bound on waiting for a ready step >= ``min_step``
             (:class:`~asyncsync.ReadTimeoutError`); ``None`` waits without bound.
         max_inflight_buckets: unacknowledged buckets per engine (memory bound and
@@ -207,7 +211,9 @@ class SyncPlan:
 class TargetReport:
     """What one engine did in a session; times in seconds.
 
-    ``outcome``: ``"committed"``, ``"catching_up"`` (``per_engine``: still streaming
+    ``outcome``: ``"committed"``, ``"current"`` (the engine reported at ``begin``
+    that it serves this step already: nothing was sent), ``"catching_up"``
+    (``per_engine``: still streaming
     in the background when the session returned), ``"quarantined"`` (failed; keeps
     its old version, out of routing until caught up), ``"aborted"`` (``fleet``: the
     session failed elsewhere), ``"removed"`` (left the fleet mid-session).
@@ -251,6 +257,11 @@ class SyncReport:
     def committed(self) -> tuple[str, ...]:
         """Engines that committed ``step``."""
         return tuple(n for n, t in self.targets.items() if t.outcome == COMMITTED)
+
+    @property
+    def current(self) -> tuple[str, ...]:
+        """Engines that already served ``step`` (nothing was sent to them)."""
+        return tuple(n for n, t in self.targets.items() if t.outcome == CURRENT)
 
     @property
     def quarantined(self) -> tuple[str, ...]:
@@ -319,7 +330,7 @@ class _Run:
 
 
 class _Puts:
-    """One transport's share of a session: each bucket put once, freed once all its engines have it."""
+    """One transport's share of a session: each bucket put once, freed once its engines have it."""
 
     def __init__(
         self, session: _Session, name: str, transport: Transport, ctx: SessionContext
@@ -368,7 +379,14 @@ class _Puts:
     async def _release(self, index: int) -> None:
         del self._needed[index]
         put = self._puts[index]
-        if put.done() and not put.cancelled() and put.exception() is None:
+        if not put.done():
+            return  # its engines left before it ended: finish() waits for it
+        # No engine asks for this bucket again. Forget the put: its result (for the
+        # object store, the bucket's ObjectRef) would otherwise keep the bucket in
+        # the object stores of the owner's node and of every node that pulled it
+        # until this session (a reference cycle) is garbage-collected.
+        del self._puts[index]
+        if not put.cancelled() and put.exception() is None:
             release = self.transport.release(self.ctx, index, put.result())
             await self.session.guard(self.name, index, release)
 
@@ -378,6 +396,8 @@ class _Puts:
             await asyncio.wait(running)  # a put in a worker thread cannot be stopped
         if self.started:
             await shielded(self.transport.finish(self.ctx, ok))
+        # What a failed session never released goes with the transport's own references.
+        self._puts.clear()
 
 
 class _Session:
@@ -482,21 +502,15 @@ class _Session:
                 if self.plan.policy == "fleet":
                     await self._fleet_policy()
                 else:
-                    await self._per_engine_policy()
+                    # per_engine keeps the deadline itself: reaching it after the quorum
+                    # committed is a success (the rest is left to catch up), not an error.
+                    end = deadline.when()
+                    deadline.reschedule(None)
+                    await self._per_engine_policy(end)
         except TimeoutError:
             if not deadline.expired():
                 raise
-            stuck = self._stuck()
-            for culprit in stuck:
-                run = self.runs[culprit]
-                run.outcome = QUARANTINED
-                run.error = f"had not finished when the session ran past {self.plan.timeout_s}s"
-                self.fleet.mark(culprit, Health.QUARANTINED, run.error)
-            raise self.error(
-                f"ran past {self.plan.timeout_s}s" + (f"; not finished: {stuck}" if stuck else ""),
-                SessionTimeoutError,
-                target=stuck[0] if stuck else None,
-            ) from None
+            raise self._timed_out() from None
         except SessionError as exc:
             # Under "fleet" an engine that failed the session is taken out of routing
             # (a catch-up brings it back); a refused plan is nobody's fault.
@@ -580,9 +594,18 @@ class _Session:
 
         start = time.monotonic()
         infos = await self._on_engines(live, "begin", args, "begin")
+        current = []
         for name, info in infos.items():
             self.fleet.observe(name, info)
-            self.runs[name].begin_s = time.monotonic() - start
+            run = self.runs[name]
+            run.begin_s = time.monotonic() - start
+            if info.version == step:
+                # The engine itself says it serves this step already: send nothing.
+                run.outcome, run.version = CURRENT, step
+                self.fleet.committed(name, step)
+                current.append(name)
+        if current:
+            await self._abort(current)
 
     async def _start_transports(self) -> None:
         assert self.snap is not None
@@ -684,7 +707,9 @@ class _Session:
             first = self.runs[live[0]]
             raise self.error(f"no engine could commit; {live[0]!r}: {first.error}", target=live[0])
 
-    async def _per_engine_policy(self) -> None:
+    async def _per_engine_policy(self, end: float | None) -> None:
+        """``end``: the session's deadline (loop time; ``None``: none)."""
+        loop = asyncio.get_running_loop()
         updating = self._updating()
         live = self._live()
         quorum = self.plan.quorum(len(self.runs))
@@ -701,9 +726,10 @@ class _Session:
         tasks = {asyncio.ensure_future(engine(n)): n for n in live}
         pending = set(tasks)
         try:
-            deadline: float | None = None
+            deadline: float | None = None  # for stragglers, once the quorum committed
             while pending:
-                timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+                bounds = [t for t in (deadline, end) if t is not None]
+                timeout = max(0.0, min(bounds) - loop.time()) if bounds else None
                 done, pending = await asyncio.wait(
                     pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
                 )
@@ -713,9 +739,22 @@ class _Session:
                 if deadline is None and self._committed() >= quorum:
                     took = time.monotonic() - start
                     grace = self.plan.straggler_grace_s
-                    deadline = time.monotonic() + (took if grace is None else grace)
-                if deadline is not None and time.monotonic() >= deadline:
+                    deadline = loop.time() + (took if grace is None else grace)
+                if deadline is not None and loop.time() >= deadline:
                     break
+                if end is not None and loop.time() >= end and pending:
+                    if deadline is None:
+                        raise self._timed_out()
+                    # The quorum committed; the rest ran out of the session's time.
+                    late = [tasks[t] for t in pending]
+                    for task in pending:
+                        task.cancel()
+                    await asyncio.gather(*pending, return_exceptions=True)
+                    for name in late:
+                        await self._drop(
+                            name, self.error(f"engine {name!r} ran past {self.plan.timeout_s}s")
+                        )
+                    return
         except BaseException:
             for task in pending:
                 task.cancel()
@@ -728,6 +767,21 @@ class _Session:
             self.stragglers[name] = task
 
     # ----------------------------------------------------------------- helpers
+
+    def _timed_out(self) -> SessionError:
+        """The error of a session past its timeout; the engines that held it up are quarantined."""
+        stuck = self._stuck()
+        for culprit in stuck:
+            run = self.runs[culprit]
+            run.outcome = QUARANTINED
+            run.error = f"had not finished when the session ran past {self.plan.timeout_s}s"
+            self.fleet.mark(culprit, Health.QUARANTINED, run.error)
+        error: SessionError = self.error(
+            f"ran past {self.plan.timeout_s}s" + (f"; not finished: {stuck}" if stuck else ""),
+            SessionTimeoutError,
+            target=stuck[0] if stuck else None,
+        )
+        return error
 
     def _stuck(self) -> list[str]:
         """At a timeout: the engines that held the session up, to name and quarantine.
@@ -751,13 +805,14 @@ class _Session:
         return [n for n, r in self.runs.items() if r.outcome in (ABORTED, COMMITTED)]
 
     def _committed(self) -> int:
-        return sum(1 for r in self.runs.values() if r.outcome == COMMITTED)
+        """Engines that serve the session's step (committed now, or already current)."""
+        return sum(1 for r in self.runs.values() if r.outcome in (COMMITTED, CURRENT))
 
     def _check_quorum(self) -> None:
         if self.plan.policy != "per_engine":
             return
         quorum = self.plan.quorum(len(self.runs))
-        possible = sum(1 for r in self.runs.values() if r.outcome in (ABORTED, COMMITTED))
+        possible = sum(1 for r in self.runs.values() if r.outcome in (ABORTED, COMMITTED, CURRENT))
         if possible < quorum:
             failed = {n: r.error for n, r in self.runs.items() if r.outcome == QUARANTINED}
             committed = [n for n, r in self.runs.items() if r.outcome == COMMITTED]
@@ -817,7 +872,9 @@ class _Session:
         for name, run in self.runs.items():
             state = view.engines.get(name)
             version = (
-                run.version if run.outcome == COMMITTED else (state.version if state else None)
+                run.version
+                if run.outcome in (COMMITTED, CURRENT)
+                else (state.version if state else None)
             )
             targets[name] = TargetReport(
                 name=name,
@@ -858,12 +915,12 @@ class _Session:
         for run in self.runs.values():
             if run.commit is not None and run.commit.done():
                 self._settle_commit(run)  # ended while its waiter was being cancelled
-        ok = all(r.outcome in (COMMITTED, REMOVED) for r in self.runs.values())
+        ok = all(r.outcome in (COMMITTED, CURRENT, REMOVED) for r in self.runs.values())
         applying = {n: r.commit for n, r in self.runs.items() if r.commit and r.applying}
         uncommitted = [
             n
             for n, r in self.runs.items()
-            if r.begun and r.outcome != COMMITTED and n not in applying
+            if r.begun and r.outcome not in (COMMITTED, CURRENT) and n not in applying
         ]
 
         async def end() -> None:
@@ -871,7 +928,10 @@ class _Session:
                 if uncommitted:
                     await self._abort(uncommitted)
                 if applying:
-                    await asyncio.wait(applying.values())
+                    # Never give up on a commit in flight, even when cancelled (the train
+                    # actor closing): the engine may be copying out of the pinned
+                    # snapshot, and the pin is released only after this.
+                    await uninterrupted(asyncio.wait(applying.values()))
                     for name in applying:
                         self._settle_commit(self.runs[name])
                     failed = [n for n in applying if self.runs[n].outcome != COMMITTED]
@@ -911,17 +971,20 @@ class _Session:
         remaining = self.plan.timeout_s - (time.monotonic() - self.pinned_at)
 
         async def finish_stragglers() -> None:
+            late = set(tasks.values())
             try:
                 _, late = await asyncio.wait(tasks.values(), timeout=max(0.0, remaining))
+                why = f"ran past {self.plan.timeout_s}s"
+            except asyncio.CancelledError:
+                why = "the train actor closed"  # stop them too, then clean up
+                raise
+            finally:
                 for task in late:
                     task.cancel()
-                await asyncio.gather(*late, return_exceptions=True)
+                await uninterrupted(asyncio.gather(*late, return_exceptions=True))
                 for name, task in tasks.items():
                     if task in late:
-                        await self._drop(
-                            name, self.error(f"engine {name!r} ran past {self.plan.timeout_s}s")
-                        )
-            finally:
+                        await self._drop(name, self.error(f"engine {name!r}: {why}"))
                 await self._finish(pin, claimed)
 
         self.fleet.release([n for n in claimed if n not in tasks], self.id)

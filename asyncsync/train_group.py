@@ -154,10 +154,11 @@ class MegatronTrainRank(WeightSyncActor):
         self.source = MegatronWeightSource(self.model, self.family, vocab_size=self.vocab_size)
 
     def named_weights(self, step: int) -> MegatronWeightSource:
-        """This rank's weight source; raises :class:`~asyncsync.errors.TrainGroupError` before setup."""
+        """This rank's weight source; raises :class:`~asyncsync.TrainGroupError` before setup."""
         if self.source is None:
             raise TrainGroupError(
-                f"rank {self.rank}: setup() has not run, so there are no weights to build step {step}"
+                f"rank {self.rank}: setup() has not run, so there are no weights to build "
+                f"step {step}"
             )
         return self.source
 

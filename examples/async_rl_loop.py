@@ -109,7 +109,8 @@ async def rl_loop(steps: int, staleness: int) -> int:
             waited = await coordinator.after_build(step)
             print(
                 f"step {step}: loss {loss:.3f}, rollouts from version {oldest}, "
-                f"engines at {coordinator.engine_version}, waited {waited * 1e3:.0f} ms for the bound"
+                f"engines at {coordinator.engine_version}, "
+                f"waited {waited * 1e3:.0f} ms for the bound"
             )
         start = time.monotonic()
         await coordinator.drain()

@@ -96,7 +96,8 @@ async def drive(steps: int, session_deadline_s: float = 60.0) -> int:
                 report = await aio.get(trainer.run_sync_session.remote(plan))
         reports.append(report)
         print(
-            f"  synced step {report.step}: {report.nbytes >> 10} KiB in {report.seconds * 1e3:.0f} ms"
+            f"  synced step {report.step}: {report.nbytes >> 10} KiB "
+            f"in {report.seconds * 1e3:.0f} ms"
         )
 
     async with trio.open_nursery() as nursery:

@@ -245,7 +245,7 @@ def test_a_failing_copy_is_a_bucket_error_naming_the_tensor() -> None:
         pack([("ok", torch.ones(2)), ("w", broken)])
 
 
-# --------------------------------------------------------------------- tensors the format cannot hold
+# ----------------------------------------------------------------- tensors the format cannot hold
 
 SUB_BYTE = [getattr(torch, f"{kind}{bits}") for kind in ("uint", "int") for bits in range(1, 8)]
 

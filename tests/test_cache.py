@@ -762,7 +762,7 @@ async def test_read_of_newest_fails_when_the_first_build_is_discarded() -> None:
         await reader
 
 
-# --------------------------------------------------------------------- tensors the format cannot hold
+# ----------------------------------------------------------------- tensors the format cannot hold
 
 
 @pytest.mark.parametrize("dtype", [torch.uint4, torch.int2, torch.quint8], ids=str)

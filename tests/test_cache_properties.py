@@ -534,7 +534,7 @@ CacheMachine.TestCase.settings = settings.get_profile(PROFILE)
 TestCacheMachine = CacheMachine.TestCase
 
 
-# --------------------------------------------------------------------- a race the machine cannot time
+# ----------------------------------------------------------------- a race the machine cannot time
 
 
 async def test_buffer_still_being_written_by_an_abandoned_add_is_never_pooled(

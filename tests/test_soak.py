@@ -408,7 +408,8 @@ async def test_soak_on_ray_sessions_and_builds(ray_rig: RayRig) -> None:
     baseline, last, growth = probe.growth()
     stats = await trainer.cache_stats.remote()
     print(
-        f"\nRay soak {SOAK_S:.0f}s: {last_step + 2} builds, sessions {dict(outcomes)}; trainer anon RSS "
+        f"\nRay soak {SOAK_S:.0f}s: {last_step + 2} builds, sessions {dict(outcomes)}; "
+        "trainer anon RSS "
         f"{baseline / MIB:.1f} -> {last / MIB:.1f} MiB (growth {growth / MIB:+.1f} MiB, bound "
         f"{RSS_BOUND / MIB:.0f} MiB)"
     )

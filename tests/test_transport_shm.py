@@ -159,16 +159,18 @@ async def test_a_killed_train_actor_leaves_engines_nothing_mapped(actor_factory:
     engine = actor_factory(engine_class(), "llama", TINY_LLAMA, seed=1, num_threads=1)
     pid = await trainer.pid.remote()
     await trainer.publish.remote(0)
-    await engine.set_faults.remote(receive_delay_s=0.3)
-    ttl_s = 2.0
+    # Slow enough that the session is still streaming when the trainer dies, under any
+    # load: 8 buckets, 2 in flight, 1 s each.
+    await engine.set_faults.remote(receive_delay_s=1.0)
     # The engine drops the staging of a session that cannot commit after its time to
     # live (timeout_s + abort_timeout_s), which is the only way it learns of the death.
-    plan = SyncPlan({"e": engine}, transport="shm", timeout_s=ttl_s - 1.0, abort_timeout_s=1.0)
+    plan = SyncPlan({"e": engine}, transport="shm", timeout_s=8.0, abort_timeout_s=1.0)
+    ttl_s = plan.timeout_s + plan.abort_timeout_s
     session = trainer.run_sync_session.remote(plan)
-    for _ in range(2000):
+    for _ in range(600):
         if await engine_mappings({"e": engine}):
             break
-        await asyncio.sleep(0.005)
+        await asyncio.sleep(0.05)
     assert await engine_mappings({"e": engine}), "the engine never mapped the snapshot"
     os.kill(pid, signal.SIGKILL)
     with pytest.raises(ray.exceptions.RayActorError):

@@ -207,7 +207,8 @@ class Stage:
         model = unwrap_model(model)
         if not isinstance(model, GPTModel):
             raise ConfigError(
-                f"Stage.of_megatron: model is a {type(model).__name__}, not a megatron-core GPTModel"
+                f"Stage.of_megatron: model is a {type(model).__name__}, "
+                "not a megatron-core GPTModel"
             )
         layers = list(model.decoder.layers) if model.decoder is not None else []
         numbers = [int(layer.layer_number) - 1 for layer in layers]

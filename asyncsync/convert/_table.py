@@ -376,7 +376,7 @@ class ConversionTable:
         head: str,
         stage_hint: bool = True,
     ) -> None:
-        """Raise CoverageError unless ``planned`` makes exactly ``expected`` and ``extra`` is empty."""
+        """Raise CoverageError unless ``planned`` makes exactly ``expected``, nothing extra."""
         unexpected = list(extra)
         made: dict[str, Planned] = {}
         for p in planned:

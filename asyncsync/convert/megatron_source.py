@@ -303,7 +303,7 @@ class MegatronWeightSource:
         return _Meta(p.name, tuple(local.param.shape), local.param.dtype, shards)
 
     def _gather(self, local: _Local) -> list[torch.Tensor] | None:
-        """The parameter's shards in rank order on tensor-parallel rank 0, ``None`` on the others."""
+        """The parameter's shards in rank order on tensor-parallel rank 0, ``None`` elsewhere."""
         group, rank, size = self._group_of(local.planned)
         tensor = local.param.detach()
         if local.planned.rule.layout.tp_dim is None or size == 1:

@@ -100,7 +100,7 @@ def llama_state_dict(device: torch.device) -> list[tuple[str, torch.Tensor]] | N
 async def build_and_compare(
     cache: BucketCache, step: int, named: list[tuple[str, torch.Tensor]], pinned: bool
 ) -> set[int]:
-    """Build ``named`` as ``step``; compare with ``.cpu()`` and ``pack``; return buffer addresses."""
+    """Build ``named`` as ``step``; compare with ``.cpu()`` and ``pack``; return the addresses."""
     async with cache.build(step) as build:
         await build.add(named)
     want = pack([(n, t.cpu()) for n, t in named], cache.bucket_bytes)

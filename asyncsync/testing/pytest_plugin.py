@@ -407,7 +407,8 @@ class LoopLagGuard:
         for label, ref in reports:
             if ref.hex() not in ready_ids:
                 problems.append(
-                    f"{label}: did not answer loop_lag_report within {self.report_timeout_s:.0f} s; "
+                    f"{label}: did not answer loop_lag_report within "
+                    f"{self.report_timeout_s:.0f} s; "
                     "its event loop is blocked"
                 )
                 continue

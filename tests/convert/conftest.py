@@ -1,4 +1,4 @@
-"""Fixtures shared by the conversion tests: a one-rank megatron world, the spawned multi-rank run."""
+"""Fixtures shared by the conversion tests: a one-rank megatron world, the multi-rank run."""
 
 from __future__ import annotations
 

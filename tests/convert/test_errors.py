@@ -1,4 +1,4 @@
-"""Every wrong input to convert's and train_group's public entry points raises a typed error naming it.
+"""Every wrong input to convert's and train_group's entry points raises a typed error naming it.
 
 One table of cases: a call with one mistake, and the item its message must
 name (a parameter, a family, an option, a rank). Each must raise an

@@ -1,4 +1,4 @@
-"""Tensor- and pipeline-parallel GPTModels over real gloo, converted and checked against transformers.
+"""Tensor- and pipeline-parallel GPTModels over real gloo, converted, checked against transformers.
 
 All cases run in one four-rank gloo world of spawned processes (see ``_ranks.py``,
 shared with ``test_pipeline_stages.py``): TP=2 and PP=2 each with two

@@ -1,4 +1,4 @@
-"""Real megatron-core GPTModels on the CPU (one gloo rank), converted and checked against transformers.
+"""Real megatron-core GPTModels on the CPU (one gloo rank), converted, checked against transformers.
 
 Each case builds a randomized tiny ``GPTModel``, publishes it through a real
 ``BucketCache`` from a :class:`MegatronWeightSource`, loads the owner's snapshot

@@ -133,7 +133,7 @@ def test_gate_up_split_per_tp2_shard_then_concatenated() -> None:
     )
     assert torch.equal(out["model.layers.0.mlp.gate_proj.weight"], gate)
     assert torch.equal(out["model.layers.0.mlp.up_proj.weight"], up)
-    # Concatenating first and splitting after would be wrong: this is what the per-shard split prevents.
+    # Concatenating first and splitting after would be wrong: the per-shard split prevents it.
     naive_gate = torch.cat(shards).chunk(2)[0]
     assert not torch.equal(naive_gate, gate)
 

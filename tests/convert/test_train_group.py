@@ -84,7 +84,8 @@ async def test_tp2_train_actors_publish_and_the_owner_syncs_an_hf_engine(ray_loc
         served = await engine.logits.remote(toks.tolist())
         diff = float((served - reference[..., :VOCAB_SIZE]).abs().max())
         print(
-            f"{family} tp2 via Ray actors + sync session into HFEngine: max |logit diff| = {diff:.3g}"
+            f"{family} tp2 via Ray actors + sync session into HFEngine: "
+            f"max |logit diff| = {diff:.3g}"
         )
         assert diff < TOLERANCE
     finally:

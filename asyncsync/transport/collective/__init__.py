@@ -16,7 +16,8 @@ every engine, whose pump thread then receives the buckets in index order;
 owner's broadcast thread and returns at once with a :class:`CollectivePayload`;
 the engine's ``receive`` takes the bucket from the pump in
 :meth:`CollectivePayload.load` and verifies it against the manifest before it
-is staged. ``release`` waits for the owner's broadcast of its bucket.
+is staged. ``release`` forgets the bucket's broadcast once it ended; ``finish``
+waits for any still running.
 
 Failures: on the train side every error is a :class:`~asyncsync.SessionError`
 naming the session, the transport and the bucket or engine at fault (options:

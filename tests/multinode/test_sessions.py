@@ -1,0 +1,95 @@
+"""Sync sessions across nodes: the trainer and ``head-e0`` on the head, two engines on
+each worker node; every transport delivers bit-identical weights, routing follows the
+nodes, and a same-node-only transport for an engine elsewhere is refused up front."""
+
+from __future__ import annotations
+
+import pytest
+from _actors import assert_engines_hold
+from _fleet import Fleet, receiver_stats, within
+
+from asyncsync import TopologyError
+from asyncsync.session import SyncPlan
+from asyncsync.testing import LocalCluster
+
+CROSS_NODE = ("object_store", "collective")
+
+
+async def test_the_fleet_sits_where_it_was_placed(ray_cluster: LocalCluster, fleet: Fleet) -> None:
+    assert ray_cluster.node_of(fleet.trainer) == 0
+    nodes = ray_cluster.nodes
+    assert fleet.node_id[Fleet.HEAD_ENGINE] == nodes[0]
+    on_workers = {name: nodes.index(fleet.node_id[name]) for name in fleet.on_workers()}
+    assert sorted(on_workers.values()) == [1, 1, 2, 2, 3, 3]
+
+
+@pytest.mark.parametrize("cross_node", CROSS_NODE)
+async def test_auto_routes_each_engine_by_its_node_and_delivers_bit_identical(
+    ray_cluster: LocalCluster, fleet: Fleet, cross_node: str
+) -> None:
+    step = await fleet.publish()
+    report = await within(
+        fleet.trainer.run_sync_session.remote(
+            SyncPlan(targets=fleet.engines, transport="auto", cross_node=cross_node)
+        )
+    )
+    assert report.step == step and report.transport == "auto"
+    assert report.committed == tuple(fleet.engines)
+    await assert_engines_hold(fleet.trainer, fleet.engines, step)
+    # What routing went by: the node each engine reported (never a guess).
+    assert {n: s.node_id for n, s in report.view.engines.items()} == fleet.node_id
+    # Every engine on a worker node went through the cross-node transport.
+    assert {n: report.targets[n].transport for n in fleet.on_workers()} == dict.fromkeys(
+        fleet.on_workers(), cross_node
+    )
+    # head-e0 shares the cache owner's node: auto maps it the shared snapshot. One
+    # session mixes both paths.
+    assert report.targets[Fleet.HEAD_ENGINE].transport == "shm"
+
+
+@pytest.mark.parametrize("transport", CROSS_NODE)
+async def test_cross_node_transport_delivers_bit_identical_to_every_node(
+    fleet: Fleet, transport: str
+) -> None:
+    for _ in range(2):  # the second session reuses what the first set up (a group)
+        step = await fleet.publish()
+        report = await within(
+            fleet.trainer.run_sync_session.remote(
+                SyncPlan(targets=fleet.engines, transport=transport)
+            )
+        )
+        assert report.step == step
+        assert report.num_buckets > 4  # 64 KiB buckets: the model spans many
+        assert report.committed == tuple(fleet.engines)
+        assert {t.transport for t in report.targets.values()} == {transport}
+        assert all(t.version == step for t in report.targets.values())
+        await assert_engines_hold(fleet.trainer, fleet.engines, step)
+
+
+async def test_shm_for_an_engine_on_another_node_is_refused_before_anything_moves(
+    ray_cluster: LocalCluster, fleet: Fleet
+) -> None:
+    step = await fleet.publish()
+    before = await receiver_stats(fleet.engines)
+    # head-e0 first: it may use "shm" (same node), so the refusal must name the
+    # first engine that may not, node1-e0.
+    assert list(fleet.engines)[:2] == [Fleet.HEAD_ENGINE, "node1-e0"]
+    with ray_cluster.watch_store() as store:
+        with pytest.raises(TopologyError) as refused:
+            await within(
+                fleet.trainer.run_sync_session.remote(
+                    SyncPlan(targets=fleet.engines, transport="shm")
+                )
+            )
+    error = refused.value
+    assert (error.target, error.transport, error.step) == ("node1-e0", "shm", step)
+    message = str(error)
+    for part in ("'node1-e0'", fleet.node_id["node1-e0"], ray_cluster.nodes[0]):
+        assert part in message, message
+    # Before anything moved: no engine saw a begin (nothing opened, nothing aborted,
+    # nothing committed), no byte entered any object store, the pin was released.
+    assert await receiver_stats(fleet.engines) == before
+    assert all(not s.open_sessions for s in before.values())
+    assert store.grown == (0,) * len(ray_cluster.nodes), store
+    stats = await within(fleet.trainer.cache_stats.remote())
+    assert stats.pins == {}
