@@ -256,7 +256,17 @@ def _command_line(args: argparse.Namespace) -> str:
     ``make bench`` when run with the defaults, else the options given."""
     import shlex
 
-    given = [a for a in args.argv if a not in ("bench", "--publish")]
+    given: list[str] = []
+    skip = False
+    for arg in args.argv:
+        # Where the files go does not change what is measured.
+        if skip or arg in ("bench", "--publish") or arg.startswith(("--out=", "--publish-dir=")):
+            skip = False
+            continue
+        if arg in ("--out", "--publish-dir"):
+            skip = True
+            continue
+        given.append(arg)
     if not given:
         return "make bench"
     return shlex.join(["asyncsync", "bench", "--publish", *given])

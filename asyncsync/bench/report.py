@@ -135,7 +135,12 @@ def _header(result: BenchResult, command: str | None) -> list[str]:
     cfg = result.config
     out = ["# asyncsync bench", ""]
     if command:
-        out += [f"Regenerate with `{command}`.", ""]
+        shorter = (
+            ""
+            if command == "make bench"
+            else " (`make bench` runs `asyncsync bench --publish` with its defaults: a shorter run)"
+        )
+        out += [f"Regenerate with `{command}`{shorter}.", ""]
     out += [
         f"- machine: {m['cpu_model']}, {m['logical_cores']} logical cores "
         f"({m['physical_cores']} physical), {format_bytes(m['ram_bytes'])} RAM, "

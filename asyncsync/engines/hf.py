@@ -126,8 +126,11 @@ class HFEngine(StagingReceiver):
 
     async def apply(self, buckets: Sequence[Bucket], version: int) -> None:
         async with self._weights.write():
-            await asyncio.to_thread(copy_into, self._params, buckets)
+            await asyncio.to_thread(self._copy_in, buckets)
             self._served_version = version
+
+    def _copy_in(self, buckets: Sequence[Bucket]) -> None:
+        copy_into(self._params, buckets)
 
     async def generate(self, prompts: list[list[int]], max_new_tokens: int = 8) -> Generation:
         """Greedy-decode ``max_new_tokens`` after each prompt (prompts of equal length)."""
