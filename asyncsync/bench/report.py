@@ -158,7 +158,8 @@ def _header(result: BenchResult, command: str | None) -> list[str]:
         f"staleness {cfg.staleness}, {cfg.max_inflight_buckets} buckets in flight per engine",
         f"- took {result.seconds:.0f} s"
         + (
-            f" (the nodes section ran on a {result.nodes}-node local cluster)"
+            f" for the limits, designs and fleet sections; the nodes section ran afterwards "
+            f"on a {result.nodes}-node local cluster"
             if result.node_runs
             else ""
         ),
@@ -533,8 +534,7 @@ def _breakdown_section(result: BenchResult) -> list[str]:
             f"Against the copy limit measured here ({_f(b.nbytes / b.flat_copy_s / 1e9, '{:.2f}')} GB/s): "
             f"copy then checksum in two passes would reach {_serial_fraction(b):.0f}%, the fused "
             f"pass reaches {_fraction(b.nbytes, b.fused_s, b.flat_copy_s):.0f}% (the copy alone "
-            f"{_fraction(b.nbytes, b.copy_s, b.flat_copy_s):.0f}%: the model's many tensors, not one "
-            f"flat buffer); the quiet build {_fraction(b.nbytes, b.quiet_build_s, b.flat_copy_s):.0f}% "
+            f"{_fraction(b.nbytes, b.copy_s, b.flat_copy_s):.0f}%); the quiet build {_fraction(b.nbytes, b.quiet_build_s, b.flat_copy_s):.0f}% "
             f"(the rest is the event loop, the thread hops and the lock) and the median build "
             f"during the run {_fraction(b.nbytes, in_run, b.flat_copy_s):.0f}% (it shares the "
             f"cores with the sessions of the previous step and the engines).",
