@@ -400,8 +400,7 @@ def _slow_section(result: BenchResult, rows: list[Row]) -> list[str]:
         "the slow engine goes on in the background (reported `catching_up`, out of the "
         "staleness count). When it has committed that older step it serves again and counts "
         "toward the staleness bound: the train loop then waits (the worst stall) until a "
-        "session leaves it behind once more, and the coordinator keeps starting sessions "
-        "while it is behind (more sessions than steps).",
+        "session leaves it behind once more.",
         "",
     ]
     return out
