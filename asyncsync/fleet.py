@@ -308,13 +308,34 @@ class EngineFleet:
             )
 
     def committed(self, name: str, version: int) -> None:
-        """Engine ``name`` answered a commit with ``version``: it serves that version now."""
+        """Engine ``name`` answered a commit with ``version``: it serves that version now.
+
+        It is serving unless it committed a step older than one the serving engines
+        already serve (a straggler finishing an old session): then it is catching
+        up, out of routing and out of the staleness count, until the keeper brings
+        it the newest step.
+        """
         member = self._members.get(name)
         if member is None:
             return
         if member.info is not None:
             member.info = dataclasses.replace(member.info, version=version)
-        self.mark(name, Health.SERVING, f"committed step {version}")
+        newest = max(
+            (
+                m.info.version
+                for m in self._members.values()
+                if m is not member
+                and m.health is Health.SERVING
+                and m.info is not None
+                and m.info.version is not None
+            ),
+            default=None,
+        )
+        if newest is not None and version < newest:
+            self.mark(name, Health.CATCHING_UP, f"committed step {version}, behind {newest}")
+            member.retry_at = 0.0
+        else:
+            self.mark(name, Health.SERVING, f"committed step {version}")
 
     def mark(self, name: str, health: Health, reason: str | None = None) -> None:
         """Set an engine's health (sessions do: committed -> serving, failed -> quarantined)."""
