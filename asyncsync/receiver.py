@@ -316,8 +316,7 @@ class StagingReceiver:
                 staging.applying = False
                 # Let go of the buckets now, not when a garbage collection finds the
                 # last cycle that reaches them: they may map the train actor's memory.
-                ordered.clear()
-                staging.buckets.clear()
+                _release(ordered, staging.buckets)
             self._timing.apply_s += time.perf_counter() - start
             self._timing.applied_bytes += applied
             self._sessions.pop(session_id, None)
@@ -396,7 +395,7 @@ class StagingReceiver:
         staging = self._sessions.get(session_id)
         if staging is not None and not staging.applying:
             del self._sessions[session_id]
-            staging.buckets.clear()
+            _release(staging.buckets)
             self._dropped[reason] += 1
             if session_id in self._seen:
                 self._seen[session_id] = f"{reason}{detail}"
@@ -442,6 +441,16 @@ class _Timing:
     verify_s: float = 0.0
     applied_bytes: int = 0
     apply_s: float = 0.0
+
+
+def _release(*holders: list[Bucket] | dict[int, Bucket]) -> None:
+    """Drop these buckets in a worker thread: unmapping a large shared region takes
+    milliseconds (page tables), too long for the event loop."""
+    moved = [list(h.values()) if isinstance(h, dict) else list(h) for h in holders]
+    for holder in holders:
+        holder.clear()
+    if any(moved):
+        asyncio.get_running_loop().run_in_executor(None, moved.clear)
 
 
 def _load_and_verify(
