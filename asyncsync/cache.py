@@ -198,9 +198,9 @@ class BuildHandle:
         cache is closed, :class:`~asyncsync.ResidentLimitError` if no memory can
         be had under ``max_resident_bytes``, :class:`~asyncsync.SharedMemoryError`
         if a shared buffer cannot be created or page-locked; the build is then
-        discarded when the ``async with`` block exits with that error. A build whose ``add()`` raised (or was cancelled) is never
-        published: leaving the block normally anyway raises
-        :class:`~asyncsync.CacheError` and discards it.
+        discarded when the ``async with`` block exits with that error. A build whose
+        ``add()`` raised (or was cancelled) is never published: leaving the block
+        normally anyway raises :class:`~asyncsync.CacheError` and discards it.
         """
         state = self._state
         cache = self._cache

@@ -311,7 +311,8 @@ def _measure_bench(args: argparse.Namespace, config: Any, console: Any) -> Any:
             result = asyncio.run(run_bench(config, log=log, progress=on_step))
         if args.nodes > 1:
             log(
-                f"nodes: a local cluster of {args.nodes} nodes (the head and {args.nodes - 1} workers)"
+                f"nodes: a local cluster of {args.nodes} nodes "
+                f"(the head and {args.nodes - 1} workers)"
             )
             with _cluster(args.nodes, args.node_object_store) as cluster:
                 runs = asyncio.run(run_nodes(config, cluster, log=log, progress=on_step))
@@ -321,7 +322,7 @@ def _measure_bench(args: argparse.Namespace, config: Any, console: Any) -> Any:
 
 @contextmanager
 def _cluster(nodes: int, object_store: int) -> Iterator[Any]:
-    """A local multi-node Ray cluster for the bench's nodes section; failing to start is one line."""
+    """A local multi-node Ray cluster for the bench's nodes section; a failed start is one line."""
     from .testing.cluster import local_cluster
 
     with ExitStack() as stack:
@@ -473,7 +474,8 @@ def _add_bench(sub: Any) -> None:
         "--fleet-size",
         type=_size,
         default=None,
-        help="model size of the fleet, slow-engine and nodes rows (default: the smallest of --sizes)",
+        help="model size of the fleet, slow-engine and nodes rows "
+        "(default: the smallest of --sizes)",
     )
     bench.add_argument(
         "--slow-engines",

@@ -24,7 +24,7 @@ AsyncSyncError
 │   ├── AdmissionError                   more sessions than the train actor admits at once
 │   ├── TopologyError                    a same-node-only transport asked for an engine elsewhere
 │   └── QuorumError                      fewer engines than min_engines could commit
-├── FleetError (KeyError)                a fleet call outside a session: unknown member, engine unreachable, ...
+├── FleetError (KeyError)                fleet call outside a session: unknown or unreachable member
 ├── CoordinatorClosedError               the coordinator was closed
 ├── ReceiverError                        engine-side protocol violations
 │   ├── ManifestMismatchError (ValueError)
@@ -170,9 +170,10 @@ class SessionError(AsyncSyncError):
 
     Engines that committed before the failure (``per_engine``, or the commit phase
     of ``fleet``) keep the new step; each keeps the version it reports. The pin is
-    released once no commit still reads the snapshot. ``session_id`` and ``step`` identify the session; ``target`` names the engine that
-    failed first, ``transport`` and ``bucket`` the transport step that failed (each
-    ``None`` when the failure was not specific to one).
+    released once no commit still reads the snapshot. ``session_id`` and ``step``
+    identify the session; ``target`` names the engine that failed first,
+    ``transport`` and ``bucket`` the transport step that failed (each ``None`` when
+    the failure was not specific to one).
     """
 
     def __init__(

@@ -222,7 +222,7 @@ class BaselineEngine:
 
 
 def baseline_trainer_actor() -> Any:
-    """``ray.remote(BaselineTrainer)`` with Ray's defaults: a synchronous actor, one call at a time."""
+    """``ray.remote(BaselineTrainer)`` with Ray's defaults: a sync actor, one call at a time."""
     import ray
 
     return ray.remote(BaselineTrainer).options(num_cpus=0)

@@ -110,7 +110,7 @@ def _transports(used: dict[str, int]) -> str:
 def markdown(
     result: BenchResult, *, image: str | None = "bench.png", command: str | None = None
 ) -> str:
-    """The report as markdown: machine, limits, each section's tables, targets, breakdowns, checks."""
+    """The report as markdown: machine, limits, section tables, targets, breakdowns, checks."""
     rows = summarize(result)
     out = _header(result, command)
     out += _limits_section(result)
@@ -145,7 +145,8 @@ def _header(result: BenchResult, command: str | None) -> list[str]:
         f"- machine: {m['cpu_model']}, {m['logical_cores']} logical cores "
         f"({m['physical_cores']} physical), {format_bytes(m['ram_bytes'])} RAM, "
         f"/dev/shm {format_bytes(m['dev_shm_bytes'] or 0)}; {m['platform']}",
-        f"- software: Python {m['python']}, torch {m['torch']}, ray {m['ray']}, numpy {m['numpy']}; "
+        f"- software: Python {m['python']}, torch {m['torch']}, ray {m['ray']}, "
+        f"numpy {m['numpy']}; "
         f"CUDA: {m['cuda'] or 'none'}",
         f"- load average (1/5/15 min) at start {_load(m)}, at end {_load(result.machine_end)}; "
         f"CPU pressure (share of time some task waited for a CPU, avg 60 s) at start "
@@ -178,8 +179,10 @@ def _limits_section(result: BenchResult) -> list[str]:
         "",
         "| limit | start | end |",
         "| --- | --- | --- |",
-        f"| `copy_` into a touched buffer ({format_bytes(h0.nbytes)}, best of 5) | {h0.copy_gbps:.2f} GB/s | {h1.copy_gbps:.2f} GB/s |",
-        f"| `copy_` into a fresh buffer (page faults) | {h0.fresh_copy_gbps:.2f} GB/s | {h1.fresh_copy_gbps:.2f} GB/s |",
+        f"| `copy_` into a touched buffer ({format_bytes(h0.nbytes)}, best of 5) "
+        f"| {h0.copy_gbps:.2f} GB/s | {h1.copy_gbps:.2f} GB/s |",
+        f"| `copy_` into a fresh buffer (page faults) "
+        f"| {h0.fresh_copy_gbps:.2f} GB/s | {h1.fresh_copy_gbps:.2f} GB/s |",
         f"| xxh3-64 checksum | {h0.checksum_gbps:.2f} GB/s | {h1.checksum_gbps:.2f} GB/s |",
         f"| `ray.put` of a numpy buffer: best of 8 / first (fresh store pages) | "
         f"{s.put_gbps:.2f} / {s.put_fresh_gbps:.2f} GB/s | |",
@@ -214,7 +217,8 @@ def _limits_section(result: BenchResult) -> list[str]:
         "(one copy), the cores sharing the work: `k x (model/checksum + model/copy) / cores`;",
         "- **trainer stall**: against the pure copy time of the model (the least a build takes).",
         "",
-        "| model | one copy ms | one checksum ms | build limit (fused) ms | same-node session limit, 1 engine ms | 8 engines ms |",
+        "| model | one copy ms | one checksum ms | build limit (fused) ms "
+        "| same-node session limit, 1 engine ms | 8 engines ms |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for nbytes in sorted({r.model_bytes for r in result.all_runs}):
@@ -232,9 +236,10 @@ def _designs_section(result: BenchResult, rows: list[Row]) -> list[str]:
         "## Designs: the serialized baseline and asyncsync by transport (medians over the steps)",
         "",
         "| model, engines | design | stall/step ms | stall x | stall / pure copy | end-to-end ms "
-        "| session s | sync GB/s | sync x | session % of same-node limit | build ms | build % of one copy "
-        "| build % of fused limit |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| session s | sync GB/s | sync x | session % of same-node limit | build ms "
+        "| build % of one copy | build % of fused limit |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+        "| ---: | ---: | ---: |",
     ]
     section = rows_of(rows, DESIGNS)
     for row in section:
@@ -246,9 +251,11 @@ def _designs_section(result: BenchResult, rows: list[Row]) -> list[str]:
         out.append(
             f"| {row['config']} | {row['design']} | {_f(row['stall_ms'])} "
             f"| {_f(row['stall_x'], '{:.1f}x', '')} | {_f(row['stall_copy_x'], '{:.2f}x')} "
-            f"| {_f(row['e2e_ms'])} | {_f(row['session_s'], '{:.3f}')} | {_f(row['sync_gbps'], '{:.2f}')} "
+            f"| {_f(row['e2e_ms'])} | {_f(row['session_s'], '{:.3f}')} "
+            f"| {_f(row['sync_gbps'], '{:.2f}')} "
             f"| {_f(row['sync_x'], '{:.1f}x', '')} | {_pct(row['session_frac'])} "
-            f"| {_f(row['build_ms'])} | {_pct(row['build_frac'])} | {_pct(row['build_fused_frac'])} |"
+            f"| {_f(row['build_ms'])} | {_pct(row['build_frac'])} "
+            f"| {_pct(row['build_fused_frac'])} |"
         )
     out += [
         "",
@@ -260,9 +267,9 @@ def _designs_section(result: BenchResult, rows: list[Row]) -> list[str]:
         "session's time (a same-node-only figure: the object store and the collective move "
         "payload bytes besides, so they cannot reach it).",
         "",
-        "| model, engines | design | loop lag p99 ms in builds (max) / elsewhere | ping in build ms "
-        "| max lock hold ms | peak RSS (private) trainer / engine | steady cache / bound "
-        "| train step ms | run s |",
+        "| model, engines | design | loop lag p99 ms in builds (max) / elsewhere "
+        "| ping in build ms | max lock hold ms | peak RSS (private) trainer / engine "
+        "| steady cache / bound | train step ms | run s |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in section:
@@ -271,11 +278,15 @@ def _designs_section(result: BenchResult, rows: list[Row]) -> list[str]:
         out.append(
             f"| {row['config']} | {row['design']} "
             f"| {_f(row['lag_p99_ms'], '{:.1f}', 'n/a (sync actor)')}"
-            f"{_f(row['lag_max_ms'], ' ({:.0f})', '')}{_f(row['other_lag_p99_ms'], ' / {:.1f}', '')} "
+            f"{_f(row['lag_max_ms'], ' ({:.0f})', '')}"
+            f"{_f(row['other_lag_p99_ms'], ' / {:.1f}', '')} "
             f"| {_f(row['ping_ms'])} | {_f(row['lock_hold_ms'], '{:.1f}')} "
-            f"| {format_bytes(row['trainer_rss_bytes'])} ({format_bytes(row['trainer_private_bytes'])}) / "
-            f"{format_bytes(row['engine_rss_bytes'])} ({format_bytes(row['engine_private_bytes'])}) "
-            f"| {format_bytes(row['resident_bytes'])} / {format_bytes(row['resident_bound_bytes'])} "
+            f"| {format_bytes(row['trainer_rss_bytes'])} "
+            f"({format_bytes(row['trainer_private_bytes'])}) / "
+            f"{format_bytes(row['engine_rss_bytes'])} "
+            f"({format_bytes(row['engine_private_bytes'])}) "
+            f"| {format_bytes(row['resident_bytes'])} "
+            f"/ {format_bytes(row['resident_bound_bytes'])} "
             f"| {_f(row['train_ms'])} | {row['run_s']:.1f} |"
         )
     out += [
@@ -304,7 +315,8 @@ def _engine_section(result: BenchResult, rows: list[Row]) -> list[str]:
         f"collective: receive it; the baseline: write `/dev/shm` and `torch.load`), *verify* "
         f"checks it against the manifest (one checksum pass), *apply* copies it into the "
         f"engine's weights. Fractions are of the single-thread limits "
-        f"(checksum {result.checksum_limit_gbps:.2f} GB/s, copy {result.copy_limit_gbps:.2f} GB/s); "
+        f"(checksum {result.checksum_limit_gbps:.2f} GB/s, "
+        f"copy {result.copy_limit_gbps:.2f} GB/s); "
         f"with more engines than cores they share the cores. Load and verify are summed over "
         f"a session's buckets, and up to {result.config.max_inflight_buckets} buckets load and "
         f"verify at once in separate threads: their sums can exceed the wall time (the "
@@ -316,7 +328,8 @@ def _engine_section(result: BenchResult, rows: list[Row]) -> list[str]:
     ]
     for row in measured:
         out.append(
-            f"| {row['section']} | {row['config']} | {row['design']} | {_f(row['engine_load_ms'], '{:.1f}')} "
+            f"| {row['section']} | {row['config']} | {row['design']} "
+            f"| {_f(row['engine_load_ms'], '{:.1f}')} "
             f"| {_f(row['engine_verify_ms'], '{:.1f}')} "
             f"| {_f(row['engine_verify_gbps'], '{:.2f}')} ({_pct(row['verify_frac'])}) "
             f"| {_f(row['engine_apply_ms'], '{:.1f}')} "
@@ -331,7 +344,8 @@ def _fleet_section(result: BenchResult, rows: list[Row]) -> list[str]:
         return []
     cfg = result.config
     out = [
-        f"## Fleet: sessions to more engines, by commit policy ({format_bytes(section[0]['model_bytes'])}, "
+        "## Fleet: sessions to more engines, by commit policy "
+        f"({format_bytes(section[0]['model_bytes'])}, "
         f"transport {cfg.fleet_transport})",
         "",
         "Light engines (`TensorEngine`: plain tensors, one copy at commit), one set of actors "
@@ -369,12 +383,12 @@ def _slow_section(result: BenchResult, rows: list[Row]) -> list[str]:
         f"{cfg.slow_factor:g}x slower at receiving and applying)",
         "",
         "Same workload and engines as the fleet rows; `engine0` sleeps "
-        f"{cfg.slow_factor - 1:g}x as long as each receive and apply took. *plain* is the fleet row "
-        "with the same policy and engine count and no slow engine (when it ran).",
+        f"{cfg.slow_factor - 1:g}x as long as each receive and apply took. *plain* is the fleet "
+        "row with the same policy and engine count and no slow engine (when it ran).",
         "",
-        "| policy | session s: slow / plain | stall/step ms: slow / plain | worst stall ms: slow / plain "
-        "| end-to-end ms: slow / plain | sessions for the steps | of them returned without the slow engine "
-        "| engine sessions by transport |",
+        "| policy | session s: slow / plain | stall/step ms: slow / plain "
+        "| worst stall ms: slow / plain | end-to-end ms: slow / plain | sessions for the steps "
+        "| of them returned without the slow engine | engine sessions by transport |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for row in section:
@@ -450,12 +464,13 @@ def _nodes_section(result: BenchResult, rows: list[Row]) -> list[str]:
 
 def _targets_section(result: BenchResult, rows: list[Row]) -> list[str]:
     calm = quiet(result.machine)
+    engines = " and ".join(f"{k} engine" + ("s" if k > 1 else "") for k in SESSION_TARGETS)
     out = [
         "## Targets",
         "",
         f"Reported, not enforced. The quiet-machine build target is judged only when the CPU "
         f"pressure at the start was below {QUIET_PSI:g}% (it was {_psi(result.machine)}); the "
-        f"same-node session target for {' and '.join(f'{k} engine' + ('s' if k > 1 else '') for k in SESSION_TARGETS)} "
+        f"same-node session target for {engines} "
         f"only where every engine session used the shared snapshot; engine apply for 1 engine.",
         "",
         "| model, engines | design | " + " | ".join(t for t, _ in TARGETS.values()) + " |",
@@ -530,17 +545,21 @@ def _breakdown_section(result: BenchResult) -> list[str]:
             line("first build of the run (fresh buffers)", b.first_build_s),
             line("median build during the run", in_run, "competes with sessions and training"),
             "",
-            f"Against the copy limit measured here ({_f(b.nbytes / b.flat_copy_s / 1e9, '{:.2f}')} GB/s): "
+            "Against the copy limit measured here "
+            f"({_f(b.nbytes / b.flat_copy_s / 1e9, '{:.2f}')} GB/s): "
             f"copy then checksum in two passes would reach {_serial_fraction(b):.0f}%, the fused "
             f"pass reaches {_fraction(b.nbytes, b.fused_s, b.flat_copy_s):.0f}% (the copy alone "
-            f"{_fraction(b.nbytes, b.copy_s, b.flat_copy_s):.0f}%); the quiet build {_fraction(b.nbytes, b.quiet_build_s, b.flat_copy_s):.0f}% "
+            f"{_fraction(b.nbytes, b.copy_s, b.flat_copy_s):.0f}%); the quiet build "
+            f"{_fraction(b.nbytes, b.quiet_build_s, b.flat_copy_s):.0f}% "
             f"(the rest is the event loop, the thread hops and the lock) and the median build "
             f"during the run {_fraction(b.nbytes, in_run, b.flat_copy_s):.0f}% (it shares the "
             f"cores with the sessions of the previous step and the engines).",
             "",
-            f"Loop lag of the train actor during these quiet builds: p99 {_f(b.quiet_lag.p99_ms, '{:.1f}')} ms "
-            f"(max {_f(b.quiet_lag.max_ms, '{:.1f}')} ms, {b.quiet_lag.samples} wake-ups); during an idle "
-            f"0.3 s just before: p99 {_f(b.idle_lag.p99_ms, '{:.1f}')} ms (max {_f(b.idle_lag.max_ms, '{:.1f}')} ms).",
+            "Loop lag of the train actor during these quiet builds: "
+            f"p99 {_f(b.quiet_lag.p99_ms, '{:.1f}')} ms "
+            f"(max {_f(b.quiet_lag.max_ms, '{:.1f}')} ms, {b.quiet_lag.samples} wake-ups); "
+            f"during an idle 0.3 s just before: p99 {_f(b.idle_lag.p99_ms, '{:.1f}')} ms "
+            f"(max {_f(b.idle_lag.max_ms, '{:.1f}')} ms).",
             "",
         ]
     sessions = [
@@ -574,7 +593,8 @@ def _breakdown_section(result: BenchResult) -> list[str]:
             "*pool hits* counts measured builds that found a snapshot's worth of pooled buffers.",
             "",
             "| model, engines | design | build wall ms | build CPU user/sys ms | build fresh MiB "
-            "| build preempted | pool hits | session wall ms | session CPU user/sys ms | session fresh MiB |",
+            "| build preempted | pool hits | session wall ms | session CPU user/sys ms "
+            "| session fresh MiB |",
             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for run in measured:
@@ -583,12 +603,14 @@ def _breakdown_section(result: BenchResult) -> list[str]:
                 continue
             pool = "n/a" if run.design == BASELINE else f"{bu['pool_hits']:.0f}/{bu['count']:.0f}"
             sess = (
-                f"{ss['wall_ms']:.0f} | {ss['user_ms']:.0f}/{ss['sys_ms']:.0f} | {ss['fault_mib']:.0f}"
+                f"{ss['wall_ms']:.0f} | {ss['user_ms']:.0f}/{ss['sys_ms']:.0f} "
+                f"| {ss['fault_mib']:.0f}"
                 if ss
                 else "| |"
             )
             out.append(
-                f"| {run.config_label} | {run.label} | {bu['wall_ms']:.0f} | {bu['user_ms']:.0f}/{bu['sys_ms']:.0f} "
+                f"| {run.config_label} | {run.label} | {bu['wall_ms']:.0f} "
+                f"| {bu['user_ms']:.0f}/{bu['sys_ms']:.0f} "
                 f"| {bu['fault_mib']:.0f} | {bu['loop_preemptions']:.0f} | {pool} | {sess} |"
             )
         out.append("")
@@ -600,7 +622,7 @@ def _serial_fraction(b: BuildBreakdown) -> float:
 
 
 def _fraction(nbytes: int, seconds: float, limit_s: float) -> float:
-    """Percent of the copy limit (``nbytes`` copied flat in ``limit_s``) that ``seconds`` reaches."""
+    """Percent of the copy limit (``nbytes`` copied flat in ``limit_s``) ``seconds`` reaches."""
     if not seconds > 0 or not limit_s > 0:
         return float("nan")
     return limit_s / seconds * 100

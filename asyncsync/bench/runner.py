@@ -185,8 +185,8 @@ class RunResult:
     + staleness wait for asyncsync). ``e2e_s``: per step, from the end of its
     training step until every engine committed it or a newer step.
     ``engine_sessions``: what each engine measured in each measured session it
-    committed (the slowed engine left out). ``nodes``: the cluster nodes the engines were placed on, round
-    robin (empty: wherever Ray put them, on a one-node Ray). ``slowdown``: how
+    committed (the slowed engine left out). ``nodes``: the cluster nodes the engines
+    were placed on, round robin (empty: wherever Ray put them, on a one-node Ray). ``slowdown``: how
     much slower ``engine0`` was. ``transports_used``: engine sessions per transport
     (what ``"auto"`` chose). ``left_behind``: measured sessions that returned
     while an engine was still catching up (``per_engine``). ``node_bytes``:
@@ -330,7 +330,8 @@ async def run_bench(
     probe, other = limits_probe_actor().remote(), limits_probe_actor().remote()
     try:
         say(
-            f"limits: copy, checksum and object store with {format_bytes(config.limit_bytes)} buffers"
+            "limits: copy, checksum and object store with "
+            f"{format_bytes(config.limit_bytes)} buffers"
         )
         host_start = await probe.host.remote(config.limit_bytes)
         store = await _object_store_limits(probe, other, config.limit_bytes)

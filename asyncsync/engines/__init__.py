@@ -2,7 +2,8 @@
 
 :class:`HFEngine` serves a Hugging Face causal LM; :class:`TensorEngine` holds plain
 named tensors (a stand-in where the model does not matter). :func:`check_fits` and
-:func:`copy_into` (:func:`copy_named`) are the parts of an engine with named parameters that both share.
+:func:`copy_into` (:func:`copy_named`) are the parts of an engine with named
+parameters that both share.
 """
 
 from __future__ import annotations
