@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
@@ -166,29 +166,6 @@ def engine_class(**options: Any) -> Any:
     import ray
 
     return ray.remote(LightEngine).options(max_concurrency=32, num_cpus=0, **options)
-
-
-# --------------------------------------------------------------------- waiting
-
-
-WAIT_S = 30.0
-"""Bound on any single wait (generous: the test machine is shared and has two cores)."""
-
-
-async def within(awaitable: Awaitable[T], seconds: float = WAIT_S) -> T:
-    async with asyncio.timeout(seconds):
-        return await awaitable
-
-
-async def eventually(
-    check: Callable[[], Awaitable[bool]], what: str, seconds: float = WAIT_S
-) -> None:
-    """Poll ``check`` until it holds; fail naming ``what`` after ``seconds``."""
-    deadline = time.monotonic() + seconds
-    while not await within(check()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} (after {seconds:.0f} s)")
-        await asyncio.sleep(0.05)
 
 
 def max_overlap(spans: Sequence[ApplySpan]) -> int:

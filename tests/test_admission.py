@@ -22,7 +22,8 @@ from typing import Any
 
 import pytest
 import ray
-from _fleet_actors import WAIT_S, engine_class, trainer_class, within
+from _fleet_actors import engine_class, trainer_class
+from _waits import WAIT_S, within
 
 from asyncsync import AdmissionError, SyncPlan
 from asyncsync.actor import RESERVED_SLOTS

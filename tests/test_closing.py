@@ -21,7 +21,8 @@ from typing import Any
 
 import pytest
 import ray
-from _fleet_actors import engine_class, eventually, trainer_class, within
+from _fleet_actors import engine_class, trainer_class
+from _waits import eventually, within
 
 from asyncsync import CacheClosedError, CoordinatorClosedError, Health, SyncCoordinator, SyncPlan
 

@@ -21,8 +21,7 @@ import asyncio
 import os
 import re
 import stat
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 
 import pytest
@@ -34,6 +33,7 @@ from _actors import (
     engine_mappings,
     trainer_class,
 )
+from _waits import WAIT_S, eventually, within
 
 from asyncsync import SessionError, SessionTimeoutError
 from asyncsync.coordinator import SyncCoordinator
@@ -42,27 +42,9 @@ from asyncsync.session import SyncPlan
 pytestmark = pytest.mark.timeout(240)
 
 T = TypeVar("T")
-WAIT_S = 30.0
-"""Bound on any single wait in this module (generous: CI machines are shared)."""
 PROMPT = [[1, 2, 3, 4]]
 SLOW_RECEIVE_S = 0.25
 """Per-bucket delay of a slow engine: 8 buckets, 2 in flight, so a session takes >= 1 s."""
-
-
-async def within(awaitable: Awaitable[T], seconds: float = WAIT_S) -> T:
-    async with asyncio.timeout(seconds):
-        return await awaitable
-
-
-async def eventually(
-    check: Callable[[], Awaitable[bool]], what: str, seconds: float = 10.0
-) -> None:
-    """Poll ``check`` until it holds; fail naming ``what`` after ``seconds``."""
-    deadline = time.monotonic() + seconds
-    while not await within(check()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} (after {seconds:.0f} s)")
-        await asyncio.sleep(0.02)
 
 
 def shm_files() -> list[str]:

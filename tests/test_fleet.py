@@ -15,7 +15,8 @@ from typing import Any
 
 import pytest
 import ray
-from _fleet_actors import engine_class, eventually, within
+from _fleet_actors import engine_class
+from _waits import eventually, within
 
 from asyncsync import EngineState, FleetError, FleetView, Health, SyncPlan
 from asyncsync.fleet import EngineFleet

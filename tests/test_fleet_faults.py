@@ -31,14 +31,8 @@ from typing import Any
 import pytest
 import ray
 from _actors import engine_mappings
-from _fleet_actors import (
-    WAIT_S,
-    engine_class,
-    eventually,
-    max_overlap,
-    trainer_class,
-    within,
-)
+from _fleet_actors import engine_class, max_overlap, trainer_class
+from _waits import WAIT_S, eventually, within
 
 from asyncsync import FleetView, Health, SessionError, SessionTimeoutError, SyncPlan, SyncReport
 

@@ -22,7 +22,8 @@ from typing import Any
 import pytest
 import ray
 import torch
-from _fleet_actors import LightEngine, LightTrainer, engine_class, trainer_class, within
+from _fleet_actors import LightEngine, LightTrainer, engine_class, trainer_class
+from _waits import within
 
 from asyncsync import (
     ActorDefinitionError,

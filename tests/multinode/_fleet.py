@@ -7,20 +7,20 @@ is bounded: a test on a shared 2-core machine must fail with a message, not hang
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, TypeVar
 
+import _waits
 import ray
 from _actors import TINY_LLAMA, FaultyEngine, trainer_class
+from _waits import eventually, within
 
 from asyncsync.receiver import ReceiverStats
 from asyncsync.testing import LocalCluster
 
 T = TypeVar("T")
 
-WAIT_S = 60.0
-"""Bound on any single wait (generous: the machine is shared and has 2 cores)."""
+WAIT_S = _waits.WAIT_S = 60.0  # a cluster of four nodes on two cores: every wait is slower
 
 ENGINES_PER_NODE = 2
 
@@ -118,22 +118,6 @@ async def start_fleet(cluster: LocalCluster) -> Fleet:
     )
     node_id = {name: cluster.nodes[cluster.node_of(e)] for name, e in engines.items()}
     return Fleet(trainer, engines, node_id)
-
-
-async def within(awaitable: Awaitable[T], seconds: float = WAIT_S) -> T:
-    async with asyncio.timeout(seconds):
-        return await awaitable
-
-
-async def eventually(
-    check: Callable[[], Awaitable[bool]], what: str, seconds: float = WAIT_S
-) -> None:
-    """Poll ``check`` until it holds; fail naming ``what`` after ``seconds``."""
-    deadline = time.monotonic() + seconds
-    while not await within(check()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} (after {seconds:.0f} s)")
-        await asyncio.sleep(0.05)
 
 
 async def receiver_stats(engines: Mapping[str, Any]) -> dict[str, ReceiverStats]:
