@@ -18,7 +18,9 @@ they map) is dropped as soon as the session can no longer commit: when it is
 aborted, when a newer version is committed, or when its time to live (announced at
 ``begin``, at least the session's own timeout) has passed, which is how staging
 left behind by a train actor that died mid-session goes away.
-:meth:`StagingReceiver.receiver_stats` counts each.
+:meth:`StagingReceiver.receiver_stats` counts each. What a transport keeps between
+sessions (the maps of a same-node owner's buffers, see :mod:`asyncsync.transport.shm`)
+is pruned about once a second and dropped once its owner let go of it or exited.
 
 Every engine reports what it is (:class:`EngineInfo`): an incarnation that changes
 whenever the actor is (re)created, so a fleet can tell an engine that Ray restarted
@@ -48,7 +50,7 @@ from .errors import (
     StaleStepError,
     UnknownSessionError,
 )
-from .transport import backend, load_payload
+from .transport import KeptState, backend, load_payload
 
 __all__ = [
     "DEFAULT_STAGING_TTL_S",
@@ -113,6 +115,11 @@ class ReceiverStats:
     ``verify_s`` checking them against the manifest (one checksum pass),
     ``apply_s`` the commits' :meth:`StagingReceiver.apply`; ``received_bytes``
     and ``applied_bytes`` the bytes each covered.
+
+    ``kept_bytes``: what transports keep between sessions, e.g. the shared
+    snapshot buffers this engine keeps mapped (the owner's pages, shared: no
+    memory of the engine's own); dropped within about a second once their owner
+    let go of them.
     """
 
     version: int | None
@@ -128,6 +135,7 @@ class ReceiverStats:
     verify_s: float = 0.0
     applied_bytes: int = 0
     apply_s: float = 0.0
+    kept_bytes: int = 0
 
 
 class StagingReceiver:
@@ -264,6 +272,8 @@ class StagingReceiver:
             raise
         finally:
             staging.receiving.discard(index)
+            # Loading may have kept something (a mapping) that the reaper must prune.
+            self._ensure_reaper()
         self._timing.received_bytes += bucket.nbytes
         self._timing.load_s += load_s
         self._timing.verify_s += verify_s
@@ -372,6 +382,7 @@ class StagingReceiver:
             verify_s=self._timing.verify_s,
             applied_bytes=self._timing.applied_bytes,
             apply_s=self._timing.apply_s,
+            kept_bytes=self._kept_bytes(),
         )
 
     # ----------------------------------------------------------------- helpers
@@ -410,14 +421,33 @@ class StagingReceiver:
             self._reaper = asyncio.get_running_loop().create_task(self._reap())
 
     async def _reap(self) -> None:
-        """Drop staging whose time to live passed; ends when no session is open."""
-        while self._sessions:
+        """Drop staging whose time to live passed, and prune what transports keep.
+
+        Runs while a session is open or a transport keeps anything between sessions.
+        """
+        pruned = time.monotonic()
+        while self._sessions or self._kept_bytes():
             now = time.monotonic()
             for session_id, staging in list(self._sessions.items()):
                 if staging.expires_at <= now:
                     self._drop(session_id, "expired")
-            soonest = min((s.expires_at for s in self._sessions.values()), default=now)
+            soonest = min(
+                (s.expires_at for s in self._sessions.values()), default=now + _REAP_INTERVAL_S
+            )
             await asyncio.sleep(min(max(soonest - now, 0.01), _REAP_INTERVAL_S))
+            if time.monotonic() - pruned >= _REAP_INTERVAL_S:
+                await asyncio.to_thread(self._prune_kept)
+                pruned = time.monotonic()
+
+    def _kept(self) -> list[KeptState]:
+        return [s for s in list(self.transport_state.values()) if isinstance(s, KeptState)]
+
+    def _kept_bytes(self) -> int:
+        return sum(s.nbytes for s in self._kept())
+
+    def _prune_kept(self) -> None:
+        for kept in self._kept():
+            kept.prune()
 
 
 def current_node() -> str | None:

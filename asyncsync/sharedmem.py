@@ -23,13 +23,14 @@ import ctypes
 import mmap
 import os
 import secrets
+import threading
 from dataclasses import dataclass
 
 import numpy as np
 
 from .errors import SharedMemoryError
 
-__all__ = ["SharedBuffer", "SharedRegion", "map_region"]
+__all__ = ["SharedBuffer", "SharedMappings", "SharedRegion", "map_region"]
 
 NAME_PREFIX = "asyncsync-"
 """Every buffer's memory file is named ``asyncsync-<token>`` (``/memfd:asyncsync-<token>``)."""
@@ -267,12 +268,18 @@ def map_region(region: SharedRegion) -> np.ndarray:
     garbage-collected, also after the owner closes the fd or dies; its bytes are
     what the owner wrote as long as the owner keeps the buffer (the reader's pin
     on the snapshot), and zeros once the owner released it. Blocking: call it in a
-    worker thread for large regions.
+    worker thread for large regions. A reader that maps the same owner's buffers
+    again and again keeps them in :class:`SharedMappings` instead.
 
     Raises :class:`~asyncsync.SharedMemoryError` naming the region when the
     process or fd is gone, the fd names another file, the range is out of
     bounds, or the mapping fails.
     """
+    return _map(region, whole=False)
+
+
+def _map(region: SharedRegion, whole: bool) -> np.ndarray:
+    """``region`` mapped read-only; with ``whole``, all of its buffer (not only the range)."""
     path = f"/proc/{region.pid}/fd/{region.fd}"
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -284,8 +291,7 @@ def map_region(region: SharedRegion) -> np.ndarray:
     try:
         # Check the file actually opened, not the path: the fd may be reused in between.
         link = os.readlink(f"/proc/self/fd/{fd}")
-        expected = "/memfd:" + region.name
-        if link not in (expected, expected + " (deleted)"):
+        if not _names(link, region):
             raise SharedMemoryError(
                 f"cannot map {region}: the fd now names {link!r}, not that buffer "
                 "(the owner released it)"
@@ -293,19 +299,106 @@ def map_region(region: SharedRegion) -> np.ndarray:
         size = os.fstat(fd).st_size
         if region.offset < 0 or region.nbytes < 0 or region.offset + region.nbytes > size:
             raise SharedMemoryError(f"cannot map {region}: the buffer holds only {size} bytes")
-        if region.nbytes == 0:
+        if whole:
+            start, end = 0, size
+        else:
+            start = region.offset - region.offset % _PAGE
+            end = region.offset + region.nbytes
+        if end == start:
             empty = np.empty(0, dtype=np.uint8)
             empty.flags.writeable = False
             return empty
-        start = region.offset - region.offset % _PAGE
         try:
-            mapping = _mmap(fd, region.offset + region.nbytes - start, start, mmap.PROT_READ, True)
+            mapping = _mmap(fd, end - start, start, mmap.PROT_READ, True)
         except OSError as exc:
             raise SharedMemoryError(f"cannot map {region}: {exc.strerror}") from None
     finally:
         os.close(fd)
-    skip = region.offset - start
-    return mapping.array(readonly=True)[skip : skip + region.nbytes]
+    view = mapping.array(readonly=True)
+    return view if whole else view[region.offset - start :]
+
+
+def _names(link: str, region: SharedRegion) -> bool:
+    """Whether an fd's ``/proc`` link names the buffer of ``region``."""
+    expected = "/memfd:" + region.name
+    return link in (expected, expected + " (deleted)")
+
+
+class SharedMappings:
+    """A reader's read-only maps of owners' whole buffers, kept between sessions.
+
+    Mapping costs page-table set-up in proportion to its size (tens of ms per
+    256 MiB, more than the checksum over the same bytes), and a cache owner reuses
+    its pooled buffers step after step: an engine that keeps each buffer mapped
+    pays that once per buffer, not once per session. :meth:`map` returns a view of
+    a region inside the kept map of its buffer (mapping the buffer on first use).
+
+    A kept map holds no memory of its own while its owner holds the buffer (the
+    pages are the owner's, shared). It would hold the pages alive once the owner
+    let go of them, so :meth:`prune` drops every map whose buffer the owner
+    released or closed, or whose owner exited; the receiver runs it every
+    second while it keeps any (see :class:`~asyncsync.StagingReceiver`). Views
+    already handed out stay valid until garbage-collected, as with
+    :func:`map_region`. Safe to call from several threads.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._maps: dict[SharedRegion, np.ndarray] = {}
+
+    def map(self, region: SharedRegion) -> np.ndarray:
+        """``region`` read-only, as :func:`map_region` maps it; blocking on first use."""
+        key = SharedRegion(region.pid, region.fd, 0, 0, region.token)
+        with self._lock:
+            whole = self._maps.get(key)
+        if whole is None:
+            whole = _map(region, whole=True)
+            with self._lock:
+                whole = self._maps.setdefault(key, whole)
+        if region.offset < 0 or region.nbytes < 0 or region.offset + region.nbytes > whole.size:
+            raise SharedMemoryError(
+                f"cannot map {region}: the buffer holds only {whole.size} bytes"
+            )
+        return whole[region.offset : region.offset + region.nbytes]
+
+    def prune(self) -> int:
+        """Drop the maps of buffers their owner no longer holds; return the bytes still kept.
+
+        Blocking (unmapping a dropped buffer takes milliseconds): a worker thread.
+        """
+        with self._lock:
+            keys = list(self._maps)
+        gone = []
+        for key in keys:
+            try:
+                held = _names(os.readlink(f"/proc/{key.pid}/fd/{key.fd}"), key)
+            except OSError:
+                held = False
+            if not held:
+                gone.append(key)
+        with self._lock:
+            dropped = [self._maps.pop(key) for key in gone if key in self._maps]
+            kept = self.nbytes
+        del dropped  # unmapped here, unless a view of it is still alive
+        return kept
+
+    def clear(self) -> None:
+        """Drop every kept map (blocking, as :meth:`prune`)."""
+        with self._lock:
+            dropped = list(self._maps.values())
+            self._maps.clear()
+        del dropped
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the buffers kept mapped."""
+        return sum(int(a.size) for a in list(self._maps.values()))
+
+    def __len__(self) -> int:
+        return len(self._maps)
+
+    def __repr__(self) -> str:
+        return f"<SharedMappings {len(self)} buffers, {self.nbytes} B>"
 
 
 def _cuda_host_register(mapping: _Mapping, name: str) -> None:

@@ -118,8 +118,9 @@ class FaultyEngine(HFEngine):
 def snapshot_mappings(pid: int) -> list[str]:
     """Shared snapshot buffers (``/memfd:asyncsync-*``) that process ``pid`` maps now.
 
-    An engine maps the train actor's buffers only while it stages or applies a
-    session over the shared-snapshot transport; afterwards none may be left.
+    An engine keeps the train actor's buffers mapped between sessions (no memory
+    of its own: the pages are the owner's), but none that no process holds any
+    more: see :func:`stale_mappings`.
     """
     with open(f"/proc/{pid}/maps") as maps:
         names = {
@@ -137,6 +138,61 @@ async def engine_mappings(engines: dict[str, Any]) -> dict[str, list[str]]:
         if mapped:
             out[name] = mapped
     return out
+
+
+def trainer_buffers(pid: int) -> list[tuple[str, int]]:
+    """The snapshot buffers process ``pid`` holds open: (name, fd)."""
+    out = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue  # closed meanwhile
+        if link.startswith("/memfd:asyncsync-"):
+            out.append((link.removeprefix("/memfd:").split()[0], int(fd)))
+    return out
+
+
+def held_buffers() -> set[str]:
+    """Snapshot buffers some process on this machine holds open (an owner's fd)."""
+    held = set()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue  # exited, or not ours to read
+        for fd in fds:
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if link.startswith("/memfd:asyncsync-"):
+                held.add(link.removeprefix("/memfd:").split()[0])
+    return held
+
+
+async def stale_mappings(engines: dict[str, Any]) -> dict[str, list[str]]:
+    """Per engine, the snapshot buffers it maps that no owner holds any more.
+
+    Such a map would be all that keeps the buffer's memory alive (an owner that
+    released it or died): the engine must drop it within about a second.
+    """
+    mapped = await engine_mappings(engines)
+    held = held_buffers()
+    stale = {name: [b for b in buffers if b not in held] for name, buffers in mapped.items()}
+    return {name: buffers for name, buffers in stale.items() if buffers}
+
+
+async def assert_no_stale_mappings(engines: dict[str, Any]) -> None:
+    """Soon, no engine maps a snapshot buffer that its owner let go of."""
+    from _waits import eventually
+
+    async def none_stale() -> bool:
+        return await stale_mappings(engines) == {}
+
+    await eventually(none_stale, "an engine still maps a buffer its owner let go of")
 
 
 def trainer_class(**options: Any) -> Any:

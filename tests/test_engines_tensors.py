@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from asyncsync.buckets import pack
-from asyncsync.engines import TensorEngine, check_fits, copy_into
+from asyncsync.engines import TensorEngine, check_fits, copy_into, copy_named
 from asyncsync.errors import ManifestMismatchError
 
 
@@ -70,3 +70,26 @@ def test_copy_into_copies_every_tensor_and_counts_bytes() -> None:
     assert all(torch.equal(t, weights(2.0)[n]) for n, t in params.items())
     with pytest.raises(KeyError, match=r"no parameter named 'c\.weight'"):
         copy_into(params, pack({"c.weight": torch.zeros(2)}.items()))
+
+
+@pytest.mark.parametrize("threads", [2, 3, 4])
+def test_copy_in_threads_writes_the_same_bytes_as_one_thread(threads: int) -> None:
+    """Shares cut tensors between rows; a non-contiguous parameter is copied whole."""
+    gen = torch.Generator().manual_seed(threads)
+    shapes = {"emb": (3001, 1024), "t": (700, 900), "w": (64, 64), "b": (7,), "bf": (2048, 1030)}
+    dtypes = {"bf": torch.bfloat16}
+    params = {n: torch.zeros(s, dtype=dtypes.get(n, torch.float32)) for n, s in shapes.items()}
+    params["t"] = torch.zeros(900, 700).t()  # a transposed parameter: not cut
+    new = {n: torch.randn(s, generator=gen).to(params[n].dtype) for n, s in shapes.items()}
+    buckets = pack(new.items(), bucket_bytes=4 << 20)
+    nbytes = copy_into(params, buckets, threads=threads)
+    assert nbytes == sum(t.numel() * t.element_size() for t in new.values()) > 8 << 20
+    assert all(torch.equal(params[n], new[n]) for n in shapes)
+
+
+def test_copy_names_every_tensor_before_writing_any() -> None:
+    params = weights(0.0)
+    named = [("a.weight", torch.ones(64, 32, dtype=torch.bfloat16)), ("c.weight", torch.ones(2))]
+    with pytest.raises(KeyError, match=r"c\.weight"):
+        copy_named(params, named, threads=2)
+    assert not params["a.weight"].any()  # nothing written

@@ -29,6 +29,7 @@ import ray
 from _actors import (
     TINY_LLAMA,
     assert_engines_hold,
+    assert_no_stale_mappings,
     engine_class,
     engine_mappings,
     trainer_class,
@@ -50,15 +51,6 @@ SLOW_RECEIVE_S = 0.25
 def shm_files() -> list[str]:
     """Anything of asyncsync in /dev/shm (the shared snapshot never creates a file there)."""
     return sorted(n for n in os.listdir("/dev/shm") if n.startswith("asyncsync-"))
-
-
-async def assert_no_engine_maps_a_snapshot(engines: dict[str, Any]) -> None:
-    """Engines drop their mappings of the train actor's buffers once a session ends."""
-
-    async def unmapped() -> bool:
-        return await engine_mappings(engines) == {}
-
-    await eventually(unmapped, "an engine still maps a snapshot buffer")
 
 
 class Rig:
@@ -137,7 +129,7 @@ async def assert_recovered(
     assert stats.resident_bytes <= 2 * rig.model_nbytes, stats
     assert await within(trainer.cache_lock_free.remote())
     assert shm_files() == []
-    await assert_no_engine_maps_a_snapshot(rig.engines)
+    await assert_no_stale_mappings(rig.engines)
     for name, engine in rig.engines.items():
         receiver = await within(engine.receiver_stats.remote())
         assert (receiver.version, receiver.open_sessions) == (before[name][0], ()), name
@@ -158,7 +150,7 @@ async def assert_recovered(
     stats = await within(trainer.cache_stats.remote())
     assert (stats.pins, stats.building_step) == ({}, None)
     assert shm_files() == []
-    await assert_no_engine_maps_a_snapshot(rig.engines)
+    await assert_no_stale_mappings(rig.engines)
 
 
 async def wait_for_open_session(engine: Any) -> None:
@@ -357,7 +349,7 @@ async def test_shared_snapshot_buffers_in_flight_are_private_and_unguessable(rig
     # What the engines mapped mid-session are the train actor's own buffers.
     assert mapped and all(set(m) <= set(owned) for m in mapped.values()), (mapped, owned)
     assert shm_files() == []
-    await assert_no_engine_maps_a_snapshot(rig.engines)
+    await assert_no_stale_mappings(rig.engines)
 
 
 def _snapshot_fds(pid: int) -> dict[str, int]:

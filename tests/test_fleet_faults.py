@@ -30,7 +30,7 @@ from typing import Any
 
 import pytest
 import ray
-from _actors import engine_mappings
+from _actors import assert_no_stale_mappings
 from _fleet_actors import engine_class, max_overlap, trainer_class
 from _waits import WAIT_S, eventually, within
 
@@ -169,7 +169,7 @@ async def assert_consistent(rig: Rig) -> FleetView:
             want = await within(rig.trainer.snapshot_digests.remote(version))
             assert digests == want, f"{name}'s weights differ from the snapshot of step {version}"
     assert shm_files() == []
-    assert await within(engine_mappings(rig.engines)) == {}
+    await assert_no_stale_mappings(rig.engines)
     return view
 
 

@@ -18,7 +18,7 @@ import torch
 
 from asyncsync.buckets import checksum
 from asyncsync.errors import SharedMemoryError
-from asyncsync.sharedmem import NAME_PREFIX, SharedBuffer, SharedRegion, map_region
+from asyncsync.sharedmem import NAME_PREFIX, SharedBuffer, SharedMappings, SharedRegion, map_region
 
 
 def memfd_links() -> set[str]:
@@ -191,3 +191,85 @@ def test_page_locking_without_cuda_is_a_typed_error_and_leaks_nothing() -> None:
         SharedBuffer.allocate(1 << 20, pin_memory=True)
     gc.collect()
     assert memfd_links() == before
+
+
+# ------------------------------------------------------------ kept maps (engine side)
+
+
+def _mapping_count(token: str) -> int:
+    """How many separate maps of buffer ``token`` this process has."""
+    with open("/proc/self/maps") as f:
+        return sum(1 for line in f if f"/memfd:{NAME_PREFIX}{token}" in line)
+
+
+def test_kept_maps_map_each_buffer_once_and_serve_every_region_from_it() -> None:
+    buffer = SharedBuffer.allocate(3 * 4096 + 100)
+    buffer.array[:] = pattern(buffer.nbytes)
+    owner_maps = _mapping_count(buffer.token)
+    mappings = SharedMappings()
+    try:
+        regions = [buffer.region(0, 4096), buffer.region(4096, 5000), buffer.region(9096, 3292)]
+        for _ in range(3):  # session after session: no new map
+            for region in regions:
+                view = mappings.map(region)
+                assert not view.flags.writeable
+                assert np.array_equal(
+                    view, buffer.array[region.offset : region.offset + region.nbytes]
+                )
+            assert _mapping_count(buffer.token) == owner_maps + 1
+        assert len(mappings) == 1 and mappings.nbytes == buffer.nbytes
+        # The same bytes through the same map: what the owner writes next is seen.
+        first = mappings.map(regions[0])
+        assert np.shares_memory(first, mappings.map(regions[0]))
+        buffer.array[:4096] = 7
+        assert (first == 7).all()
+        bad = SharedRegion(buffer.pid, buffer.fd, buffer.nbytes - 10, 11, buffer.token)
+        with pytest.raises(SharedMemoryError, match="holds only"):
+            mappings.map(bad)
+    finally:
+        buffer.release()
+
+
+def test_prune_keeps_held_buffers_and_drops_released_ones() -> None:
+    held = SharedBuffer.allocate(1 << 20)
+    gone = SharedBuffer.allocate(1 << 20)
+    mappings = SharedMappings()
+    try:
+        mappings.map(held.region(0, 10))
+        mappings.map(gone.region(0, 10))
+        assert mappings.prune() == 2 << 20
+        gone.release()
+        assert mappings.prune() == 1 << 20 == mappings.nbytes
+        gc.collect()
+        assert gone.token not in mapped_buffers()
+        assert _mapping_count(held.token) == 2  # the owner's and the kept one
+        mappings.clear()
+        assert len(mappings) == 0 and _mapping_count(held.token) == 1
+    finally:
+        held.release()
+        gone.release()
+
+
+def test_prune_drops_the_maps_of_an_owner_that_died() -> None:
+    """A killed owner's buffer lives on only in kept maps: prune lets it go."""
+    nbytes = 5 << 20
+    mappings = SharedMappings()
+    with subprocess.Popen(
+        [sys.executable, "-c", OWNER, str(nbytes)], stdout=subprocess.PIPE, text=True
+    ) as owner:
+        try:
+            assert owner.stdout is not None
+            pid, fd, offset, size, token = owner.stdout.readline().split()
+            region = SharedRegion(int(pid), int(fd), int(offset), int(size), token)
+            view = mappings.map(region)
+            want = np.random.default_rng(7).integers(0, 256, nbytes, dtype=np.uint8)
+            assert checksum(view) == checksum(want)
+            del view
+            assert mappings.prune() == nbytes  # the owner still holds it
+        finally:
+            owner.send_signal(signal.SIGKILL)
+            owner.wait()
+    assert token in mapped_buffers()
+    assert mappings.prune() == 0
+    gc.collect()
+    assert token not in mapped_buffers()

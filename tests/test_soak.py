@@ -34,7 +34,7 @@ import psutil
 import pytest
 import ray
 import torch
-from _actors import TINY_LLAMA, engine_class, engine_mappings, trainer_class
+from _actors import TINY_LLAMA, assert_no_stale_mappings, engine_class, trainer_class
 
 from asyncsync import BucketCache, SessionError, Snapshot, pack
 from asyncsync.buckets import checksum, tensor_digest
@@ -429,5 +429,5 @@ async def test_soak_on_ray_sessions_and_builds(ray_rig: RayRig) -> None:
     assert ready_capacity <= final.num_buckets * (64 << 10)  # StepTrainer's bucket_bytes
     assert stats.pooled_bytes <= ready_capacity
     assert shm_files() == []
-    assert await engine_mappings(ray_rig.engines) == {}
+    await assert_no_stale_mappings(ray_rig.engines)
     assert growth < RSS_BOUND, f"the train actor's anonymous RSS grew {growth / MIB:.1f} MiB"

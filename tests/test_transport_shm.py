@@ -24,6 +24,7 @@ from _actors import (
     TINY_LLAMA,
     FaultyEngine,
     assert_engines_hold,
+    assert_no_stale_mappings,
     engine_class,
     engine_mappings,
     trainer_class,
@@ -33,6 +34,7 @@ from asyncsync import BucketCache, SessionError, SharedMemoryError, pack
 from asyncsync.session import SyncPlan
 from asyncsync.transport import SessionContext, backend, load_payload
 from asyncsync.transport.shm import SharedPayload, SharedSnapshotTransport
+from asyncsync.transport.shm import engine_mappings as kept_mappings
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -60,6 +62,32 @@ async def test_payload_is_the_region_and_loading_maps_the_same_bytes() -> None:
             assert np.array_equal(loaded.buffer, bucket.buffer)
             loaded.verify(bucket.manifest)
     await cache.close()
+
+
+async def test_engines_keep_the_owners_buffers_mapped_across_sessions() -> None:
+    """Session after session the cache reuses its pooled buffers and an engine its maps."""
+    cache = BucketCache(bucket_bytes=32 << 10)
+    transport = SharedSnapshotTransport()
+    state: dict[str, Any] = {}
+    buffers = set()
+    for step in range(6):
+        await _built(cache, step)
+        async with cache.read() as snap:
+            ctx = SessionContext(f"s{step}", snap.step, {}, snap.manifest)
+            for index, bucket in enumerate(snap.buckets):
+                payload = await transport.put(ctx, index, bucket)
+                loaded = await asyncio.to_thread(load_payload, payload, state)
+                loaded.verify(bucket.manifest)  # this step's bytes, through a kept map
+                assert np.array_equal(loaded.buffer, bucket.buffer)
+                buffers.add(payload.region.token)
+    kept = kept_mappings(state)
+    # One map per buffer the cache ever used, however many sessions read them.
+    assert len(kept) == len(buffers) < 6 * len(snap.buckets)
+    await cache.close()  # the cache releases every buffer: nothing is worth keeping
+    assert await asyncio.to_thread(kept.prune) == 0
+    state["shm"] = "not mappings"
+    with pytest.raises(SharedMemoryError, match=r"transport_state\['shm'\] holds a str"):
+        await asyncio.to_thread(load_payload, payload, state)
 
 
 async def test_a_bucket_outside_shared_memory_is_refused_naming_it() -> None:
@@ -148,7 +176,7 @@ async def test_the_pin_outlives_a_cancelled_session_until_its_commits_end(rig: A
     assert version == 0
     assert have == want, "e0 applied bytes that changed under it"
     await engines["e0"].set_apply_delay.remote(0.0)
-    assert await engine_mappings(engines) == {}
+    await assert_no_stale_mappings(engines)
     report = await trainer.run_sync_session.remote(SyncPlan(engines, transport="shm"))
     assert report.step == 2
     await assert_engines_hold(trainer, engines, 2)
@@ -180,7 +208,7 @@ async def test_a_killed_train_actor_leaves_engines_nothing_mapped(actor_factory:
         await asyncio.sleep(0.1)
     assert await engine_mappings({"e": engine}) == {}
     stats = await engine.receiver_stats.remote()
-    assert stats.open_sessions == () and stats.staged_bytes == 0
+    assert stats.open_sessions == () and stats.staged_bytes == 0 and stats.kept_bytes == 0
     assert stats.dropped.get("expired") == 1, stats
     assert [n for n in os.listdir("/dev/shm") if n.startswith("asyncsync-")] == []
     await engine.set_faults.remote()

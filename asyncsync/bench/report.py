@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from ..engines.tensors import copy_threads as _copy_threads
 from .plot import plot
 from .records import BuildBreakdown
 from .runner import BASELINE, DESIGNS, FLEET, NODES, SLOW, BenchResult
@@ -311,7 +312,8 @@ def _engine_section(result: BenchResult, rows: list[Row]) -> list[str]:
         "## Engine side: receive, verify, apply (per engine and session, medians)",
         "",
         f"Measured inside each engine by the receiver (`ReceiverStats`): *load* gets a bucket's "
-        f"bytes from its payload (the shared snapshot: map it; the object store: `ray.get`; the "
+        f"bytes from its payload (the shared snapshot: a view of the train actor's buffer, "
+        f"mapped once and kept between sessions; the object store: `ray.get`; the "
         f"collective: receive it; the baseline: write `/dev/shm` and `torch.load`), *verify* "
         f"checks it against the manifest (one checksum pass), *apply* copies it into the "
         f"engine's weights. Fractions are of the single-thread limits "
@@ -320,7 +322,9 @@ def _engine_section(result: BenchResult, rows: list[Row]) -> list[str]:
         f"with more engines than cores they share the cores. Load and verify are summed over "
         f"a session's buckets, and up to {result.config.max_inflight_buckets} buckets load and "
         f"verify at once in separate threads: their sums can exceed the wall time (the "
-        f"sessions table below has the stream's wall time); apply is one pass in one thread.",
+        f"sessions table below has the stream's wall time); apply is one pass, split over "
+        f"up to {_copy_threads()} threads (`copy_into`): on a machine whose memory bandwidth "
+        f"one core already fills, more threads do not copy faster.",
         "",
         "| section | model, engines | design | load ms | verify ms | verify GB/s (% of checksum) "
         "| apply ms | apply GB/s (% of copy) |",

@@ -9,7 +9,14 @@ parameters that both share.
 from __future__ import annotations
 
 from .hf import Generation, HFEngine, engine_actor
-from .tensors import TensorEngine, check_fits, copy_into, copy_named, tensor_engine_actor
+from .tensors import (
+    TensorEngine,
+    check_fits,
+    copy_into,
+    copy_named,
+    copy_threads,
+    tensor_engine_actor,
+)
 
 __all__ = [
     "Generation",
@@ -18,6 +25,7 @@ __all__ = [
     "check_fits",
     "copy_into",
     "copy_named",
+    "copy_threads",
     "engine_actor",
     "tensor_engine_actor",
 ]

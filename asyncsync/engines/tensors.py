@@ -12,7 +12,9 @@ pieces a real engine reuses; :class:`~asyncsync.engines.HFEngine` does.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -21,7 +23,14 @@ from ..buckets import Bucket, BucketManifest, dtype_name
 from ..errors import ManifestMismatchError
 from ..receiver import StagingReceiver
 
-__all__ = ["TensorEngine", "check_fits", "copy_into", "copy_named", "tensor_engine_actor"]
+__all__ = [
+    "TensorEngine",
+    "check_fits",
+    "copy_into",
+    "copy_named",
+    "copy_threads",
+    "tensor_engine_actor",
+]
 
 
 def check_fits(
@@ -60,30 +69,111 @@ def check_fits(
         )
 
 
+_PARALLEL_MIN_BYTES = 8 << 20
+"""Below this many bytes a copy runs in one thread (starting threads costs more)."""
+
+
+def copy_threads() -> int:
+    """Default threads of :func:`copy_into`: this process's cores, at most 4.
+
+    A copy into memory is bound by memory bandwidth, which a few cores saturate.
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, min(4, cores))
+
+
 def copy_named(
-    params: Mapping[str, torch.Tensor], named: Iterable[tuple[str, torch.Tensor]]
+    params: Mapping[str, torch.Tensor],
+    named: Iterable[tuple[str, torch.Tensor]],
+    *,
+    threads: int = 1,
 ) -> int:
     """Copy each ``(name, tensor)`` into the parameter of that name; return the bytes copied.
 
-    Blocking (run it in a worker thread: torch releases the GIL while copying).
-    Raises ``KeyError`` naming a tensor the parameters do not have (check names
-    first with :func:`check_fits`; the parameters before it were already written).
+    Every name is looked up first: a ``KeyError`` naming a tensor the parameters
+    do not have is raised before anything is written (check names before any
+    bucket moves with :func:`check_fits`). ``threads`` > 1 splits the bytes into
+    that many equal shares (cutting large tensors between rows of their flat
+    view) copied at once; torch releases the GIL while copying. Blocking: run it
+    in a worker thread.
     """
-    copied = 0
+    pairs = []
+    for name, tensor in named:
+        try:
+            pairs.append((params[name], tensor))
+        except KeyError:
+            raise KeyError(f"no parameter named {name!r}") from None
+    total = sum(src.numel() * src.element_size() for _, src in pairs)
     with torch.no_grad():
-        for name, tensor in named:
-            try:
-                dst = params[name]
-            except KeyError:
-                raise KeyError(f"no parameter named {name!r}") from None
-            dst.copy_(tensor)
-            copied += tensor.numel() * tensor.element_size()
-    return copied
+        if threads <= 1 or total < _PARALLEL_MIN_BYTES:
+            for dst, src in pairs:
+                dst.copy_(src)
+            return total
+        shares = _shares(pairs, total, threads)
+        if len(shares) == 1:
+            _copy_share(shares[0])
+            return total
+        with ThreadPoolExecutor(len(shares) - 1) as pool:
+            rest = [pool.submit(_copy_share, share) for share in shares[1:]]
+            _copy_share(shares[0])
+            for future in rest:
+                future.result()
+    return total
 
 
-def copy_into(params: Mapping[str, torch.Tensor], buckets: Iterable[Bucket]) -> int:
-    """:func:`copy_named` of every tensor of ``buckets`` (zero-copy views of their payloads)."""
-    return sum(copy_named(params, bucket.named_tensors()) for bucket in buckets)
+def _shares(
+    pairs: list[tuple[torch.Tensor, torch.Tensor]], total: int, threads: int
+) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """``pairs`` cut into ``threads`` runs of about ``total / threads`` bytes each."""
+    target = -(-total // threads)
+    shares: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[]]
+    room = target
+    for dst, src in pairs:
+        size = src.element_size()
+        divisible = (
+            dst.is_contiguous()
+            and src.is_contiguous()
+            and dst.dtype == src.dtype
+            and dst.shape == src.shape
+        )
+        if divisible:
+            d, s, start, n = dst.view(-1), src.view(-1), 0, src.numel()
+            while start < n:
+                if room < size and len(shares) < threads:
+                    shares.append([])
+                    room = target
+                last = len(shares) == threads  # the last share takes whatever is left
+                take = n - start if last else min(n - start, max(1, room // size))
+                shares[-1].append((d[start : start + take], s[start : start + take]))
+                start += take
+                room -= take * size
+        else:
+            if room <= 0 and len(shares) < threads:
+                shares.append([])
+                room = target
+            shares[-1].append((dst, src))
+            room -= src.numel() * size
+    return [share for share in shares if share]
+
+
+def _copy_share(share: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    with torch.no_grad():
+        for dst, src in share:
+            dst.copy_(src)
+
+
+def copy_into(
+    params: Mapping[str, torch.Tensor], buckets: Iterable[Bucket], *, threads: int | None = None
+) -> int:
+    """:func:`copy_named` of every tensor of ``buckets`` (zero-copy views of their payloads).
+
+    ``threads``: how many copy at once (``None``: :func:`copy_threads`).
+    """
+    named = [pair for bucket in buckets for pair in bucket.named_tensors()]
+    return copy_named(params, named, threads=copy_threads() if threads is None else threads)
 
 
 class TensorEngine(StagingReceiver):

@@ -38,6 +38,7 @@ __all__ = [
     "BACKENDS",
     "Backend",
     "BucketPayload",
+    "KeptState",
     "SessionContext",
     "Transport",
     "backend",
@@ -77,6 +78,26 @@ class BucketPayload(Protocol):
     """
 
     def load(self, state: dict[str, Any]) -> Bucket: ...
+
+
+@runtime_checkable
+class KeptState(Protocol):
+    """Engine side: what a transport keeps in ``transport_state`` between sessions.
+
+    The receiver calls :meth:`prune` about once a second while ``nbytes`` is not
+    zero, so nothing kept outlives its use (e.g. the shared-snapshot transport's
+    maps of buffers their owner released).
+    """
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes kept now (cheap; no system calls)."""
+
+    def prune(self) -> int:
+        """Let go of what no session can use any more; return the bytes still kept.
+
+        Blocking: the receiver runs it in a worker thread.
+        """
 
 
 class Transport(Protocol):

@@ -7,6 +7,13 @@ and its index: no payload byte moves. The engine maps the region read-only,
 verifies the checksum once while mapping (in ``receive``, in a worker thread) and
 copies into its model once at commit.
 
+The engine keeps each of the owner's buffers mapped between sessions
+(:class:`~asyncsync.sharedmem.SharedMappings`, in the receiver's
+``transport_state`` under :data:`STATE_KEY`): the owner reuses its pooled buffers
+step after step, so page tables are set up once per buffer, not once per session.
+A kept map shares the owner's pages and holds none of its own; the receiver drops
+it within about a second once the owner released that buffer or exited.
+
 Safety rests on the session's pin: the session holds it until every engine using
 the mapping has committed or dropped the session (see :mod:`asyncsync.session`), so
 the cache never reuses a buffer under an engine that still reads it. An engine
@@ -25,10 +32,26 @@ from typing import Any
 
 from ..buckets import Bucket, TensorMeta
 from ..errors import SharedMemoryError
-from ..sharedmem import SharedRegion, map_region
+from ..sharedmem import SharedMappings, SharedRegion
 from . import SessionContext
 
-__all__ = ["SharedPayload", "SharedSnapshotTransport"]
+__all__ = ["STATE_KEY", "SharedPayload", "SharedSnapshotTransport", "engine_mappings"]
+
+STATE_KEY = "shm"
+"""Key of the engine's :class:`~asyncsync.sharedmem.SharedMappings` in ``transport_state``."""
+
+
+def engine_mappings(state: dict[str, Any]) -> SharedMappings:
+    """The receiver's kept maps of owners' buffers (made on first use)."""
+    mappings = state.get(STATE_KEY)
+    if mappings is None:
+        mappings = state.setdefault(STATE_KEY, SharedMappings())
+    if not isinstance(mappings, SharedMappings):
+        raise SharedMemoryError(
+            f"the receiver's transport_state[{STATE_KEY!r}] holds a "
+            f"{type(mappings).__name__}, not the shared-snapshot transport's SharedMappings"
+        )
+    return mappings
 
 
 @dataclass(frozen=True)
@@ -40,8 +63,12 @@ class SharedPayload:
     checksum: int
 
     def load(self, state: dict[str, Any]) -> Bucket:
-        """Map the bucket read-only (blocking; an engine worker thread). No copy."""
-        return Bucket(map_region(self.region), self.index, self.checksum, region=self.region)
+        """Map the bucket read-only (blocking; an engine worker thread). No copy.
+
+        The owner's buffer stays mapped in ``state`` for the next session.
+        """
+        view = engine_mappings(state).map(self.region)
+        return Bucket(view, self.index, self.checksum, region=self.region)
 
 
 class SharedSnapshotTransport:
