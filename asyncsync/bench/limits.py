@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 
 from ..buckets import checksum
+from ..engines.tensors import copy_threads
 
 __all__ = [
     "DeviceLimits",
@@ -34,12 +36,17 @@ class HostLimits:
     ``copy_gbps``: ``tensor.copy_`` into an already touched buffer (the copy
     limit). ``fresh_copy_gbps``: the same into a freshly allocated buffer (page
     faults included). ``checksum_gbps``: xxh3-64 of a buffer.
+    ``parallel_copy_gbps``: the same copy cut into ``copy_threads`` equal parts,
+    each copied by its own thread at once (the bytes of all of them per second):
+    what a second core adds when memory bandwidth is the limit.
     """
 
     nbytes: int
     copy_gbps: float
     fresh_copy_gbps: float
     checksum_gbps: float
+    parallel_copy_gbps: float = 0.0
+    copy_threads: int = 1
 
 
 @dataclass(frozen=True)
@@ -149,8 +156,21 @@ class LimitsProbe:
             start = time.perf_counter()
             checksum(array)
             sums.append(time.perf_counter() - start)
+        threads = copy_threads()
+        parts = list(zip(dst.chunk(threads), src.chunk(threads), strict=True))
+        parallel = []
+        with ThreadPoolExecutor(threads) as pool:
+            for _ in range(reps):
+                start = time.perf_counter()
+                list(pool.map(lambda part: part[0].copy_(part[1]), parts))
+                parallel.append(time.perf_counter() - start)
         return HostLimits(
-            nbytes, _best_gbps(nbytes, copies), _best_gbps(nbytes, fresh), _best_gbps(nbytes, sums)
+            nbytes,
+            _best_gbps(nbytes, copies),
+            _best_gbps(nbytes, fresh),
+            _best_gbps(nbytes, sums),
+            _best_gbps(nbytes, parallel),
+            threads,
         )
 
     def busy_copy(self, nbytes: int, seconds: float) -> int:

@@ -185,6 +185,9 @@ def _limits_section(result: BenchResult) -> list[str]:
         f"| `copy_` into a fresh buffer (page faults) "
         f"| {h0.fresh_copy_gbps:.2f} GB/s | {h1.fresh_copy_gbps:.2f} GB/s |",
         f"| xxh3-64 checksum | {h0.checksum_gbps:.2f} GB/s | {h1.checksum_gbps:.2f} GB/s |",
+        f"| `copy_` split over {h0.copy_threads} threads at once (engine apply's "
+        f"`copy_into`), bytes of all per second "
+        f"| {h0.parallel_copy_gbps:.2f} GB/s | {h1.parallel_copy_gbps:.2f} GB/s |",
         f"| `ray.put` of a numpy buffer: best of 8 / first (fresh store pages) | "
         f"{s.put_gbps:.2f} / {s.put_fresh_gbps:.2f} GB/s | |",
         f"| `ray.get` + copy out, other process | {s.get_copy_gbps:.2f} GB/s | |",
@@ -215,7 +218,10 @@ def _limits_section(result: BenchResult) -> list[str]:
         "a fraction of *one copy*;",
         "- **same-node session to k engines**: no payload moves (each engine maps the "
         "snapshot); each engine verifies it (one checksum pass) and copies it into its weights "
-        "(one copy), the cores sharing the work: `k x (model/checksum + model/copy) / cores`;",
+        "(one copy), up to one engine per core at once: "
+        "`k x (model/checksum + model/copy) / min(k, cores)`; one engine's limit is one "
+        "checksum pass then one copy, whatever the cores (compare the split copy above: "
+        "where memory bandwidth is the limit, a second thread adds little);",
         "- **trainer stall**: against the pure copy time of the model (the least a build takes).",
         "",
         "| model | one copy ms | one checksum ms | build limit (fused) ms "

@@ -64,9 +64,12 @@ class Limits:
     one thread, each chunk hashed while still in the CPU cache), ``copy_s`` as
     "one copy". A same-node session to ``k`` engines moves no payload; each engine
     verifies what it maps (one checksum pass) and copies it into its weights (one
-    copy), and the machine's ``cores`` share that work: ``k * (hash_s + copy_s) /
-    cores``. The trainer's stall is held against ``copy_s``, the least a build can
-    take.
+    copy), and up to ``cores`` engines do so at once: ``k * (hash_s + copy_s) /
+    min(k, cores)``. One engine's share is one checksum pass and one copy, serial
+    (``hash_s + copy_s``): the issue's "verify once, copy once" limit; the bench
+    measures that more threads of one process copy no faster on a machine whose
+    memory bandwidth one core fills. The trainer's stall is held against
+    ``copy_s``, the least a build can take.
     """
 
     nbytes: int
@@ -88,8 +91,8 @@ class Limits:
         return max(self.copy_s, self.hash_s)
 
     def session_s(self, engines: int) -> float:
-        """A same-node session to ``engines`` engines: each verifies and copies, on ``cores``."""
-        return engines * (self.hash_s + self.copy_s) / self.cores
+        """A same-node session to ``engines`` engines, up to ``cores`` of them at once."""
+        return engines * (self.hash_s + self.copy_s) / max(1, min(engines, self.cores))
 
 
 def limits(result: BenchResult, nbytes: int) -> Limits:
