@@ -369,9 +369,10 @@ def _add_demo(sub: Any) -> None:
     demo.add_argument(
         "--transport",
         choices=TRANSPORTS,
-        default="object_store",
-        help="how buckets reach the engines: Ray's object store, or shared memory "
-        "files on this node (default: %(default)s)",
+        default="auto",
+        help="how buckets reach the engines: auto (the trainer's shared snapshot for "
+        "engines on its node, the object store for the others), the object store for all, "
+        "or the shared snapshot for all (same node only) (default: %(default)s)",
     )
     demo.add_argument(
         "--staleness",

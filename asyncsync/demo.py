@@ -52,7 +52,7 @@ __all__ = [
 ]
 
 SIZES = ("tiny", "small")
-TRANSPORTS = ("object_store", "shm")
+TRANSPORTS = ("auto", "object_store", "shm")
 # Tokens per generation. A commit waits for the generations in flight on that
 # engine, so long generations make the engines slower to take new weights than
 # the trainer is to build them: the next build then starts while a session
@@ -225,7 +225,7 @@ async def _generate_forever(
 async def run_demo(
     steps: int = 12,
     size: str = "small",
-    transport: str = "object_store",
+    transport: str = "auto",
     staleness: int = 1,
     console: Any = None,
 ) -> DemoResult:
