@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 import torch
+from _memfd import held_buffers, mapped_buffers
 
 from asyncsync import SessionError
 from asyncsync.actor import WeightSyncActor, train_actor
@@ -115,62 +116,20 @@ class FaultyEngine(HFEngine):
         return self.receives_running
 
 
-def snapshot_mappings(pid: int) -> list[str]:
-    """Shared snapshot buffers (``/memfd:asyncsync-*``) that process ``pid`` maps now.
+async def engine_mappings(engines: dict[str, Any]) -> dict[str, list[str]]:
+    """Per engine, the snapshot buffers (tokens) it maps now (only engines that map some).
 
     An engine keeps the train actor's buffers mapped between sessions (no memory
     of its own: the pages are the owner's), but none that no process holds any
     more: see :func:`stale_mappings`.
     """
-    with open(f"/proc/{pid}/maps") as maps:
-        names = {
-            line.split("/memfd:", 1)[1].split()[0] for line in maps if "/memfd:asyncsync-" in line
-        }
-    return sorted(names)
-
-
-async def engine_mappings(engines: dict[str, Any]) -> dict[str, list[str]]:
-    """Per engine, the snapshot buffers it still maps (only engines that map some)."""
     out = {}
     for name, engine in engines.items():
         info = await engine.engine_info.remote()
-        mapped = snapshot_mappings(info.pid)
+        mapped = sorted(mapped_buffers(info.pid))
         if mapped:
             out[name] = mapped
     return out
-
-
-def trainer_buffers(pid: int) -> list[tuple[str, int]]:
-    """The snapshot buffers process ``pid`` holds open: (name, fd)."""
-    out = []
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            link = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue  # closed meanwhile
-        if link.startswith("/memfd:asyncsync-"):
-            out.append((link.removeprefix("/memfd:").split()[0], int(fd)))
-    return out
-
-
-def held_buffers() -> set[str]:
-    """Snapshot buffers some process on this machine holds open (an owner's fd)."""
-    held = set()
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except OSError:
-            continue  # exited, or not ours to read
-        for fd in fds:
-            try:
-                link = os.readlink(f"/proc/{pid}/fd/{fd}")
-            except OSError:
-                continue
-            if link.startswith("/memfd:asyncsync-"):
-                held.add(link.removeprefix("/memfd:").split()[0])
-    return held
 
 
 async def stale_mappings(engines: dict[str, Any]) -> dict[str, list[str]]:
@@ -229,6 +188,5 @@ __all__ = [
     "engine_class",
     "engine_mappings",
     "make_engine",
-    "snapshot_mappings",
     "trainer_class",
 ]

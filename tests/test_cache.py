@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+from _memfd import mapped_buffers, open_buffers
 
 from asyncsync import BucketCache, Snapshot
 from asyncsync.buckets import checksum
@@ -25,7 +26,7 @@ from asyncsync.errors import (
     TornSnapshotError,
     WrongLoopError,
 )
-from asyncsync.sharedmem import NAME_PREFIX, SharedBuffer, map_region
+from asyncsync.sharedmem import SharedBuffer, map_region
 
 KIB = 1024
 
@@ -353,19 +354,6 @@ async def test_repr_summarises_state() -> None:
 # --------------------------------------------------------------------- shared-memory buffers
 
 
-def open_buffers() -> set[str]:
-    """Tokens of the asyncsync shared buffers this process holds an fd of."""
-    out = set()
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            link = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            continue
-        if link.startswith("/memfd:" + NAME_PREFIX):
-            out.add(link.removeprefix("/memfd:" + NAME_PREFIX).split()[0])
-    return out
-
-
 def tokens(snap: Snapshot) -> set[str]:
     return {b.region.token for b in snap.buckets if b.region is not None}
 
@@ -392,56 +380,46 @@ async def test_every_bucket_names_its_shared_memory_and_maps_back_equal() -> Non
     await cache.close()
 
 
-def mapped() -> set[str]:
-    """Tokens of the asyncsync shared buffers mapped into this process."""
-    with open("/proc/self/maps") as f:
-        return {
-            line.split("/memfd:" + NAME_PREFIX, 1)[1].split()[0]
-            for line in f
-            if "/memfd:" + NAME_PREFIX in line
-        }
-
-
 async def test_buffers_the_pool_cannot_keep_are_unmapped_and_their_fds_closed() -> None:
     model = 6 * 4 * KIB
     cache = BucketCache(bucket_bytes=8 * KIB, prefault_pool=False)
-    before = open_buffers()
+    before = set(open_buffers())
     await publish(cache, 0)
     async with cache.read() as snap0:
         for step in (1, 2, 3):  # 0 is pinned: its buffers cannot be reused
             await publish(cache, step)
         old = tokens(snap0)
         # Ready 3, pool (2's buffers), pinned 0.
-        assert len(open_buffers() - before) == 9
+        assert len(set(open_buffers()) - before) == 9
         assert cache.stats().resident_bytes == 3 * model
     del snap0
     # Unpinned while the pool already holds a snapshot's worth: 0's buffers are dropped.
     assert cache.stats().resident_bytes == 2 * model
     await settle(cache)
-    assert not old & open_buffers()
-    assert not old & mapped()
+    assert not old & set(open_buffers())
+    assert not old & mapped_buffers()
     await cache.close()
-    assert not open_buffers() - before
+    assert not set(open_buffers()) - before
     assert cache.stats().resident_bytes == 0
 
 
 async def test_close_frees_pool_and_ready_snapshot_but_not_a_pinned_one() -> None:
     model = 6 * 4 * KIB
     cache = BucketCache(bucket_bytes=8 * KIB)
-    before = open_buffers()
+    before = set(open_buffers())
     await publish(cache, 0)
     async with cache.read() as snap0:
         await publish(cache, 1)
         await settle(cache)
         held = tokens(snap0)
-        assert len(open_buffers() - before) == 9  # pinned 0, ready 1, pre-faulted pool
+        assert len(set(open_buffers()) - before) == 9  # pinned 0, ready 1, pre-faulted pool
         await cache.close()
         # Closed: the pool and the unpinned ready snapshot are freed; pinned 0 stays whole.
-        assert open_buffers() - before == held
+        assert set(open_buffers()) - before == held
         assert_whole_step(list(snap0.named_tensors()), 0)
         assert cache.stats().resident_bytes == model
     await settle(cache)
-    assert not open_buffers() - before
+    assert not set(open_buffers()) - before
     assert cache.stats().resident_bytes == 0
     assert cache.ready_step == 1  # still reported after close
 

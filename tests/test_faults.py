@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import stat
 from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 
@@ -34,6 +33,7 @@ from _actors import (
     engine_mappings,
     trainer_class,
 )
+from _memfd import open_buffers
 from _waits import WAIT_S, eventually, within
 
 from asyncsync import SessionError, SessionTimeoutError
@@ -335,7 +335,7 @@ async def test_shared_snapshot_buffers_in_flight_are_private_and_unguessable(rig
         await rig.publish()
         session = rig.trainer.run_sync_session.remote(SyncPlan(rig.engines, transport="shm"))
         await wait_for_open_session(rig.engines["e0"])
-        owned = _snapshot_fds(rig.pid)
+        owned = open_buffers(rig.pid)
         mapped = await within(engine_mappings(rig.engines))
         report = await within(session)
     finally:
@@ -345,23 +345,8 @@ async def test_shared_snapshot_buffers_in_flight_are_private_and_unguessable(rig
     for name, mode in owned.items():
         assert mode == 0o600, (name, oct(mode))
         # 64 random bits name a buffer (access itself needs the owner's uid).
-        assert re.fullmatch(r"[0-9a-f]{16,}", name.removeprefix("asyncsync-")), name
+        assert re.fullmatch(r"[0-9a-f]{16,}", name), name
     # What the engines mapped mid-session are the train actor's own buffers.
     assert mapped and all(set(m) <= set(owned) for m in mapped.values()), (mapped, owned)
     assert shm_files() == []
     await assert_no_stale_mappings(rig.engines)
-
-
-def _snapshot_fds(pid: int) -> dict[str, int]:
-    """The train actor's snapshot memfds: name -> permission bits."""
-    owned = {}
-    fd_dir = f"/proc/{pid}/fd"
-    for fd in os.listdir(fd_dir):
-        try:
-            link = os.readlink(os.path.join(fd_dir, fd))
-            if link.startswith("/memfd:asyncsync-"):
-                name = link.removeprefix("/memfd:").split()[0]
-                owned[name] = stat.S_IMODE(os.stat(os.path.join(fd_dir, fd)).st_mode)
-        except FileNotFoundError:
-            continue  # closed meanwhile
-    return owned

@@ -17,9 +17,9 @@ from _actors import (
     assert_no_stale_mappings,
     engine_class,
     engine_mappings,
-    trainer_buffers,
     trainer_class,
 )
+from _memfd import open_buffers
 
 from asyncsync.coordinator import SyncCoordinator
 from asyncsync.session import SyncPlan
@@ -90,7 +90,7 @@ async def test_transport_delivers_bit_identical_weights_to_two_engines(
         # Engines keep the train actor's buffers mapped for the next session: only
         # buffers it still holds, and what receiver_stats reports.
         pid = await rig.trainer.pid.remote()
-        owned = {name for name, _ in trainer_buffers(pid)}
+        owned = set(open_buffers(pid))
         for name, engine in rig.engines.items():
             mapped = set((await engine_mappings({name: engine})).get(name, []))
             assert mapped and mapped <= owned, (name, mapped, owned)

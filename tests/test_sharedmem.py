@@ -15,33 +15,11 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from _memfd import mapped_buffers, open_buffers
 
 from asyncsync.buckets import checksum
 from asyncsync.errors import SharedMemoryError
 from asyncsync.sharedmem import NAME_PREFIX, SharedBuffer, SharedMappings, SharedRegion, map_region
-
-
-def memfd_links() -> set[str]:
-    """This process's open fds that name an asyncsync buffer."""
-    out = set()
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            link = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            continue
-        if link.startswith("/memfd:" + NAME_PREFIX):
-            out.add(link)
-    return out
-
-
-def mapped_buffers() -> set[str]:
-    """Tokens of the asyncsync buffers mapped into this process."""
-    with open("/proc/self/maps") as f:
-        return {
-            line.split("/memfd:" + NAME_PREFIX, 1)[1].split()[0]
-            for line in f
-            if "/memfd:" + NAME_PREFIX in line
-        }
 
 
 def pattern(n: int, seed: int = 1) -> np.ndarray:
@@ -86,7 +64,7 @@ def test_region_maps_read_only_with_the_owners_bytes_and_survives_release() -> N
     del view
     gc.collect()
     assert buffer.token not in mapped_buffers()
-    assert not any(buffer.token in link for link in memfd_links())
+    assert buffer.token not in open_buffers()
 
 
 def test_empty_region_and_bad_ranges() -> None:
@@ -186,11 +164,11 @@ def test_read_only_view_pickles_by_value() -> None:
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="page-locking works with CUDA")
 def test_page_locking_without_cuda_is_a_typed_error_and_leaks_nothing() -> None:
-    before = memfd_links()
+    before = set(open_buffers())
     with pytest.raises(SharedMemoryError, match=rf"cannot page-lock shared buffer {NAME_PREFIX}"):
         SharedBuffer.allocate(1 << 20, pin_memory=True)
     gc.collect()
-    assert memfd_links() == before
+    assert set(open_buffers()) == before
 
 
 # ------------------------------------------------------------ kept maps (engine side)
