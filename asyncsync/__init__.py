@@ -46,10 +46,12 @@ from .errors import (
 
 if TYPE_CHECKING:
     from .actor import WeightSyncActor, cache_method, train_actor
+    from .client import Deadlines
     from .coordinator import SyncCoordinator
     from .fleet import EngineFleet, EngineState, FleetView, Health
-    from .receiver import EngineInfo, ReceiverStats, StagingReceiver
-    from .session import SyncPlan, SyncReport, TargetReport
+    from .plan import EngineReport, Outcome, SyncPlan, SyncReport
+    from .protocol import EngineInfo, Receiver, ReceiverStats
+    from .receiver import StagingReceiver
 
 # Names of the train, session and engine sides: imported on first use, so that the
 # buckets, the cache, shared memory and the errors work in a process without Ray.
@@ -62,12 +64,15 @@ _LAZY = {
     "EngineState": "fleet",
     "FleetView": "fleet",
     "Health": "fleet",
-    "EngineInfo": "receiver",
-    "ReceiverStats": "receiver",
+    "Deadlines": "client",
+    "EngineInfo": "protocol",
+    "Receiver": "protocol",
+    "ReceiverStats": "protocol",
     "StagingReceiver": "receiver",
-    "SyncPlan": "session",
-    "SyncReport": "session",
-    "TargetReport": "session",
+    "EngineReport": "plan",
+    "Outcome": "plan",
+    "SyncPlan": "plan",
+    "SyncReport": "plan",
 }
 
 
@@ -107,13 +112,16 @@ __all__ = [
     "SyncCoordinator",
     "SyncPlan",
     "SyncReport",
-    "TargetReport",
+    "EngineReport",
+    "Outcome",
+    "Deadlines",
     # fleet: the engines, their health and versions, every call to them
     "EngineFleet",
     "EngineState",
     "FleetView",
     "Health",
-    # engine side: the receiver protocol
+    # engine side: the protocol, and the base class that implements it
+    "Receiver",
     "EngineInfo",
     "ReceiverStats",
     "StagingReceiver",

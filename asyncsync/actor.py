@@ -38,13 +38,15 @@ from typing import Any, ClassVar, TypeVar
 
 import torch
 
-from ._checks import is_number
 from .buckets import tensor_digest
 from .cache import DEFAULT_BUCKET_BYTES, BucketCache, CacheStats
+from .client import Deadlines
 from .errors import ActorDefinitionError, AdmissionError, CacheClosedError, ConfigError
 from .fleet import EngineFleet, EngineState, FleetView, Health
+from .keeper import FleetKeeper
+from .plan import PER_ENGINE, SyncPlan, SyncReport
 from .receiver import current_node
-from .session import SyncPlan, SyncReport, run_session
+from .session import run_session
 from .spans import Span, SpanLog
 from .transport import Transport, backend
 
@@ -116,10 +118,15 @@ class WeightSyncActor:
         max_resident_bytes: bound on the cache's host memory (``None``: unbounded).
         transport_options: per-transport keyword arguments, e.g.
             ``{"collective": {"timeout_s": 60}}``.
-        fleet_probe_interval_s: how often the fleet probes its engines (restarts,
-            deaths) and catches up those that are not serving.
-        engine_call_timeout_s: bound on each control call to an engine (probe,
-            begin, set-up).
+        deadlines: every bound on a call to an engine (control calls, aborts,
+            probes and how often the fleet probes its engines); see
+            :class:`~asyncsync.client.Deadlines`.
+        catch_up_plan: what the fleet's catch-up sessions do (transport,
+            ``cross_node``, ``timeout_s``, ``pin_timeout_s``,
+            ``max_inflight_buckets``; its ``max_updating`` bounds how many engines
+            are caught up at once). It must leave ``engines`` and ``min_step``
+            unset (a catch-up sends the newest ready step to one engine) and is
+            run ``per_engine``. Default: ``SyncPlan(policy="per_engine")``.
 
     Create it with :func:`train_actor`, which sets ``max_concurrency`` and tells the
     instance how many sessions it may admit (:class:`ActorSlots`).
@@ -133,15 +140,19 @@ class WeightSyncActor:
         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
         max_resident_bytes: int | None = None,
         transport_options: dict[str, dict[str, Any]] | None = None,
-        fleet_probe_interval_s: float = 2.0,
-        engine_call_timeout_s: float = 60.0,
+        deadlines: Deadlines | None = None,
+        catch_up_plan: SyncPlan | None = None,
     ) -> None:
-        for option, value in (
-            ("fleet_probe_interval_s", fleet_probe_interval_s),
-            ("engine_call_timeout_s", engine_call_timeout_s),
-        ):
-            if not is_number(value) or not value > 0:
-                raise ConfigError(f"{option} must be positive seconds, got {value!r}")
+        if deadlines is not None and not isinstance(deadlines, Deadlines):
+            raise ConfigError(f"deadlines must be a Deadlines, got {deadlines!r}"[:200])
+        catch_up_plan = catch_up_plan or SyncPlan(policy=PER_ENGINE)
+        if not isinstance(catch_up_plan, SyncPlan):
+            raise ConfigError(f"catch_up_plan must be a SyncPlan, got {catch_up_plan!r}"[:200])
+        if catch_up_plan.engines is not None or catch_up_plan.min_step is not None:
+            raise ConfigError(
+                "catch_up_plan must leave engines and min_step unset: a catch-up sends the "
+                "newest ready step to the one engine that needs it"
+            )
         if transport_options is not None and not (
             isinstance(transport_options, dict)
             and all(isinstance(o, dict) for o in transport_options.values())
@@ -152,10 +163,15 @@ class WeightSyncActor:
             )
         self.weight_cache = BucketCache(bucket_bytes, max_resident_bytes)
         self.sync_span_log = SpanLog()
-        self.fleet = EngineFleet(
-            call_timeout_s=engine_call_timeout_s, probe_interval_s=fleet_probe_interval_s
+        self.deadlines = deadlines or Deadlines()
+        self.fleet = EngineFleet(deadlines=self.deadlines)
+        self.catch_up_plan = dataclasses.replace(catch_up_plan, policy=PER_ENGINE, min_engines=1)
+        self.keeper = FleetKeeper(
+            self.fleet,
+            self._catch_up,
+            lambda: self.weight_cache.ready_step,
+            max_updating=self.catch_up_plan.max_updating,
         )
-        self._engine_call_timeout_s = engine_call_timeout_s
         self._transport_options = dict(transport_options or {})
         self._transports: dict[str, Transport] = {}
         for name, options in self._transport_options.items():
@@ -170,8 +186,6 @@ class WeightSyncActor:
                 ) from exc
         self._sessions_in_flight = 0
         self._sessions_refused = 0
-        # The options of the last session sent to the fleet: catch-ups reuse them.
-        self._fleet_plan = SyncPlan()
         # Sessions' work that outlives their call (stragglers, commits still applying).
         self._background: set[asyncio.Task[None]] = set()
         # Tasks running run_sync_session now: close() ends them before it closes
@@ -212,7 +226,7 @@ class WeightSyncActor:
     async def run_sync_session(self, plan: SyncPlan) -> SyncReport:
         """Stream the newest ready snapshot >= ``plan.min_step`` to the engines.
 
-        ``plan.targets=None`` syncs this actor's fleet (see :meth:`fleet_add`);
+        ``plan.engines=None`` syncs this actor's fleet (see :meth:`fleet_add`);
         a mapping runs an ad-hoc session to those engines. Commit semantics follow
         ``plan.policy`` (see :mod:`asyncsync.session`); the report's ``step`` is the
         step actually sent. Raises :class:`~asyncsync.AdmissionError` at once when
@@ -223,18 +237,12 @@ class WeightSyncActor:
         if not isinstance(plan, SyncPlan):
             raise ConfigError(f"run_sync_session takes a SyncPlan, got {type(plan).__name__}")
         with self._admitted(), self._closable():
-            if plan.targets is None:
-                self._fleet_plan = plan
-                self._start_keeper()
+            if plan.engines is None:
+                self.keeper.start()
                 fleet, names = self.fleet, None
             else:
-                fleet = EngineFleet(
-                    plan.targets,
-                    initial=Health.SERVING,
-                    call_timeout_s=self._engine_call_timeout_s,
-                    abort_timeout_s=plan.abort_timeout_s,
-                )
-                names = list(plan.targets)
+                fleet = EngineFleet(plan.engines, initial=Health.SERVING, deadlines=self.deadlines)
+                names = list(plan.engines)
             return await run_session(
                 self.weight_cache,
                 plan,
@@ -274,7 +282,7 @@ class WeightSyncActor:
         """
         self._check_open()
         state = await self.fleet.add(name, engine)
-        self._start_keeper()
+        self.keeper.start()
         return state
 
     async def fleet_remove(self, name: str) -> EngineState:
@@ -301,7 +309,8 @@ class WeightSyncActor:
         if self._closed:
             return
         self._closed = True
-        await self.fleet.close()
+        self.fleet.close()
+        await self.keeper.close()
         sessions = list(self._session_tasks)
         for task in sessions:
             task.cancel()
@@ -363,22 +372,11 @@ class WeightSyncActor:
         if self._closed:
             raise CacheClosedError("the train actor was closed; it runs no more sessions")
 
-    def _start_keeper(self) -> None:
-        self.fleet.start(self._catch_up, lambda: self.weight_cache.ready_step)
-
     async def _catch_up(self, name: str) -> None:
         """Bring one engine of the fleet to the newest ready step (run by the fleet's keeper)."""
-        plan = dataclasses.replace(
-            self._fleet_plan,
-            targets=None,
-            min_step=None,
-            policy="per_engine",
-            min_engines=1,
-            max_updating=None,
-        )
         await run_session(
             self.weight_cache,
-            plan,
+            self.catch_up_plan,
             self.fleet,
             self._transport,
             names=[name],

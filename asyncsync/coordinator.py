@@ -13,7 +13,7 @@ What the engines serve is the fleet's view, as the engines report it
 serves. Under ``policy="per_engine"`` an engine that fails or lags is quarantined or
 left catching up in the background, out of that minimum, so it never holds the
 train loop back. A session that fails naming an engine it took out of serving
-(under ``policy="fleet"``, any engine at fault; under ``per_engine``, a
+(under ``policy="all_or_nothing"``, any engine at fault; under ``per_engine``, a
 :class:`~asyncsync.QuorumError`) is retried at once without that engine, at most
 as many times in a row as the fleet has engines; other errors are raised.
 
@@ -33,16 +33,16 @@ and every later call raises it.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 from . import aio
 from ._primitives import Signal
 from .errors import ConfigError, CoordinatorClosedError, InvalidStepError, SessionError
 from .fleet import EngineState, FleetView, Health
-from .session import SyncPlan, SyncReport
+from .plan import SyncPlan, SyncReport
 
 __all__ = ["SyncCoordinator"]
 
@@ -62,9 +62,10 @@ class SyncCoordinator:
         cancel_wait_s: when a session is cancelled from the driver, how long to wait
             for the remote session to finish aborting before the cancellation
             propagates anyway.
-        plan_options: further :class:`~asyncsync.SyncPlan` fields for every session
-            (``policy``, ``min_engines``, ``max_updating``, ``transport``,
-            ``timeout_s``, ...); checked here.
+        plan: what every session does (``policy``, ``min_engines``,
+            ``max_updating``, ``transport``, ``timeout_s``, ...); it must leave
+            ``engines`` and ``min_step`` unset: the coordinator syncs the train
+            actor's fleet and sends the newest built step. ``None``: ``SyncPlan()``.
 
     Use from one event loop. Errors of background sessions are raised from the
     next :meth:`after_build` or :meth:`drain`.
@@ -77,21 +78,18 @@ class SyncCoordinator:
         *,
         staleness: int = 1,
         cancel_wait_s: float = 30.0,
-        **plan_options: Any,
+        plan: SyncPlan | None = None,
     ) -> None:
         if isinstance(staleness, bool) or not isinstance(staleness, int) or staleness < 0:
             raise ConfigError(f"staleness must be an int >= 0, got {staleness!r}")
-        if "targets" in plan_options or "min_step" in plan_options:
+        plan = SyncPlan() if plan is None else plan
+        if not isinstance(plan, SyncPlan):
+            raise ConfigError(f"SyncCoordinator plan must be a SyncPlan, got {plan!r}"[:200])
+        if plan.engines is not None or plan.min_step is not None:
             raise ConfigError(
-                "SyncCoordinator chooses targets (its fleet) and min_step (the newest "
-                "built step) itself; pass engines= instead"
-            )
-        fields = {f.name for f in dataclasses.fields(SyncPlan)} - {"targets", "min_step"}
-        unknown = sorted(set(plan_options) - fields)
-        if unknown:
-            raise ConfigError(
-                f"SyncCoordinator got unknown option(s) {unknown}; SyncPlan options are "
-                f"{sorted(fields)}"
+                "SyncCoordinator chooses the engines (the train actor's fleet) and min_step "
+                "(the newest built step) itself: leave them unset in its plan and pass "
+                "engines= to the coordinator instead"
             )
         if (
             isinstance(cancel_wait_s, bool)
@@ -111,7 +109,7 @@ class SyncCoordinator:
                 f"trainer must be the handle of a train actor (see train_actor), got "
                 f"{type(trainer).__name__} with no run_sync_session"
             )
-        self.plan = SyncPlan(**plan_options)  # every option checked now
+        self.plan = plan
         self.trainer = trainer
         self.staleness = staleness
         self.cancel_wait_s = cancel_wait_s
@@ -176,7 +174,7 @@ class SyncCoordinator:
         """
         self._check_open()
         await self._join_engines()
-        plan = dataclasses.replace(self.plan, min_step=min_step)
+        plan = replace(self.plan, min_step=min_step)
         task = asyncio.current_task()
         ended = asyncio.Event()
         if task is not None:
@@ -291,7 +289,7 @@ class SyncCoordinator:
                 try:
                     report = await self.sync(min_step=self._latest_built)
                     failures = 0
-                    if not report.targets:
+                    if not report.engines:
                         # Every engine is driven by another session right now.
                         await asyncio.sleep(_BUSY_RETRY_S)
                 except SessionError as exc:

@@ -1,12 +1,13 @@
-"""The fleet: the engines a train actor keeps in sync, and every call made to them.
+"""The fleet: the engines a train actor keeps in sync, and what each one serves.
 
 An :class:`EngineFleet` lives on the train actor's event loop. It holds each
 engine's handle and what the engine itself last reported (:class:`EngineInfo`:
 incarnation, node, served version) plus a health:
 
 ``serving``       in routing; normal sessions bring it the newest step
-``catching_up``   new, restarted, or left behind by a session that went on without
-                  it; a catch-up session brings it the newest ready step first
+``catching_up``   new, restarted (or restarting), or left behind by a session that
+                  went on without it; a catch-up session brings it the newest ready
+                  step first
 ``quarantined``   failed, hung or unreachable; out of routing until a catch-up
                   session (retried with back-off) brings it the newest ready step
 ``gone``          died for good (Ray will not restart it); removed engines leave
@@ -18,17 +19,16 @@ engines serve which version" at any time, so an orchestrator can route
 version-pinned requests and keep an engine out of routing until its weights are
 there.
 
-Every call to an engine goes through :meth:`EngineFleet.call`: bounded in time,
-the remote call cancelled when its waiter is cancelled, and any failure (an engine
-that died, hung, raised, or is not a receiver at all) raised as a
-:class:`~asyncsync.SessionError` (inside a session) or
-:class:`~asyncsync.FleetError` (outside one) that names the engine.
+Every call to an engine goes through the fleet's :attr:`EngineFleet.client`
+(:class:`~asyncsync.client.EngineClient`). The first call to an engine that fails
+because the engine is unreachable (dead, restarting, or silent past its bound)
+takes it out of routing at once, whoever made the call; a call the engine answered
+with an error leaves the verdict to the session that made it.
 
 Membership changes at runtime (:meth:`EngineFleet.add`, :meth:`EngineFleet.remove`)
-while sessions run. With a keeper started (:meth:`EngineFleet.start`, done by the
-train actor), the fleet probes its engines every ``probe_interval_s``, notices
-restarts (a new incarnation) and deaths, and runs catch-up sessions for engines
-that are not serving.
+while sessions run. The train actor's :class:`~asyncsync.keeper.FleetKeeper`
+probes the engines, notices restarts (a new incarnation) and deaths, and runs
+catch-up sessions for engines that are not serving.
 """
 
 from __future__ import annotations
@@ -37,23 +37,15 @@ import asyncio
 import dataclasses
 import enum
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._checks import is_number
-from ._primitives import shielded
-from .errors import (
-    ConfigError,
-    FleetError,
-    SessionError,
-    SessionTimeoutError,
-    first_session_error,
-    last_line,
-)
-from .receiver import EngineInfo
+from .client import Deadlines, EngineClient
+from .errors import ConfigError, FleetError, last_line
+from .protocol import EngineInfo
 
-__all__ = ["EngineFleet", "EngineState", "FleetView", "Health", "SessionTag"]
+__all__ = ["EngineFleet", "EngineState", "FleetView", "Health"]
 
 _MAX_BACKOFF_S = 30.0
 
@@ -114,19 +106,6 @@ class FleetView:
         return f"<FleetView {' '.join(parts)}>"
 
 
-@dataclass(frozen=True)
-class SessionTag:
-    """Names the session a call belongs to, for errors (``None`` fields: not known)."""
-
-    session_id: str | None = None
-    step: int | None = None
-
-    def prefix(self) -> str:
-        if self.session_id is None:
-            return ""
-        return f"session {self.session_id} (step {self.step}): "
-
-
 @dataclass(eq=False)
 class _Member:
     name: str
@@ -158,18 +137,16 @@ class _Member:
 
 
 class EngineFleet:
-    """The engines of a train actor (or of one ad-hoc session) and every call to them.
+    """The engines of a train actor (or of one ad-hoc session) and their health.
 
     Args:
-        engines: initial members, name -> Ray actor handle of a receiver. They
+        engines: initial members, name -> Ray actor handle of an engine. They
             start as ``initial`` health without a probe (call :meth:`refresh` to
             learn their node and version).
         initial: health of the initial members (``catching_up`` for a fleet that
             must bring them to the newest step first; ``serving`` for an ad-hoc
-            session's targets).
-        call_timeout_s: bound on control calls (probe, begin, abort, set-up).
-        abort_timeout_s: bound on delivering ``abort`` after a failure.
-        probe_interval_s: how often the keeper probes every engine.
+            session's engines).
+        deadlines: the bounds of every call to the engines (the train actor's).
 
     Use from one event loop (the train actor's).
     """
@@ -179,9 +156,7 @@ class EngineFleet:
         engines: Mapping[str, Any] | None = None,
         *,
         initial: Health = Health.CATCHING_UP,
-        call_timeout_s: float = 60.0,
-        abort_timeout_s: float = 10.0,
-        probe_interval_s: float = 2.0,
+        deadlines: Deadlines | None = None,
     ) -> None:
         if engines is not None and not isinstance(engines, Mapping):
             raise FleetError(
@@ -190,29 +165,19 @@ class EngineFleet:
             )
         if not isinstance(initial, Health):
             raise ConfigError(f"EngineFleet initial must be a Health, got {initial!r}")
-        for option, value in (
-            ("call_timeout_s", call_timeout_s),
-            ("abort_timeout_s", abort_timeout_s),
-            ("probe_interval_s", probe_interval_s),
-        ):
-            if not is_number(value) or not value > 0:
-                raise ConfigError(f"EngineFleet {option} must be positive seconds, got {value!r}")
+        if deadlines is not None and not isinstance(deadlines, Deadlines):
+            raise ConfigError(f"EngineFleet deadlines must be a Deadlines, got {deadlines!r}")
         now = time.time()
-        self.call_timeout_s = call_timeout_s
-        self.abort_timeout_s = abort_timeout_s
-        self.probe_interval_s = probe_interval_s
-        # A probe is one small call: an engine that cannot answer it within a few
-        # probe intervals is hung for routing purposes (and must not hold the
-        # keeper's round, and every catch-up, for a whole call timeout).
-        self.probe_timeout_s = min(call_timeout_s, max(5.0, 5 * probe_interval_s))
+        self.deadlines = deadlines or Deadlines()
+        self.client = EngineClient(self.handle, self.deadlines, on_failure=self._call_failed)
+        """Every call to these engines goes through this client."""
         self._members: dict[str, _Member] = {}
         for name, handle in (engines or {}).items():
             _check_name(name)
             self._members[name] = _Member(name, handle, initial, now)
-        self._keeper: asyncio.Task[None] | None = None
-        self._catch_ups: dict[str, asyncio.Task[None]] = {}
-        self._wake = asyncio.Event()
-        self._closed = False
+        # Set whenever an engine may need a catch-up (the keeper waits on it).
+        self.wake = asyncio.Event()
+        self.closed = False
 
     def __repr__(self) -> str:
         return f"<EngineFleet {self.view()!r}>"
@@ -250,23 +215,27 @@ class EngineFleet:
         the engine cannot be reached or is not a receiver; the fleet is unchanged.
         """
         _check_name(name)
-        if self._closed:
+        if self.closed:
             raise FleetError(f"cannot add engine {name!r}: the fleet is closed")
         existing = self._members.get(name)
         if existing is not None:
             if existing.handle == handle:
                 return existing.state()
             raise FleetError(f"engine name {name!r} is already used by another handle")
-        member = _Member(name, handle, Health.CATCHING_UP, time.time())
-        member.info = await self._call(member, "engine_info", (), self.call_timeout_s, "probe")
-        if name in self._members:  # added concurrently while we probed
-            raise FleetError(f"engine name {name!r} was added concurrently")
+        probe = EngineClient.of({name: handle}, self.deadlines)
+        info = await probe.engine_info(name, probe=False)
+        existing = self._members.get(name)  # added concurrently while we probed?
+        if existing is not None:
+            if existing.handle == handle:
+                return existing.state()
+            raise FleetError(f"engine name {name!r} was added with another handle meanwhile")
+        member = _Member(name, handle, Health.CATCHING_UP, time.time(), info=info)
         self._members[name] = member
         member.reason = "joined"
         # Give whoever added it a moment to include it in a session of their own
         # before the keeper catches it up.
-        member.retry_at = time.monotonic() + self.probe_interval_s
-        self._wake.set()
+        member.retry_at = time.monotonic() + self.deadlines.probe_interval_s
+        self.wake.set()
         return member.state()
 
     async def remove(self, name: str) -> EngineState:
@@ -278,9 +247,6 @@ class EngineFleet:
         member = self._member(name)
         del self._members[name]
         member.removed.set()
-        task = self._catch_ups.pop(name, None)
-        if task is not None:
-            task.cancel()
         member.health, member.reason, member.since = Health.GONE, "removed", time.time()
         return member.state()
 
@@ -345,14 +311,14 @@ class EngineFleet:
         if health is Health.QUARANTINED and member.health is not Health.QUARANTINED:
             member.failures += 1
             member.retry_at = time.monotonic() + min(
-                _MAX_BACKOFF_S, self.probe_interval_s * 2 ** (member.failures - 1)
+                _MAX_BACKOFF_S, self.deadlines.probe_interval_s * 2 ** (member.failures - 1)
             )
         elif health is Health.SERVING:
             member.failures = 0
             member.retry_at = 0.0
         self._set(member, health, reason)
         if health is not Health.SERVING:
-            self._wake.set()
+            self.wake.set()
 
     def _set(self, member: _Member, health: Health, reason: str | None) -> None:
         if member.health is Health.GONE and health is not Health.GONE:
@@ -382,7 +348,7 @@ class EngineFleet:
             if member is not None and member.claimed_by == owner:
                 member.claimed_by, member.claim_kind = None, None
                 member.released.set()
-        self._wake.set()
+        self.wake.set()
 
     def caught_up_elsewhere(self, names: Iterable[str]) -> list[str]:
         """Of ``names``, the engines a catch-up session drives right now."""
@@ -411,118 +377,45 @@ class EngineFleet:
             n for n, m in self._members.items() if m.health in (Health.SERVING, Health.CATCHING_UP)
         ]
 
-    # ----------------------------------------------------------------- calls
+    def due_for_catch_up(self) -> list[str]:
+        """Engines a catch-up should bring to the newest step now: catching up or
+        quarantined, driven by no session, and past their back-off."""
+        now = time.monotonic()
+        return [
+            n
+            for n, m in self._members.items()
+            if m.health in (Health.CATCHING_UP, Health.QUARANTINED)
+            and m.claimed_by is None
+            and now >= m.retry_at
+        ]
 
-    async def call(
-        self,
-        name: str,
-        method: str,
-        *args: Any,
-        timeout_s: float | None,
-        what: str | None = None,
-        session: SessionTag | None = None,
-        cancel_remote: bool = True,
-    ) -> Any:
-        """``handle.<method>.remote(*args)`` on engine ``name``, awaited with a bound.
+    def failed(self, name: str, error: BaseException) -> None:
+        """Engine ``name`` failed a call or a session: out of routing now.
 
-        ``timeout_s=None`` waits without bound (the caller holds one). If this wait
-        is cancelled, or times out, the remote call is cancelled too (unless
-        ``cancel_remote`` is false: a commit must run to its end). Any failure is
-        raised as :class:`~asyncsync.SessionError` when ``session`` is given (a
-        :class:`~asyncsync.SessionTimeoutError` for the bound), else as
-        :class:`~asyncsync.FleetError`, naming the engine and ``what``.
+        An engine Ray is restarting is ``catching_up`` (its new incarnation has done
+        nothing wrong; it is retried at the next probe round, without back-off); any
+        other failure quarantines it (retried with back-off).
         """
-        return await self._call(
-            self._member(name), method, args, timeout_s, what or method, session, cancel_remote
-        )
+        member = self._members.get(name)
+        if member is None:
+            return
+        if _restarting(error):
+            self.mark(name, Health.CATCHING_UP, f"restarting: {last_line(error)}")
+            member.retry_at = time.monotonic() + self.deadlines.probe_interval_s
+        else:
+            self.mark(name, Health.QUARANTINED, last_line(error))
 
-    async def fan_out(
-        self,
-        names: Iterable[str],
-        method: str,
-        args: Callable[[str], tuple[Any, ...]] | tuple[Any, ...] = (),
-        *,
-        timeout_s: float | None,
-        what: str | None = None,
-        session: SessionTag | None = None,
-        cancel_remote: bool = True,
-    ) -> dict[str, Any]:
-        """:meth:`call` on every engine at once; the first failure cancels the rest and is raised.
-
-        ``args`` is the argument tuple, or a function of the engine's name giving it.
-        """
-        results: dict[str, Any] = {}
-
-        async def one(name: str) -> None:
-            call_args = args(name) if callable(args) else args
-            results[name] = await self.call(
-                name,
-                method,
-                *call_args,
-                timeout_s=timeout_s,
-                what=what,
-                session=session,
-                cancel_remote=cancel_remote,
-            )
-
-        try:
-            async with asyncio.TaskGroup() as group:
-                for name in names:
-                    group.create_task(one(name))
-        except BaseExceptionGroup as errors:
-            raise first_session_error(errors) from None
-        return results
-
-    async def settle(
-        self,
-        names: Iterable[str],
-        method: str,
-        args: Callable[[str], tuple[Any, ...]] | tuple[Any, ...] = (),
-        *,
-        timeout_s: float | None,
-        what: str | None = None,
-        session: SessionTag | None = None,
-    ) -> dict[str, Any | BaseException]:
-        """:meth:`call` on every engine at once; wait for all; each result or its error."""
-
-        async def one(name: str) -> Any:
-            call_args = args(name) if callable(args) else args
-            return await self.call(
-                name, method, *call_args, timeout_s=timeout_s, what=what, session=session
-            )
-
-        names = list(names)
-        outcomes = await asyncio.gather(*(one(n) for n in names), return_exceptions=True)
-        return dict(zip(names, outcomes, strict=True))
-
-    async def abort(self, handles: Mapping[str, Any], session_id: str) -> None:
-        """Deliver ``abort(session_id)`` to these engines: bounded, best effort, and
-        completed in the background even if this wait is cancelled.
-
-        Takes handles, not names: an engine removed from the fleet mid-session still
-        gets the abort of the session it was part of.
-        """
-
-        async def one(handle: Any) -> None:
-            try:
-                await handle.abort.remote(session_id)
-            except Exception:  # a dead engine has nothing to abort
-                pass
-
-        async def every() -> None:
-            try:
-                async with asyncio.timeout(self.abort_timeout_s):
-                    await asyncio.gather(*(one(h) for h in handles.values()))
-            except TimeoutError:
-                pass
-
-        if handles:
-            await shielded(every())
+    def _call_failed(self, name: str, error: BaseException) -> None:
+        # The engine did not answer (dead, restarting, silent past the bound): it
+        # leaves routing at this first failed call. An error the engine raised is
+        # an answer; the session that made the call decides.
+        if _unreachable(error):
+            self.failed(name, error)
 
     async def refresh(self, names: Iterable[str] | None = None) -> FleetView:
         """Probe engines (all by default) now; record what they report; return the view.
 
-        An engine that does not answer within :attr:`probe_timeout_s` is quarantined; one
+        An engine that does not answer within the probe bound leaves routing; one
         that Ray reports dead for good is ``gone``.
         """
         members = [self._members[n] for n in (names or list(self._members)) if n in self._members]
@@ -531,68 +424,22 @@ class EngineFleet:
             if member.health is Health.GONE:
                 return
             try:
-                info = await self._call(member, "engine_info", (), self.probe_timeout_s, "probe")
+                info = await self.client.engine_info(member.name)
             except FleetError as exc:
-                cause = exc.__cause__
-                if _died_for_good(cause):
+                if _died_for_good(exc.__cause__):
                     self.mark(member.name, Health.GONE, f"died: {last_line(exc)}")
-                elif member.health is not Health.QUARANTINED:
-                    self.mark(member.name, Health.QUARANTINED, f"unreachable: {last_line(exc)}")
+                elif not _unreachable(exc) and member.health is not Health.QUARANTINED:
+                    self.mark(member.name, Health.QUARANTINED, f"probe failed: {last_line(exc)}")
                 return
             self.observe(member.name, info)
 
         await asyncio.gather(*(probe(m) for m in members))
         return self.view()
 
-    async def _call(
-        self,
-        member: _Member,
-        method: str,
-        args: tuple[Any, ...],
-        timeout_s: float | None,
-        what: str,
-        session: SessionTag | None = None,
-        cancel_remote: bool = True,
-    ) -> Any:
-        tag = session or SessionTag()
-        try:
-            ref = getattr(member.handle, method).remote(*args)
-        except Exception as exc:  # a wrong handle: no such method, or not an actor at all
-            raise self._error(
-                tag,
-                member.name,
-                what,
-                f"it is not a receiver ({type(member.handle).__name__} has no remote "
-                f"{method!r}: {type(exc).__name__})",
-            ) from exc
-        timer = asyncio.timeout(timeout_s)
-        try:
-            async with timer:
-                return await ref
-        except asyncio.CancelledError:
-            if cancel_remote:
-                _cancel(ref)
-            raise
-        except Exception as exc:
-            if timer.expired():
-                if cancel_remote:
-                    _cancel(ref)
-                raise self._error(
-                    tag, member.name, what, f"no answer within {timeout_s:g}s", timeout=True
-                ) from exc
-            raise self._error(
-                tag, member.name, what, f"{type(exc).__name__}: {last_line(exc)}"
-            ) from exc
-
-    @staticmethod
-    def _error(
-        tag: SessionTag, name: str, what: str, detail: str, *, timeout: bool = False
-    ) -> Exception:
-        message = f"{tag.prefix()}target {name!r} failed in {what}: {detail}"
-        if tag.session_id is None:
-            return FleetError(message)
-        cls = SessionTimeoutError if timeout else SessionError
-        return cls(message, session_id=tag.session_id, step=tag.step, target=name)
+    def close(self) -> None:
+        """No engine joins any more (the train actor is closing)."""
+        self.closed = True
+        self.wake.set()
 
     def _member(self, name: str) -> _Member:
         _check_name(name)
@@ -603,86 +450,29 @@ class EngineFleet:
                 f"engine {name!r} is not in the fleet (members: {sorted(self._members)})"
             ) from None
 
-    # ----------------------------------------------------------------- keeper
-
-    def start(
-        self,
-        catch_up: Callable[[str], Awaitable[None]],
-        ready_step: Callable[[], int | None],
-    ) -> None:
-        """Start the keeper on the running loop (idempotent).
-
-        Every ``probe_interval_s`` (sooner when an engine needs it) it probes every
-        member and, for each engine that is catching up or quarantined (after its
-        back-off), reachable, and not driven by a session, runs ``catch_up(name)``
-        once a step is ready. ``catch_up`` must bring the engine to the newest ready
-        step and mark its health.
-        """
-        if self._closed or (self._keeper is not None and not self._keeper.done()):
-            return
-        self._keeper = asyncio.get_running_loop().create_task(self._keep(catch_up, ready_step))
-
-    async def _keep(
-        self, catch_up: Callable[[str], Awaitable[None]], ready_step: Callable[[], int | None]
-    ) -> None:
-        while not self._closed:
-            self._wake.clear()
-            await self.refresh()
-            ready = ready_step()
-            now = time.monotonic()
-            for name, member in list(self._members.items()):
-                if member.health not in (Health.CATCHING_UP, Health.QUARANTINED):
-                    continue
-                if ready is None or member.claimed_by is not None or name in self._catch_ups:
-                    continue
-                if now < member.retry_at:
-                    continue
-                self._catch_ups[name] = asyncio.get_running_loop().create_task(
-                    self._run_catch_up(name, catch_up)
-                )
-            try:
-                async with asyncio.timeout(self.probe_interval_s):
-                    await self._wake.wait()
-            except TimeoutError:
-                pass
-
-    async def _run_catch_up(self, name: str, catch_up: Callable[[str], Awaitable[None]]) -> None:
-        try:
-            await catch_up(name)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            self.mark(name, Health.QUARANTINED, f"catch-up failed: {last_line(exc)}")
-        finally:
-            self._catch_ups.pop(name, None)
-
-    async def close(self) -> None:
-        """Stop the keeper and every catch-up it started; wait for them to end."""
-        self._closed = True
-        tasks = [t for t in [self._keeper, *self._catch_ups.values()] if t is not None]
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
-        self._catch_ups.clear()
-
 
 def _check_name(name: object) -> None:
     if not isinstance(name, str) or not name:
         raise FleetError(f"engine names must be non-empty strings, got {name!r}")
 
 
-def _cancel(ref: object) -> None:
-    import ray
-
-    if isinstance(ref, ray.ObjectRef):
-        try:
-            ray.cancel(ref)
-        except Exception:  # best effort: never replace the error being handled
-            pass
-
-
 def _died_for_good(exc: BaseException | None) -> bool:
     import ray.exceptions
 
     return isinstance(exc, ray.exceptions.ActorDiedError)
+
+
+def _unreachable(error: BaseException) -> bool:
+    """A failed call's error (from the client) says the engine did not answer at all."""
+    import ray.exceptions
+
+    cause = error.__cause__
+    if isinstance(cause, ray.exceptions.RayTaskError):
+        return False  # the engine answered by raising (whatever it raised)
+    return isinstance(cause, ray.exceptions.RayActorError | TimeoutError)
+
+
+def _restarting(error: BaseException) -> bool:
+    import ray.exceptions
+
+    return isinstance(error.__cause__, ray.exceptions.ActorUnavailableError)

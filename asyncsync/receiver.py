@@ -50,12 +50,11 @@ from .errors import (
     StaleStepError,
     UnknownSessionError,
 )
+from .protocol import EngineInfo, ReceiverStats
 from .transport import KeptState, backend, load_payload
 
 __all__ = [
     "DEFAULT_STAGING_TTL_S",
-    "EngineInfo",
-    "ReceiverStats",
     "StagingReceiver",
     "current_node",
 ]
@@ -67,23 +66,6 @@ DEFAULT_STAGING_TTL_S = 600.0
 
 _REAP_INTERVAL_S = 1.0
 """Longest sleep of the task that drops expired staging (it sleeps less when one expires sooner)."""
-
-
-@dataclass(frozen=True)
-class EngineInfo:
-    """What an engine reports about itself; the only source of a fleet's view of it.
-
-    ``incarnation`` is new every time the actor is constructed (a Ray restart
-    included); ``node_id`` is its Ray node (``None`` outside Ray); ``version`` the
-    step it serves (``None``: its initial weights, never updated).
-    """
-
-    incarnation: str
-    node_id: str | None
-    pid: int
-    version: int | None
-    open_sessions: int
-    staged_bytes: int
 
 
 @dataclass(eq=False)
@@ -99,43 +81,6 @@ class _Staging:
     @property
     def nbytes(self) -> int:
         return sum(b.nbytes for b in self.buckets.values())
-
-
-@dataclass(frozen=True)
-class ReceiverStats:
-    """The receiver at one instant.
-
-    ``dropped`` counts staging dropped without a commit, by reason: ``"aborted"``,
-    ``"superseded"`` (a newer version was committed), ``"expired"`` (its time to
-    live passed), ``"stale"`` (its commit came after a newer one).
-
-    Where an engine's time goes, summed since it started (seconds, worker-thread
-    time of each step): ``load_s`` getting each received bucket's bytes from its
-    payload (mapping shared memory, reading the object store, or unpacking),
-    ``verify_s`` checking them against the manifest (one checksum pass),
-    ``apply_s`` the commits' :meth:`StagingReceiver.apply`; ``received_bytes``
-    and ``applied_bytes`` the bytes each covered.
-
-    ``kept_bytes``: what transports keep between sessions, e.g. the shared
-    snapshot buffers this engine keeps mapped (the owner's pages, shared: no
-    memory of the engine's own); dropped within about a second once their owner
-    let go of them.
-    """
-
-    version: int | None
-    incarnation: str
-    open_sessions: tuple[str, ...]
-    staged_bytes: int
-    commits: int
-    aborts: int
-    rejected_buckets: int
-    dropped: dict[str, int]
-    received_bytes: int = 0
-    load_s: float = 0.0
-    verify_s: float = 0.0
-    applied_bytes: int = 0
-    apply_s: float = 0.0
-    kept_bytes: int = 0
 
 
 class StagingReceiver:

@@ -8,7 +8,11 @@ a worker thread):
    for an engine on the cache owner's node, ``plan.cross_node`` for the others), and
    refuse a same-node-only transport for an engine elsewhere before anything moves
    (:class:`~asyncsync.TopologyError`);
-3. ``begin`` on every engine with the manifest (engines refuse what they cannot take);
+3. ``begin`` with the manifest (engines refuse what they cannot take): under
+   ``"all_or_nothing"``, and for engines of a transport whose engines form one
+   group (the collective), on every engine before anything streams; otherwise each
+   engine begins on its own and streams as soon as it has, so one slow or dead
+   engine holds up nobody else;
 4. stream: every engine pulls the buckets in order with at most
    ``plan.max_inflight_buckets`` unacknowledged; each bucket is put once per
    transport (whichever engine needs it first) and released when every engine of
@@ -16,7 +20,7 @@ a worker thread):
    verified everything: it is *prepared*;
 5. commit, by ``plan.policy``:
 
-   ``"fleet"`` (all or nothing, two phases): commit starts only once every engine is
+   ``"all_or_nothing"`` (two phases): commit starts only once every engine is
    prepared; any failure before that aborts the session on every engine (each
    keeps the version it had) and raises :class:`~asyncsync.SessionError`. Then every
    engine commits (at most ``max_updating`` at a time). The one window left: an
@@ -47,17 +51,15 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
-from ._checks import is_int, is_number
 from ._primitives import detached, shielded, uninterrupted
 from .cache import BucketCache, Snapshot
+from .client import SessionTag
 from .errors import (
-    ConfigError,
-    InvalidStepError,
     QuorumError,
     SessionError,
     SessionTimeoutError,
@@ -65,212 +67,15 @@ from .errors import (
     first_session_error,
     last_line,
 )
-from .fleet import EngineFleet, FleetView, Health, SessionTag
+from .fleet import EngineFleet, Health
+from .plan import ALL_OR_NOTHING, PER_ENGINE, EngineReport, Outcome, SyncPlan, SyncReport
 from .spans import SpanLog
-from .transport import AUTO, SessionContext, Transport, backend, transport_names
+from .transport import AUTO, SessionContext, Transport, backend
+from .transport.fanout import BucketFanOut
 
-__all__ = [
-    "COMMITTED",
-    "POLICIES",
-    "SyncPlan",
-    "SyncReport",
-    "TargetReport",
-    "run_session",
-]
+__all__ = ["run_session"]
 
-POLICIES = ("fleet", "per_engine")
-"""Commit policies (see the module docstring)."""
-
-# Outcomes of one engine in a session (TargetReport.outcome).
-COMMITTED = "committed"
-CURRENT = "current"
-CATCHING_UP = "catching_up"
-QUARANTINED = "quarantined"
-ABORTED = "aborted"
-REMOVED = "removed"
-
-
-@dataclass(frozen=True)
-class SyncPlan:
-    """What a sync session should do.
-
-    Args:
-        targets: engine name -> Ray actor handle implementing the receiver protocol
-            (see :mod:`asyncsync.receiver`) for an ad-hoc session, or ``None``: the
-            train actor's fleet (its serving engines and those catching up).
-        min_step: send the newest ready step >= this (``None``: the newest ready;
-            then a cache that never published fails at once).
-        transport: ``"auto"`` (default: per engine, the shared snapshot on the cache
-            owner's node, ``cross_node`` elsewhere), ``"shm"`` (same node only),
-            ``"object_store"`` or ``"collective"``.
-        cross_node: what ``"auto"`` uses for engines on other nodes
-            (``"object_store"`` or ``"collective"``).
-        policy: ``"fleet"`` (all or nothing, two phases) or ``"per_engine"``.
-        min_engines: ``per_engine`` only: the commits that make the session a
-            success, a count >= 1 or a fraction of the engines in (0, 1].
-        max_updating: at most this many engines apply weights at once, so the rest
-            keep generating (rolling update); ``None``: all at once.
-        straggler_grace_s: ``per_engine`` only: how long engines still streaming
-            after the quorum committed get before the session returns without
-            them (``None``: as long as the quorum took).
-        timeout_s: bound on the session after the pin. Reached before the session
-            returned, it aborts every engine not committed and raises
-            :class:`~asyncsync.SessionTimeoutError`, naming the engines that held
-            it up; ``per_engine`` stragglers left finishing in the background are
-            aborted and quarantined when it is reached.
-        pin_timeout_s: bound on waiting for a ready step >= ``min_step``
-            (:class:`~asyncsync.ReadTimeoutError`); ``None`` waits without bound.
-        max_inflight_buckets: unacknowledged buckets per engine (memory bound and
-            pipelining depth).
-        abort_timeout_s: bound on delivering ``abort`` after a failure.
-
-    Every field is checked here: a mistake raises :class:`~asyncsync.ConfigError`
-    at construction, before any session starts.
-    """
-
-    targets: Mapping[str, Any] | None = None
-    min_step: int | None = None
-    transport: str = AUTO
-    cross_node: str = "object_store"
-    policy: str = "fleet"
-    min_engines: int | float = 1
-    max_updating: int | None = None
-    straggler_grace_s: float | None = None
-    timeout_s: float = 300.0
-    pin_timeout_s: float | None = 60.0
-    max_inflight_buckets: int = 2
-    abort_timeout_s: float = 10.0
-
-    def __post_init__(self) -> None:
-        targets = self.targets
-        if targets is not None:
-            if not isinstance(targets, Mapping) or not targets:
-                raise ConfigError(
-                    "SyncPlan.targets must be None (the train actor's fleet) or a non-empty "
-                    f"mapping of name -> engine handle, got {_brief(targets)}"
-                )
-            bad = [n for n in targets if not isinstance(n, str) or not n]
-            if bad:
-                raise ConfigError(f"SyncPlan.targets: engine names must be strings, got {bad!r}")
-        if self.min_step is not None and (
-            isinstance(self.min_step, bool)
-            or not isinstance(self.min_step, int)
-            or self.min_step < -1
-        ):
-            raise InvalidStepError(
-                f"SyncPlan.min_step must be None or an int >= -1, got {self.min_step!r}"
-            )
-        if self.transport != AUTO:
-            backend(self.transport)  # ConfigError naming the choices
-        cross = backend(self.cross_node)
-        if cross.same_node_only:
-            raise ConfigError(
-                f"SyncPlan.cross_node={self.cross_node!r} only works on one node; choose "
-                f"one of {[n for n in transport_names() if not backend(n).same_node_only]}"
-            )
-        if self.policy not in POLICIES:
-            raise ConfigError(f"SyncPlan.policy must be one of {POLICIES}, got {self.policy!r}")
-        m = self.min_engines
-        if isinstance(m, bool) or not (
-            (isinstance(m, int) and m >= 1) or (isinstance(m, float) and 0 < m <= 1)
-        ):
-            raise ConfigError(
-                f"SyncPlan.min_engines must be an int >= 1 or a fraction in (0, 1], got {m!r}"
-            )
-        if self.max_updating is not None and (
-            not is_int(self.max_updating) or self.max_updating < 1
-        ):
-            raise ConfigError(
-                f"SyncPlan.max_updating must be None or an int >= 1, got {self.max_updating!r}"
-            )
-        if not is_int(self.max_inflight_buckets) or self.max_inflight_buckets < 1:
-            raise ConfigError(
-                f"SyncPlan.max_inflight_buckets must be an int >= 1, got "
-                f"{self.max_inflight_buckets!r}"
-            )
-        for name in ("timeout_s", "abort_timeout_s"):
-            value = getattr(self, name)
-            if not is_number(value) or not value > 0:
-                raise ConfigError(f"SyncPlan.{name} must be positive, got {value!r}")
-        for name in ("pin_timeout_s", "straggler_grace_s"):
-            value = getattr(self, name)
-            if value is not None and (not is_number(value) or not value >= 0):
-                raise ConfigError(f"SyncPlan.{name} must be None or >= 0, got {value!r}")
-
-    def quorum(self, engines: int) -> int:
-        """Commits needed out of ``engines`` under ``per_engine`` (all under ``fleet``)."""
-        if self.policy == "fleet":
-            return engines
-        if isinstance(self.min_engines, float):
-            needed = -(-self.min_engines * engines // 1)  # ceil
-            return max(1, min(engines, int(needed)))
-        return min(engines, self.min_engines)
-
-
-@dataclass(frozen=True)
-class TargetReport:
-    """What one engine did in a session; times in seconds.
-
-    ``outcome``: ``"committed"``, ``"current"`` (the engine reported at ``begin``
-    that it serves this step already: nothing was sent), ``"catching_up"``
-    (``per_engine``: still streaming
-    in the background when the session returned), ``"quarantined"`` (failed; keeps
-    its old version, out of routing until caught up), ``"aborted"`` (``fleet``: the
-    session failed elsewhere), ``"removed"`` (left the fleet mid-session).
-    ``version`` is the version the engine reported serving (``None`` if unknown).
-    """
-
-    name: str
-    transport: str
-    outcome: str
-    version: int | None
-    begin_s: float
-    transfer_s: float
-    commit_s: float
-    error: str | None = None
-
-
-@dataclass(frozen=True)
-class SyncReport:
-    """What a session did. ``step`` is the step actually sent.
-
-    ``view`` is the fleet after the session: which engine serves which version, as
-    the engines reported it. ``busy`` names engines left out because another
-    session (a catch-up) was driving them.
-    """
-
-    session_id: str
-    step: int
-    min_step: int | None
-    policy: str
-    transport: str
-    nbytes: int
-    num_buckets: int
-    pin_wait_s: float
-    seconds: float
-    started_at: float
-    targets: Mapping[str, TargetReport]
-    view: FleetView
-    busy: tuple[str, ...] = ()
-
-    @property
-    def committed(self) -> tuple[str, ...]:
-        """Engines that committed ``step``."""
-        return tuple(n for n, t in self.targets.items() if t.outcome == COMMITTED)
-
-    @property
-    def current(self) -> tuple[str, ...]:
-        """Engines that already served ``step`` (nothing was sent to them)."""
-        return tuple(n for n, t in self.targets.items() if t.outcome == CURRENT)
-
-    @property
-    def quarantined(self) -> tuple[str, ...]:
-        return tuple(n for n, t in self.targets.items() if t.outcome == QUARANTINED)
-
-    @property
-    def gbps(self) -> float:
-        """Snapshot bytes delivered to the engine set per second of the session, in GB/s."""
-        return self.nbytes / self.seconds / 1e9 if self.seconds > 0 else float("inf")
+T = TypeVar("T")
 
 
 async def run_session(
@@ -316,7 +121,7 @@ class _Run:
     begin_s: float = 0.0
     transfer_s: float = 0.0
     commit_s: float = 0.0
-    outcome: str = ABORTED
+    outcome: Outcome = Outcome.ABORTED
     version: int | None = None
     error: str | None = None
     begun: bool = False
@@ -327,77 +132,6 @@ class _Run:
     def applying(self) -> bool:
         """A commit was sent and has not ended (it is never interrupted)."""
         return self.commit is not None and not self.commit.done()
-
-
-class _Puts:
-    """One transport's share of a session: each bucket put once, freed once its engines have it."""
-
-    def __init__(
-        self, session: _Session, name: str, transport: Transport, ctx: SessionContext
-    ) -> None:
-        self.session = session
-        self.name = name
-        self.transport = transport
-        self.ctx = ctx
-        self.engines = set(ctx.targets)
-        self._puts: dict[int, asyncio.Future[Any]] = {}
-        self._needed: dict[int, set[str]] = {}
-        self.started = False
-
-    async def start(self) -> None:
-        # finish() is owed from the moment start() is called, even if it fails.
-        self.started = True
-        await self.session.guard(self.name, None, self.transport.start(self.ctx))
-
-    async def get(self, index: int) -> Any:
-        put = self._puts.get(index)
-        if put is None:
-            assert self.session.snap is not None
-            bucket = self.session.snap.buckets[index]
-            put = detached(
-                self.session.guard(self.name, index, self.transport.put(self.ctx, index, bucket))
-            )
-            self._puts[index] = put
-            self._needed[index] = set(self.engines)
-        # Shielded: one engine giving up must not cancel a put the others share.
-        return await asyncio.shield(put)
-
-    async def took(self, index: int, engine: str) -> None:
-        needed = self._needed.get(index)
-        if needed is None:
-            return
-        needed.discard(engine)
-        if not needed:
-            await self._release(index)
-
-    async def leave(self, engine: str) -> None:
-        """``engine`` left the session: it no longer holds back any release."""
-        self.engines.discard(engine)
-        for index in list(self._needed):
-            await self.took(index, engine)
-
-    async def _release(self, index: int) -> None:
-        del self._needed[index]
-        put = self._puts[index]
-        if not put.done():
-            return  # its engines left before it ended: finish() waits for it
-        # No engine asks for this bucket again. Forget the put: its result (for the
-        # object store, the bucket's ObjectRef) would otherwise keep the bucket in
-        # the object stores of the owner's node and of every node that pulled it
-        # until this session (a reference cycle) is garbage-collected.
-        del self._puts[index]
-        if not put.cancelled() and put.exception() is None:
-            release = self.transport.release(self.ctx, index, put.result())
-            await self.session.guard(self.name, index, release)
-
-    async def finish(self, ok: bool) -> None:
-        running = [p for p in self._puts.values() if not p.done()]
-        if running:
-            await asyncio.wait(running)  # a put in a worker thread cannot be stopped
-        if self.started:
-            await shielded(self.transport.finish(self.ctx, ok))
-        # What a failed session never released goes with the transport's own references.
-        self._puts.clear()
 
 
 class _Session:
@@ -417,6 +151,7 @@ class _Session:
         self.cache = cache
         self.plan = plan
         self.fleet = fleet
+        self.client = fleet.client
         self.transports = transports
         self.owner_node = owner_node
         self.background = background if background is not None else set()
@@ -424,7 +159,7 @@ class _Session:
         self.step = -1
         self.tag = SessionTag(self.id)
         self.runs: dict[str, _Run] = {}
-        self.puts: dict[str, _Puts] = {}
+        self.puts: dict[str, BucketFanOut] = {}
         self.busy: tuple[str, ...] = ()
         # Handles as the session started: aborts reach engines removed mid-session too.
         self.handles: dict[str, Any] = {}
@@ -443,20 +178,38 @@ class _Session:
             **fields,
         )
 
-    async def guard(self, transport: str, bucket: int | None, step: Any) -> Any:
-        """Await a transport step; any failure becomes a SessionError naming it."""
-        try:
-            return await step
-        except SessionError:
-            raise
-        except Exception as exc:
-            where = f"bucket {bucket}" if bucket is not None else "its set-up"
-            raise self.error(
-                f"transport {transport!r} failed on {where}: {type(exc).__name__}: "
-                f"{last_line(exc)}",
-                transport=transport,
-                bucket=bucket,
-            ) from exc
+    def _settle(
+        self,
+        name: str,
+        outcome: Outcome,
+        *,
+        version: int | None = None,
+        error: BaseException | None = None,
+        reason: str | None = None,
+    ) -> None:
+        """Record what became of engine ``name``: in the session and in the fleet, together.
+
+        ``committed`` / ``current``: it serves ``version`` (as it reported);
+        ``quarantined``: it failed with ``error`` (out of routing; a restart in
+        progress makes it ``catching_up`` instead, see
+        :meth:`~asyncsync.EngineFleet.failed`); ``catching_up``: it goes on without
+        the session (``reason``); ``removed`` / ``aborted``: the session only.
+        """
+        run = self.runs[name]
+        run.outcome = outcome
+        if outcome in (Outcome.COMMITTED, Outcome.CURRENT):
+            assert version is not None
+            run.version = version
+            self.fleet.committed(name, version)
+        elif outcome is Outcome.QUARANTINED:
+            assert error is not None
+            run.error = last_line(error)
+            self.fleet.failed(name, error)
+        elif outcome is Outcome.CATCHING_UP:
+            run.error = reason
+            self.fleet.mark(name, Health.CATCHING_UP, reason)
+        elif reason is not None:
+            run.error = reason
 
     # ----------------------------------------------------------------- main
 
@@ -497,9 +250,9 @@ class _Session:
         try:
             async with asyncio.timeout(self.plan.timeout_s) as deadline:
                 await self._route(names)
-                await self._begin()
+                await self._begin(self._begin_first())
                 await self._start_transports()
-                if self.plan.policy == "fleet":
+                if self.plan.policy == ALL_OR_NOTHING:
                     await self._fleet_policy()
                 else:
                     # per_engine keeps the deadline itself: reaching it after the quorum
@@ -512,14 +265,12 @@ class _Session:
                 raise
             raise self._timed_out() from None
         except SessionError as exc:
-            # Under "fleet" an engine that failed the session is taken out of routing
+            # Under all_or_nothing an engine that failed the session is taken out of routing
             # (a catch-up brings it back); a refused plan is nobody's fault.
             name = exc.target
             if not isinstance(exc, TopologyError) and name in self.runs:
-                run = self.runs[name]
-                if run.outcome != QUARANTINED:
-                    run.outcome, run.error = QUARANTINED, last_line(exc)
-                    self.fleet.mark(name, Health.QUARANTINED, run.error)
+                if self.runs[name].outcome is not Outcome.QUARANTINED:
+                    self._settle(name, Outcome.QUARANTINED, error=exc)
             raise
 
     # ----------------------------------------------------------------- topology
@@ -532,9 +283,12 @@ class _Session:
                 self.handles[name] = self.fleet.handle(name)
         unknown = [n for n in self.runs if self.fleet.node_of(n) is None]
         if unknown and self.owner_node is not None:
-            infos = await self._on_engines(unknown, "engine_info", (), "probe")
-            for name, info in infos.items():
-                self.fleet.observe(name, info)
+
+            async def info(name: str) -> None:
+                found = await self.client.engine_info(name, session=self.tag, probe=False)
+                self.fleet.observe(name, found)
+
+            await self._on_engines(unknown, info)
         shareable = _shareable(self.snap)
         for name in self._live():
             self.runs[name].transport = self._choose(name, self.fleet.node_of(name), shareable)
@@ -559,18 +313,14 @@ class _Session:
     # ----------------------------------------------------------------- phases
 
     async def _on_engines(
-        self, names: list[str], method: str, args: Any, what: str
-    ) -> dict[str, Any]:
-        """Call every engine; under ``fleet`` the first failure fails the session,
-        under ``per_engine`` failed engines are quarantined and dropped."""
-        bound = self.fleet.call_timeout_s
-        if self.plan.policy == "fleet":
-            return await self.fleet.fan_out(
-                names, method, args, timeout_s=bound, what=what, session=self.tag
-            )
-        outcomes = await self.fleet.settle(
-            names, method, args, timeout_s=bound, what=what, session=self.tag
-        )
+        self, names: list[str], call: Callable[[str], Awaitable[T]]
+    ) -> dict[str, T]:
+        """``call(name)`` on every engine at once. Under ``all_or_nothing`` the first
+        failure fails the session; under ``per_engine`` failed engines are
+        quarantined and dropped, and the quorum is checked."""
+        if self.plan.policy == ALL_OR_NOTHING:
+            return await self.client.fan_out(names, call)
+        outcomes = await self.client.settle(names, call)
         results = {}
         for name, outcome in outcomes.items():
             if isinstance(outcome, BaseException):
@@ -580,43 +330,56 @@ class _Session:
         self._check_quorum()
         return results
 
-    async def _begin(self) -> None:
-        assert self.snap is not None
-        manifest = self.snap.manifest
-        ttl = self.plan.timeout_s + self.plan.abort_timeout_s
+    def _begin_first(self) -> list[str]:
+        """The engines that must all have begun before any transport starts.
+
+        Every engine under ``all_or_nothing`` (nothing streams until all took the
+        manifest); under ``per_engine`` only those of a transport whose engines form
+        one group (the collective: each broadcast reaches every member). The others
+        begin in their own stream, so a slow or dead engine holds up no one else.
+        """
         live = self._live()
+        if self.plan.policy == ALL_OR_NOTHING:
+            return live
+        return [n for n in live if backend(self.runs[n].transport).grouped]
 
-        step = self.snap.step
+    async def _begin(self, names: list[str]) -> None:
+        await self._on_engines(names, self._begin_one)
 
-        def args(name: str) -> tuple[Any, ...]:
-            self.runs[name].begun = True
-            return (self.id, step, manifest, ttl)
-
+    async def _begin_one(self, name: str) -> None:
+        """``begin`` on ``name``; an engine that serves the step already is ``current``."""
+        assert self.snap is not None
+        run = self.runs[name]
+        ttl = self.plan.timeout_s + self.fleet.deadlines.abort_s
+        run.begun = True
         start = time.monotonic()
-        infos = await self._on_engines(live, "begin", args, "begin")
-        current = []
-        for name, info in infos.items():
-            self.fleet.observe(name, info)
-            run = self.runs[name]
-            run.begin_s = time.monotonic() - start
-            if info.version == step:
-                # The engine itself says it serves this step already: send nothing.
-                run.outcome, run.version = CURRENT, step
-                self.fleet.committed(name, step)
-                current.append(name)
-        if current:
-            await self._abort(current)
+        info = await self.client.begin(name, self.tag, self.snap.manifest, ttl)
+        run.begin_s = time.monotonic() - start
+        self.fleet.observe(name, info)
+        if info.version == self.step:
+            # The engine itself says it serves this step already: send nothing.
+            self._settle(name, Outcome.CURRENT, version=self.step)
+            await self._abort([name])
+            await self._leave(name)
 
     async def _start_transports(self) -> None:
         assert self.snap is not None
         by_transport: dict[str, dict[str, Any]] = {}
         for name in self._live():
-            by_transport.setdefault(self.runs[name].transport, {})[name] = self.fleet.handle(name)
-        for name, targets in by_transport.items():
-            ctx = SessionContext(self.id, self.snap.step, targets, self.snap.manifest, self.fleet)
-            self.puts[name] = _Puts(self, name, self.transports(name), ctx)
+            by_transport.setdefault(self.runs[name].transport, {})[name] = self.handles[name]
+        for name, engines in by_transport.items():
+            ctx = SessionContext(self.id, self.step, engines, self.snap.manifest, self.client)
+            self.puts[name] = BucketFanOut(name, self.transports(name), ctx, self.snap.buckets)
         for puts in self.puts.values():
             await puts.start()
+
+    async def _begin_and_stream(self, name: str) -> None:
+        """``per_engine``: begin (unless done with the first ones), then stream."""
+        if not self.runs[name].begun:
+            await self._begin_one(name)
+            if self.runs[name].outcome is not Outcome.ABORTED:
+                return  # current: nothing to send
+        await self._stream(name)
 
     async def _stream(self, name: str) -> None:
         """Send every bucket to ``name``; returns once it acknowledged them all (prepared)."""
@@ -628,16 +391,8 @@ class _Session:
 
         async def receive(index: int, payload: Any) -> None:
             try:
-                await self.fleet.call(
-                    name,
-                    "receive",
-                    self.id,
-                    index,
-                    payload,
-                    timeout_s=None,
-                    what=f"receive of bucket {index} ({run.transport})",
-                    session=self.tag,
-                )
+                what = f"receive of bucket {index} ({run.transport})"
+                await self.client.receive(name, self.tag, index, payload, what)
             finally:
                 inflight.release()
             await puts.took(index, name)
@@ -658,21 +413,10 @@ class _Session:
         run = self.runs[name]
         async with updating:
             start = time.monotonic()
-            run.commit = detached(
-                self.fleet.call(
-                    name,
-                    "commit",
-                    self.id,
-                    timeout_s=None,
-                    what="commit",
-                    session=self.tag,
-                    cancel_remote=False,
-                )
-            )
+            run.commit = detached(self.client.commit(name, self.tag))
             version = await asyncio.shield(run.commit)
         run.commit_s = time.monotonic() - start
-        run.outcome, run.version = COMMITTED, int(version)
-        self.fleet.committed(name, int(version))
+        self._settle(name, Outcome.COMMITTED, version=int(version))
 
     def _updating(self) -> asyncio.Semaphore:
         return asyncio.Semaphore(self.plan.max_updating or max(1, len(self.runs)))
@@ -687,9 +431,7 @@ class _Session:
         except BaseExceptionGroup as errors:
             error = first_session_error(errors)
             if isinstance(error, SessionError) and error.target in self.runs:
-                self.fleet.mark(error.target, Health.QUARANTINED, last_line(error))
-                self.runs[error.target].outcome = QUARANTINED
-                self.runs[error.target].error = last_line(error)
+                self._settle(error.target, Outcome.QUARANTINED, error=error)
             raise error from None
         # Phase two: commit everywhere; an engine failing now is quarantined.
         updating = self._updating()
@@ -702,7 +444,7 @@ class _Session:
                 await self._drop(name, exc)
 
         await asyncio.gather(*(commit(n) for n in live))
-        committed = [n for n in live if self.runs[n].outcome == COMMITTED]
+        committed = [n for n in live if self.runs[n].outcome is Outcome.COMMITTED]
         if live and not committed:
             first = self.runs[live[0]]
             raise self.error(f"no engine could commit; {live[0]!r}: {first.error}", target=live[0])
@@ -717,8 +459,8 @@ class _Session:
 
         async def engine(name: str) -> None:
             try:
-                await self._until_removed(name, self._stream(name))
-                if self.runs[name].outcome != REMOVED:
+                await self._until_removed(name, self._begin_and_stream(name))
+                if self.runs[name].outcome is Outcome.ABORTED:  # still in: prepared
                     await self._commit(name, updating)
             except SessionError as exc:
                 await self._drop(name, exc)
@@ -762,8 +504,7 @@ class _Session:
             raise
         for task in pending:
             name = tasks[task]
-            self.runs[name].outcome = CATCHING_UP
-            self.fleet.mark(name, Health.CATCHING_UP, f"still receiving step {self.step}")
+            self._settle(name, Outcome.CATCHING_UP, reason=f"still receiving step {self.step}")
             self.stragglers[name] = task
 
     # ----------------------------------------------------------------- helpers
@@ -772,10 +513,13 @@ class _Session:
         """The error of a session past its timeout; the engines that held it up are quarantined."""
         stuck = self._stuck()
         for culprit in stuck:
-            run = self.runs[culprit]
-            run.outcome = QUARANTINED
-            run.error = f"had not finished when the session ran past {self.plan.timeout_s}s"
-            self.fleet.mark(culprit, Health.QUARANTINED, run.error)
+            late = self.error(
+                f"engine {culprit!r} had not finished when the session ran past "
+                f"{self.plan.timeout_s}s",
+                SessionTimeoutError,
+                target=culprit,
+            )
+            self._settle(culprit, Outcome.QUARANTINED, error=late)
         error: SessionError = self.error(
             f"ran past {self.plan.timeout_s}s" + (f"; not finished: {stuck}" if stuck else ""),
             SessionTimeoutError,
@@ -795,27 +539,31 @@ class _Session:
         stuck = [
             n
             for n in live
-            if self.runs[n].outcome != COMMITTED
+            if self.runs[n].outcome is not Outcome.COMMITTED
             and (not self.runs[n].prepared or self.runs[n].applying)
         ]
         return stuck if len(stuck) < len(live) or len(live) == 1 else []
 
     def _live(self) -> list[str]:
         """Engines still in the session (not dropped, not removed)."""
-        return [n for n, r in self.runs.items() if r.outcome in (ABORTED, COMMITTED)]
+        return [
+            n for n, r in self.runs.items() if r.outcome in (Outcome.ABORTED, Outcome.COMMITTED)
+        ]
 
     def _committed(self) -> int:
         """Engines that serve the session's step (committed now, or already current)."""
-        return sum(1 for r in self.runs.values() if r.outcome in (COMMITTED, CURRENT))
+        return sum(1 for r in self.runs.values() if r.outcome in _SERVES_STEP)
 
     def _check_quorum(self) -> None:
-        if self.plan.policy != "per_engine":
+        if self.plan.policy != PER_ENGINE:
             return
         quorum = self.plan.quorum(len(self.runs))
-        possible = sum(1 for r in self.runs.values() if r.outcome in (ABORTED, COMMITTED, CURRENT))
+        possible = sum(
+            1 for r in self.runs.values() if r.outcome in (Outcome.ABORTED, *_SERVES_STEP)
+        )
         if possible < quorum:
-            failed = {n: r.error for n, r in self.runs.items() if r.outcome == QUARANTINED}
-            committed = [n for n, r in self.runs.items() if r.outcome == COMMITTED]
+            failed = {n: r.error for n, r in self.runs.items() if r.outcome is Outcome.QUARANTINED}
+            committed = [n for n, r in self.runs.items() if r.outcome is Outcome.COMMITTED]
             first = next(iter(failed), None)
             raise self.error(
                 f"only {possible} of {len(self.runs)} engines can still commit, fewer than "
@@ -842,8 +590,7 @@ class _Session:
                 with contextlib.suppress(BaseException):
                     await task
         if task.cancelled() or not task.done():
-            run = self.runs[name]
-            run.outcome, run.error = REMOVED, "removed from the fleet mid-session"
+            self._settle(name, Outcome.REMOVED, reason="removed from the fleet mid-session")
             await self._abort([name])
             await self._leave(name)
             return
@@ -852,14 +599,13 @@ class _Session:
     async def _drop(self, name: str, error: BaseException) -> None:
         """Engine ``name`` failed: abort it, quarantine it, stop waiting on it."""
         run = self.runs[name]
-        run.outcome, run.error = QUARANTINED, last_line(error)
-        self.fleet.mark(name, Health.QUARANTINED, run.error)
+        self._settle(name, Outcome.QUARANTINED, error=error)
         if run.begun:
             await self._abort([name])
         await self._leave(name)
 
     async def _abort(self, names: list[str]) -> None:
-        await self.fleet.abort({n: self.handles[n] for n in names}, self.id)
+        await self.client.abort({n: self.handles[n] for n in names}, self.id)
 
     async def _leave(self, name: str) -> None:
         puts = self.puts.get(self.runs[name].transport)
@@ -868,15 +614,13 @@ class _Session:
 
     def _report(self, snap: Snapshot, started: float, pinned: float, finished: float) -> SyncReport:
         view = self.fleet.view()
-        targets = {}
+        engines = {}
         for name, run in self.runs.items():
             state = view.engines.get(name)
             version = (
-                run.version
-                if run.outcome in (COMMITTED, CURRENT)
-                else (state.version if state else None)
+                run.version if run.outcome in _SERVES_STEP else (state.version if state else None)
             )
-            targets[name] = TargetReport(
+            engines[name] = EngineReport(
                 name=name,
                 transport=run.transport,
                 outcome=run.outcome,
@@ -897,7 +641,7 @@ class _Session:
             pin_wait_s=pinned - started,
             seconds=finished - pinned,
             started_at=started,
-            targets=targets,
+            engines=engines,
             view=view,
             busy=self.busy,
         )
@@ -915,12 +659,12 @@ class _Session:
         for run in self.runs.values():
             if run.commit is not None and run.commit.done():
                 self._settle_commit(run)  # ended while its waiter was being cancelled
-        ok = all(r.outcome in (COMMITTED, CURRENT, REMOVED) for r in self.runs.values())
+        ok = all(r.outcome in (*_SERVES_STEP, Outcome.REMOVED) for r in self.runs.values())
         applying = {n: r.commit for n, r in self.runs.items() if r.commit and r.applying}
         uncommitted = [
             n
             for n, r in self.runs.items()
-            if r.begun and r.outcome not in (COMMITTED, CURRENT) and n not in applying
+            if r.begun and r.outcome not in _SERVES_STEP and n not in applying
         ]
 
         async def end() -> None:
@@ -934,7 +678,7 @@ class _Session:
                     await uninterrupted(asyncio.wait(applying.values()))
                     for name in applying:
                         self._settle_commit(self.runs[name])
-                    failed = [n for n in applying if self.runs[n].outcome != COMMITTED]
+                    failed = [n for n in applying if self.runs[n].outcome is not Outcome.COMMITTED]
                     if failed:
                         await self._abort(failed)
                 for puts in self.puts.values():
@@ -953,17 +697,17 @@ class _Session:
         """Record the outcome of a commit that ended after its waiter was cancelled."""
         commit = run.commit
         assert commit is not None
-        if run.outcome == COMMITTED or commit.cancelled():
+        if run.outcome is Outcome.COMMITTED or commit.cancelled():
             return
         error = commit.exception()
         if error is None:
-            run.outcome, run.version = COMMITTED, int(commit.result())
-            self.fleet.committed(run.name, run.version)
+            self._settle(run.name, Outcome.COMMITTED, version=int(commit.result()))
         elif isinstance(error.__cause__, ray_cancelled()):
             # Cancelled with the session: the engine may have committed; ask it again.
-            self.fleet.mark(run.name, Health.CATCHING_UP, "commit outcome unknown (cancelled)")
+            reason = "commit outcome unknown (cancelled)"
+            self._settle(run.name, Outcome.CATCHING_UP, reason=reason)
         else:
-            self.fleet.mark(run.name, Health.QUARANTINED, last_line(error))
+            self._settle(run.name, Outcome.QUARANTINED, error=error)
 
     def _hand_off(self, pin: AsyncExitStack, claimed: list[str]) -> None:
         """Let the stragglers finish in the background, holding the pin and their claims."""
@@ -1008,6 +752,5 @@ def _shareable(snap: Snapshot) -> bool:
     return all(b.region is not None for b in snap.buckets)
 
 
-def _brief(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
+# Outcomes of an engine that serves the session's step.
+_SERVES_STEP = (Outcome.COMMITTED, Outcome.CURRENT)

@@ -92,7 +92,7 @@ async def drive(steps: int, session_deadline_s: float = 60.0) -> int:
     async def sync(step: int) -> None:
         async with one_session:
             with trio.fail_after(session_deadline_s):
-                plan = SyncPlan(targets=engines, min_step=step)
+                plan = SyncPlan(engines=engines, min_step=step)
                 report = await aio.get(trainer.run_sync_session.remote(plan))
         reports.append(report)
         print(

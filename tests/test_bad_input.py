@@ -49,7 +49,7 @@ from asyncsync import (
 )
 from asyncsync.engines import HFEngine
 from asyncsync.fleet import EngineFleet, Health
-from asyncsync.session import SyncPlan
+from asyncsync.plan import SyncPlan
 from asyncsync.transport import backend
 
 pytestmark = pytest.mark.timeout(120)
@@ -235,8 +235,8 @@ async def test_session_asking_for_a_step_that_never_becomes_ready() -> None:
     await publish(cache, 2)
     before = await snapshot_state(cache)
     plan = SyncPlan({"e": object()}, min_step=50, pin_timeout_s=0.05)
-    assert plan.targets is not None
-    fleet = EngineFleet(plan.targets, initial=Health.SERVING)
+    assert plan.engines is not None
+    fleet = EngineFleet(plan.engines, initial=Health.SERVING)
     with raises_typed(ReadTimeoutError, "step >= 50", "ready step: 2"):
         await run_session(cache, plan, fleet, lambda name: backend(name).make())
     await assert_cache_unchanged_and_usable(cache, before)
@@ -264,7 +264,7 @@ CONFIG_CASES: list[tuple[str, Callable[[], object], tuple[str, ...]]] = [
     ("bucket-bytes-zero", lambda: BucketCache(bucket_bytes=0), ("bucket_bytes", "0")),
     ("max-resident-zero", lambda: BucketCache(max_resident_bytes=0), ("max_resident_bytes", "0")),
     ("max-resident-negative", lambda: BucketCache(max_resident_bytes=-5), ("-5",)),
-    ("plan-no-targets", lambda: SyncPlan({}), ("targets",)),
+    ("plan-no-engines", lambda: SyncPlan({}), ("engines",)),
     (
         "plan-inflight-zero",
         lambda: SyncPlan({"e": 1}, max_inflight_buckets=0),
@@ -286,7 +286,7 @@ CONFIG_CASES: list[tuple[str, Callable[[], object], tuple[str, ...]]] = [
         lambda: SyncPlan(cross_node="shm"),
         ("cross_node", "'shm'", "object_store"),
     ),
-    ("plan-targets-not-mapping", lambda: SyncPlan(["e0"]), ("targets", "['e0']")),
+    ("plan-engines-not-mapping", lambda: SyncPlan(["e0"]), ("engines", "['e0']")),
 ]
 
 

@@ -24,7 +24,14 @@ import ray
 from _fleet_actors import engine_class, trainer_class
 from _waits import eventually, within
 
-from asyncsync import CacheClosedError, CoordinatorClosedError, Health, SyncCoordinator, SyncPlan
+from asyncsync import (
+    CacheClosedError,
+    CoordinatorClosedError,
+    Deadlines,
+    Health,
+    SyncCoordinator,
+    SyncPlan,
+)
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -44,7 +51,7 @@ class Rig:
         return self.step
 
     async def trainer(self) -> Any:
-        trainer = trainer_class().remote(fleet_probe_interval_s=PROBE_S, engine_call_timeout_s=5.0)
+        trainer = trainer_class().remote(deadlines=Deadlines(probe_interval_s=PROBE_S, call_s=5.0))
         self.actors.append(trainer)
         await within(trainer.pid.remote(), 120)
         return trainer
@@ -78,7 +85,7 @@ async def sessions_started_after(trainer: Any, moment: float) -> list[Any]:
 
 async def test_coordinator_close_wakes_waiters_and_nothing_runs_after(rig: Rig) -> None:
     trainer = await rig.trainer()
-    coordinator = SyncCoordinator(trainer, rig.engines, staleness=0, timeout_s=30.0)
+    coordinator = SyncCoordinator(trainer, rig.engines, staleness=0, plan=SyncPlan(timeout_s=30.0))
     step = await within(trainer.publish.remote(rig.next_step()))
     await within(coordinator.after_build(step))
     assert coordinator.engine_version == step
@@ -133,7 +140,7 @@ async def test_coordinator_close_during_sync_raises_in_the_loop_not_cancels_it(r
     ``CoordinatorClosedError`` and goes on running (its own task was not cancelled by
     its owner); ``close()`` returns once the session ended, without waiting for the loop."""
     trainer = await rig.trainer()
-    coordinator = SyncCoordinator(trainer, rig.engines, timeout_s=30.0)
+    coordinator = SyncCoordinator(trainer, rig.engines, plan=SyncPlan(timeout_s=30.0))
     await within(trainer.publish.remote(rig.next_step()))
     # First at full speed: the engines join and serve, so the keeper has no
     # catch-up of its own streaming when the slow session below is closed.

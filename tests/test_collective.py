@@ -43,8 +43,8 @@ from asyncsync import (
 )
 from asyncsync.actor import WeightSyncActor, train_actor
 from asyncsync.buckets import Bucket, pack, tensor_digest
+from asyncsync.plan import SyncPlan
 from asyncsync.receiver import StagingReceiver
-from asyncsync.session import SyncPlan
 from asyncsync.testing import LoopLagMixin
 from asyncsync.transport import SessionContext
 from asyncsync.transport.collective import (
@@ -228,7 +228,7 @@ async def test_two_engines_receive_bit_identical_weights_over_gloo(rig: Rig, inf
     assert report.step == step
     assert report.transport == "collective"
     assert report.num_buckets > 4  # 64 KiB buckets: several broadcasts per session
-    assert all(t.version == step for t in report.targets.values())
+    assert all(t.version == step for t in report.engines.values())
     await assert_engines_hold(rig.trainer, rig.engines, step)
     assert (await rig.engines["e1"].generate.remote(PROMPT)).version == step
     stats = await rig.stats()
@@ -289,7 +289,7 @@ async def test_engine_killed_mid_broadcast_fails_fast_and_next_session_succeeds(
     await asyncio.sleep(0.4)
     ray.kill(victim, no_restart=True)
     killed = time.monotonic()
-    with pytest.raises(SessionError, match=r"target 'victim' failed") as info:
+    with pytest.raises(SessionError, match=r"engine 'victim' failed") as info:
         await session
     assert time.monotonic() - killed < TIMEOUT_S / 2  # not a collective timeout
     assert (info.value.target, info.value.step) == ("victim", new)
@@ -316,7 +316,7 @@ async def test_engine_that_never_joins_fails_within_the_connect_timeout(blob: Ri
     await engines["late"].set_faults.remote(hang_join=True)
     started = time.monotonic()
     with pytest.raises(
-        SessionError, match=r"target 'late' never joined the collective group"
+        SessionError, match=r"engine 'late' never joined the collective group"
     ) as info:
         await trainer.run_sync_session.remote(collective(engines))
     assert (info.value.target, info.value.step) == ("late", step)
@@ -363,7 +363,7 @@ async def test_restarted_engine_fails_the_session_naming_it_and_the_group(blob: 
     assert (error.target, error.step) == ("phoenix", new)
     message = str(error)
     for fragment in (
-        "target 'phoenix' failed in collective set-up (announce) (collective transport)",
+        "engine 'phoenix' failed in collective set-up (announce) (collective transport)",
         "TransportError",
         f"collective group {formed.group_id}",
         "it was restarted, or the group was replaced",

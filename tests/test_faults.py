@@ -38,7 +38,7 @@ from _waits import WAIT_S, eventually, within
 
 from asyncsync import SessionError, SessionTimeoutError
 from asyncsync.coordinator import SyncCoordinator
-from asyncsync.session import SyncPlan
+from asyncsync.plan import SyncPlan
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -178,7 +178,7 @@ async def test_killed_engine_aborts_session_others_keep_serving(rig: Rig) -> Non
     session = rig.trainer.run_sync_session.remote(SyncPlan(targets, transport="shm"))
     await wait_for_open_session(rig.victim)
     ray.kill(rig.victim, no_restart=True)
-    with pytest.raises(SessionError, match="target 'victim' failed") as info:
+    with pytest.raises(SessionError, match="engine 'victim' failed") as info:
         await within(session)
     assert (info.value.target, info.value.step) == ("victim", ready)
     await assert_recovered(rig, ready=ready, before=before)
@@ -191,7 +191,7 @@ async def test_engine_raising_in_receive_aborts_everywhere(rig: Rig, transport: 
     await within(rig.engines["e1"].set_faults.remote(fail_on_bucket=3))
     try:
         with pytest.raises(
-            SessionError, match=r"target 'e1' failed in receive of bucket 3"
+            SessionError, match=r"engine 'e1' failed in receive of bucket 3"
         ) as info:
             await within(
                 rig.trainer.run_sync_session.remote(SyncPlan(rig.engines, transport=transport))
@@ -286,7 +286,7 @@ async def test_ray_cancel_of_a_session_waiting_for_its_step(rig: Rig) -> None:
 async def test_cancelled_driver_task_cancels_the_remote_session(rig: Rig) -> None:
     ready = await rig.publish()
     before = await rig.digests()
-    coordinator = SyncCoordinator(rig.trainer, rig.engines, transport="shm")
+    coordinator = SyncCoordinator(rig.trainer, rig.engines, plan=SyncPlan(transport="shm"))
     await within(rig.engines["e0"].set_faults.remote(receive_delay_s=SLOW_RECEIVE_S))
     try:
         task = asyncio.create_task(coordinator.sync())
@@ -340,7 +340,7 @@ async def test_shared_snapshot_buffers_in_flight_are_private_and_unguessable(rig
         report = await within(session)
     finally:
         await within(rig.engines["e0"].set_faults.remote())
-    assert {t.transport for t in report.targets.values()} == {"shm"}
+    assert {t.transport for t in report.engines.values()} == {"shm"}
     assert owned, "the train actor holds no shared snapshot buffer"
     for name, mode in owned.items():
         assert mode == 0o600, (name, oct(mode))

@@ -19,7 +19,9 @@ from _fleet_actors import engine_class
 from _waits import eventually, within
 
 from asyncsync import EngineState, FleetError, FleetView, Health, SyncPlan
+from asyncsync.client import Deadlines
 from asyncsync.fleet import EngineFleet
+from asyncsync.keeper import FleetKeeper
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -52,7 +54,7 @@ def test_view_routes_by_version_and_counts_only_serving_engines() -> None:
 @pytest.mark.parametrize(
     ("policy", "min_engines", "engines", "quorum"),
     [
-        ("fleet", 1, 8, 8),  # all or nothing: every engine
+        ("all_or_nothing", 1, 8, 8),  # every engine
         ("per_engine", 1, 8, 1),
         ("per_engine", 6, 8, 6),
         ("per_engine", 12, 8, 8),  # never more than there are
@@ -76,7 +78,7 @@ async def engines(ray_local: Any) -> AsyncIterator[dict[str, Any]]:
 
 
 async def test_membership(engines: dict[str, Any]) -> None:
-    fleet = EngineFleet(call_timeout_s=10.0)
+    fleet = EngineFleet(deadlines=Deadlines(call_s=10.0))
     added = await within(fleet.add("f0", engines["f0"]))
     assert (added.health, added.version, added.reason) == (Health.CATCHING_UP, None, "joined")
     assert added.incarnation and added.node_id  # asked the engine, not inferred
@@ -99,7 +101,11 @@ async def test_restarted_engine_is_caught_up_at_once_whatever_its_old_back_off(
     """A quarantined engine backs off (up to 30 s) between catch-ups; a restart by Ray
     is a new process, so the keeper catches the new incarnation up at its next round."""
     probe_s = 1.0
-    fleet = EngineFleet({"f1": engines["f1"]}, initial=Health.SERVING, probe_interval_s=probe_s)
+    fleet = EngineFleet(
+        {"f1": engines["f1"]},
+        initial=Health.SERVING,
+        deadlines=Deadlines(probe_interval_s=probe_s),
+    )
     await within(fleet.refresh())
     old = fleet.view().engines["f1"].incarnation
     for _ in range(6):  # six failures: a 30 s back-off (1 s doubled, capped)
@@ -112,7 +118,8 @@ async def test_restarted_engine_is_caught_up_at_once_whatever_its_old_back_off(
         caught_up.append(time.monotonic())
         fleet.mark(name, Health.SERVING, "caught up")
 
-    fleet.start(catch_up, lambda: 0)
+    keeper = FleetKeeper(fleet, catch_up, lambda: 0)
+    keeper.start()
     try:
         await asyncio.sleep(2 * probe_s)
         assert caught_up == []  # still backing off
@@ -132,4 +139,4 @@ async def test_restarted_engine_is_caught_up_at_once_whatever_its_old_back_off(
         assert caught_up[0] - restarted < 15.0
         assert fleet.view().engines["f1"].health is Health.SERVING
     finally:
-        await fleet.close()
+        await keeper.close()

@@ -34,7 +34,15 @@ from _actors import assert_no_stale_mappings
 from _fleet_actors import engine_class, max_overlap, trainer_class
 from _waits import WAIT_S, eventually, within
 
-from asyncsync import FleetView, Health, SessionError, SessionTimeoutError, SyncPlan, SyncReport
+from asyncsync import (
+    Deadlines,
+    FleetView,
+    Health,
+    SessionError,
+    SessionTimeoutError,
+    SyncPlan,
+    SyncReport,
+)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -128,7 +136,7 @@ class Rig:
 
 @pytest.fixture(scope="module")
 async def rig(ray_local: Any) -> AsyncIterator[Rig]:
-    trainer = trainer_class().remote(fleet_probe_interval_s=PROBE_S, engine_call_timeout_s=5.0)
+    trainer = trainer_class().remote(deadlines=Deadlines(probe_interval_s=PROBE_S, call_s=5.0))
     engines = {f"e{i}": engine_class(max_restarts=4).remote(f"e{i}") for i in range(ENGINES)}
     pid, *_ = await within(
         asyncio.gather(trainer.pid.remote(), *(e.pid.remote() for e in engines.values())), 180
@@ -137,7 +145,7 @@ async def rig(ray_local: Any) -> AsyncIterator[Rig]:
     for name, handle in engines.items():
         await rig.add(name, handle)
     await rig.publish()
-    report = await rig.session(policy="fleet")
+    report = await rig.session(policy="all_or_nothing")
     assert sorted(report.committed) == sorted(engines)
     yield rig
     await within(trainer.close.remote())
@@ -180,7 +188,7 @@ async def wait_open(engine: Any, what: str = "the session never began on the eng
     await eventually(is_open, what)
 
 
-# --------------------------------------------------------------------- "fleet": two phases
+# --------------------------------------------------------------------- all or nothing: two phases
 
 
 async def test_fleet_phase_one_failure_aborts_everywhere_and_quarantines_the_culprit(
@@ -192,9 +200,9 @@ async def test_fleet_phase_one_failure_aborts_everywhere_and_quarantines_the_cul
     await rig.faults(["e1"], fail_on_bucket=2)
     try:
         with pytest.raises(
-            SessionError, match=r"target 'e1' failed in receive of bucket 2"
+            SessionError, match=r"engine 'e1' failed in receive of bucket 2"
         ) as info:
-            await rig.session(policy="fleet")
+            await rig.session(policy="all_or_nothing")
     finally:
         await rig.faults(["e1"])
     assert (info.value.target, info.value.step) == ("e1", step)
@@ -233,19 +241,19 @@ async def test_fleet_phase_two_failure_quarantines_only_that_engine(rig: Rig) ->
     step = await rig.publish()
     await rig.faults(["e2"], fail_apply=True)
     try:
-        report = await rig.session(policy="fleet")
+        report = await rig.session(policy="all_or_nothing")
     finally:
         await rig.faults(["e2"])
     assert report.step == step
-    assert report.targets["e2"].outcome == "quarantined"
-    assert "injected fault in apply" in (report.targets["e2"].error or "")
+    assert report.engines["e2"].outcome == "quarantined"
+    assert "injected fault in apply" in (report.engines["e2"].error or "")
     assert sorted(report.committed) == sorted(n for n in rig.engines if n != "e2")
     # The report says who serves what, and it is what the engines serve (e2 unless
     # the keeper already caught it up since).
     actual = await rig.versions()
-    assert report.targets["e2"].version == before["e2"]
+    assert report.engines["e2"].version == before["e2"]
     assert actual["e2"] in (before["e2"], step)
-    reported = {n: t.version for n, t in report.targets.items() if n != "e2"}
+    reported = {n: t.version for n, t in report.engines.items() if n != "e2"}
     assert reported == {n: v for n, v in actual.items() if n != "e2"}
     assert report.view.engines["e2"].health is Health.QUARANTINED
     assert "e2" not in report.view.serving()
@@ -261,10 +269,10 @@ async def test_slow_engine_per_engine_does_not_hold_the_loop_fleet_does(rig: Rig
     """One engine slowed 10x: ``per_engine`` returns without it; ``fleet`` stalls for it."""
     await rig.faults(**NORMAL)
     try:
-        # Baseline: every engine at normal speed, "fleet" policy.
+        # Baseline: every engine at normal speed, all or nothing.
         await rig.publish()
         start = time.monotonic()
-        await rig.session(policy="fleet")
+        await rig.session(policy="all_or_nothing")
         baseline_s = time.monotonic() - start
 
         await rig.faults(["e3"], **SLOW)
@@ -274,7 +282,7 @@ async def test_slow_engine_per_engine_does_not_hold_the_loop_fleet_does(rig: Rig
         returned = time.time()
         version_at_return = (await within(rig.engines["e3"].receiver_stats.remote())).version
         assert report.step == step
-        assert report.targets["e3"].outcome == "catching_up", report.targets["e3"]
+        assert report.engines["e3"].outcome == "catching_up", report.engines["e3"]
         assert version_at_return != step
         assert len(report.committed) >= 6
         # The straggler finishes in the background, then serves the step.
@@ -288,10 +296,10 @@ async def test_slow_engine_per_engine_does_not_hold_the_loop_fleet_does(rig: Rig
         per_engine_s = returned - start
         slow_total_s = spans[0].end - start
 
-        # The same slow engine under "fleet": the session waits for it.
+        # The same slow engine under all or nothing: the session waits for it.
         step = await rig.publish()
         start = time.time()
-        report = await rig.session(policy="fleet")
+        report = await rig.session(policy="all_or_nothing")
         fleet_s = time.time() - start
         assert sorted(report.committed) == sorted(rig.engines)
         spans = [
@@ -321,11 +329,11 @@ async def test_hung_engine_per_engine_session_returns_and_quarantines_it(rig: Ri
             policy="per_engine", min_engines=0.75, straggler_grace_s=0, timeout_s=3.0
         )
         # Returned while e4 hangs: the loop did not wait on it.
-        assert report.targets["e4"].outcome == "catching_up"
+        assert report.engines["e4"].outcome == "catching_up"
         # With no grace, engines not done when the quorum (6 of 8) was reached are
         # left to finish in the background too.
         assert len(report.committed) >= 6
-        assert {t.outcome for t in report.targets.values()} <= {"committed", "catching_up"}
+        assert {t.outcome for t in report.engines.values()} <= {"committed", "catching_up"}
 
         # After the session's timeout the straggler is aborted and quarantined, and
         # its hung receive is cancelled on the engine.
@@ -347,7 +355,7 @@ async def test_hung_engine_fleet_session_times_out_and_quarantines_it(rig: Rig) 
     await rig.faults(["e4"], hang_on_bucket=1)
     try:
         with pytest.raises(SessionTimeoutError, match=r"ran past 2.0s") as info:
-            await rig.session(policy="fleet", timeout_s=2.0)
+            await rig.session(policy="all_or_nothing", timeout_s=2.0)
         assert await rig.versions() == before
         # The hung engine is named and taken out of routing, so the next session
         # (the coordinator retries at once) does not hang on it again.
@@ -370,7 +378,7 @@ async def test_hung_commit_holds_only_its_own_engine(rig: Rig) -> None:
     step = await rig.publish()
     await rig.faults(["e5"], hang_apply=True)
     with pytest.raises(SessionTimeoutError, match=r"ran past 2.0s") as info:
-        await rig.session(policy="fleet", timeout_s=2.0)
+        await rig.session(policy="all_or_nothing", timeout_s=2.0)
     assert info.value.target == "e5", info.value
     others = await rig.versions(without="e5")
     assert set(others.values()) == {step}
@@ -381,7 +389,7 @@ async def test_hung_commit_holds_only_its_own_engine(rig: Rig) -> None:
     nxt = await rig.publish()
     report = await rig.session(policy="per_engine", min_engines=1.0, timeout_s=10.0)
     assert sorted(report.committed) == sorted(others)
-    assert "e5" not in report.targets  # quarantined: out of normal sessions
+    assert "e5" not in report.engines  # quarantined: out of normal sessions
     assert step in (await within(rig.trainer.cache_stats.remote())).pins
     # Ray restarts the engine: its commit ends (the call fails), the pin goes, and
     # the keeper catches the new incarnation up.
@@ -399,17 +407,17 @@ async def test_hung_commit_holds_only_its_own_engine(rig: Rig) -> None:
 # --------------------------------------------------------------------- killed, restarted
 
 
-@pytest.mark.parametrize("policy", ["fleet", "per_engine"])
+@pytest.mark.parametrize("policy", ["all_or_nothing", "per_engine"])
 async def test_engine_killed_mid_session(rig: Rig, policy: str) -> None:
-    victim = "e5" if policy == "fleet" else "e6"
+    victim = "e5" if policy == "all_or_nothing" else "e6"
     before = await rig.versions()
     step = await rig.publish()
     await rig.faults([victim], receive_delay_s=0.5)
     session = asyncio.ensure_future(rig.session(policy=policy, min_engines=0.75))
     await wait_open(rig.engines[victim])
     ray.kill(rig.engines[victim], no_restart=True)
-    if policy == "fleet":
-        with pytest.raises(SessionError, match=rf"target '{victim}' failed") as info:
+    if policy == "all_or_nothing":
+        with pytest.raises(SessionError, match=rf"engine '{victim}' failed") as info:
             await session
         assert info.value.target == victim
         # Nobody committed: phase one failed.
@@ -417,7 +425,7 @@ async def test_engine_killed_mid_session(rig: Rig, policy: str) -> None:
         assert live == {n: v for n, v in before.items() if n != victim}
     else:
         report = await session
-        assert report.targets[victim].outcome == "quarantined"
+        assert report.engines[victim].outcome == "quarantined"
         assert sorted(report.committed) == sorted(n for n in rig.engines if n != victim)
 
     async def gone() -> bool:
@@ -465,7 +473,7 @@ async def test_engine_dying_mid_session_and_restarted_is_caught_up(rig: Rig) -> 
     report = await rig.session(policy="per_engine", min_engines=0.75)
     # Quarantined, or still "catching_up" if Ray reported the death only after the
     # others had committed (then it is quarantined in the background).
-    assert report.targets["e0"].outcome in ("quarantined", "catching_up")
+    assert report.engines["e0"].outcome in ("quarantined", "catching_up")
     assert sorted(report.committed) == sorted(n for n in rig.engines if n != "e0")
 
     async def e0_back() -> bool:
@@ -484,13 +492,13 @@ async def test_engine_joining_mid_session_is_caught_up_by_the_keeper(rig: Rig) -
     step = await rig.publish()
     await rig.faults(["e1"], receive_delay_s=0.3)
     try:
-        session = asyncio.ensure_future(rig.session(policy="fleet"))
+        session = asyncio.ensure_future(rig.session(policy="all_or_nothing"))
         await wait_open(rig.engines["e1"])
         await rig.add(name, handle)
         report = await session
     finally:
         await rig.faults(["e1"])
-    assert name not in report.targets  # the session's engines were chosen at its start
+    assert name not in report.engines  # the session's engines were chosen at its start
     assert sorted(report.committed) == sorted(n for n in rig.engines if n != name)
 
     async def joined() -> bool:
@@ -502,7 +510,7 @@ async def test_engine_joining_mid_session_is_caught_up_by_the_keeper(rig: Rig) -
     assert {v: set(names) for v, names in view.by_version().items()} == {step: set(rig.engines)}
 
 
-@pytest.mark.parametrize("policy", ["fleet", "per_engine"])
+@pytest.mark.parametrize("policy", ["all_or_nothing", "per_engine"])
 async def test_engine_leaving_mid_session_is_aborted_and_the_rest_commit(
     rig: Rig, policy: str
 ) -> None:
@@ -517,7 +525,7 @@ async def test_engine_leaving_mid_session_is_aborted_and_the_rest_commit(
         report = await session
     finally:
         await rig.faults([leaver])
-    assert report.targets[leaver].outcome == "removed"
+    assert report.engines[leaver].outcome == "removed"
     assert sorted(report.committed) == sorted(n for n in rig.engines if n != leaver)
     after = await within(rig.engines[leaver].receiver_stats.remote())
     # It kept its version, and the session aborted it (no staging left).
@@ -535,7 +543,7 @@ async def test_engine_leaving_mid_session_is_aborted_and_the_rest_commit(
 # --------------------------------------------------------------------- rolling updates
 
 
-@pytest.mark.parametrize("policy", ["fleet", "per_engine"])
+@pytest.mark.parametrize("policy", ["all_or_nothing", "per_engine"])
 async def test_rolling_update_applies_at_most_max_updating_at_once(rig: Rig, policy: str) -> None:
     """``max_updating=2``: at most two engines apply at any instant (the rest keep
     serving), also for ``per_engine`` stragglers that finish in the background."""
@@ -554,7 +562,7 @@ async def test_rolling_update_applies_at_most_max_updating_at_once(rig: Rig, pol
     try:
         step = await rig.publish()
         report = await rig.session(policy=policy, max_updating=2)
-        if policy == "fleet":
+        if policy == "all_or_nothing":
             assert sorted(report.committed) == sorted(rig.engines)
         else:
             # The quorum (one engine) committed; the rest roll on in the background.
@@ -564,7 +572,7 @@ async def test_rolling_update_applies_at_most_max_updating_at_once(rig: Rig, pol
         await rig.faults()
     most = max_overlap(spans)
     assert most <= 2, spans
-    if policy == "fleet":
+    if policy == "all_or_nothing":
         # Every engine was prepared before the first commit: two at a time, always.
         assert most == 2, spans
     await rig.sync_all()
@@ -577,13 +585,13 @@ async def test_rolling_update_applies_at_most_max_updating_at_once(rig: Rig, pol
 async def test_train_actor_killed_mid_session_engines_drop_staging_within_ttl(rig: Rig) -> None:
     """A train actor dies mid-session: no abort reaches the engines, so each drops the
     session's staging itself once the time to live announced at ``begin`` passed."""
-    doomed = trainer_class().remote()
+    doomed = trainer_class().remote(deadlines=Deadlines(abort_s=1.0))
     await within(doomed.pid.remote(), 120)
     before = await rig.versions()
     expired = await rig.dropped("expired")
     await within(doomed.publish.remote(10_000))  # newer than anything the rig will publish
-    plan = SyncPlan(dict(rig.engines), timeout_s=2.0, abort_timeout_s=1.0)
-    ttl = plan.timeout_s + plan.abort_timeout_s
+    plan = SyncPlan(dict(rig.engines), timeout_s=2.0)
+    ttl = plan.timeout_s + 1.0  # the trainer's abort bound
     await rig.faults(receive_delay_s=1.0)  # nothing commits before the kill
     try:
         session = doomed.run_sync_session.remote(plan)

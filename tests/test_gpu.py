@@ -24,7 +24,7 @@ from test_collective import SinkEngine
 from asyncsync.actor import WeightSyncActor, train_actor
 from asyncsync.buckets import pack
 from asyncsync.cache import BucketCache
-from asyncsync.session import SyncPlan
+from asyncsync.plan import SyncPlan
 from asyncsync.testing import gpu_check
 from asyncsync.transport.collective import CollectiveStats
 

@@ -22,7 +22,7 @@ from _actors import (
 from _memfd import open_buffers
 
 from asyncsync.coordinator import SyncCoordinator
-from asyncsync.session import SyncPlan
+from asyncsync.plan import SyncPlan
 
 PROMPT = [[1, 2, 3, 4]]
 
@@ -80,10 +80,10 @@ async def test_transport_delivers_bit_identical_weights_to_two_engines(
     assert report.step == step
     # One node here: "auto" maps the shared snapshot, as "shm" does.
     used = "shm" if transport == "auto" else transport
-    assert {t.transport for t in report.targets.values()} == {used}
+    assert {t.transport for t in report.engines.values()} == {used}
     assert report.num_buckets > 4  # 64 KiB buckets: the model spans many
-    assert set(report.targets) == {"e0", "e1"}
-    assert all(t.version == step for t in report.targets.values())
+    assert set(report.engines) == {"e0", "e1"}
+    assert all(t.version == step for t in report.engines.values())
     await assert_engines_hold(rig.trainer, rig.engines, step)
     await assert_no_stale_mappings(rig.engines)
     if used == "shm":

@@ -84,7 +84,7 @@ async def test_closing_the_train_actor_lets_a_shared_snapshot_commit_finish() ->
     await actor.build_cpu_bucket_cache(0)
     engine = SlowApply(pause_s=0.5)
     session = asyncio.create_task(
-        actor.run_sync_session(SyncPlan(targets={"e": Handle(engine)}, transport="shm"))
+        actor.run_sync_session(SyncPlan(engines={"e": Handle(engine)}, transport="shm"))
     )
     await asyncio.wait_for(engine.applying.wait(), 10)
     await actor.close()
@@ -104,7 +104,7 @@ async def test_per_engine_quorum_reached_then_the_timeout_returns_the_report() -
     fleet = EngineFleet({"fast": Handle(fast), "slow": Handle(slow)}, initial=Health.SERVING)
     made: dict[str, Any] = {}
     plan = SyncPlan(
-        targets={"fast": 1, "slow": 2},
+        engines={"fast": 1, "slow": 2},
         policy="per_engine",
         min_engines=1,
         straggler_grace_s=5.0,
@@ -119,8 +119,8 @@ async def test_per_engine_quorum_reached_then_the_timeout_returns_the_report() -
         background=background,
     )
     assert report.committed == ("fast",)
-    assert report.targets["slow"].outcome == "quarantined"
-    assert "ran past 1.5s" in (report.targets["slow"].error or "")
+    assert report.engines["slow"].outcome == "quarantined"
+    assert "ran past 1.5s" in (report.engines["slow"].error or "")
     assert (fast.version, slow.version) == (0, None)
     assert fleet.view().engines["slow"].health is Health.QUARANTINED
     assert (await slow.receiver_stats()).open_sessions == ()

@@ -40,7 +40,8 @@ from asyncsync import BucketCache, SessionError, Snapshot, pack
 from asyncsync.buckets import checksum, tensor_digest
 from asyncsync.engines import HFEngine
 from asyncsync.fleet import EngineFleet, Health
-from asyncsync.session import SyncPlan, SyncReport, run_session
+from asyncsync.plan import SyncPlan, SyncReport
+from asyncsync.session import run_session
 from asyncsync.transport import backend
 
 SOAK_S = float(os.environ.get("ASYNCSYNC_SOAK_SECONDS", "8"))
@@ -202,7 +203,7 @@ async def test_soak_in_process_readers_sessions_and_builds() -> None:
                 tally.sessions[_refusal(exc)] += 1
             else:
                 tally.sessions["committed"] += 1
-                for name, target in report.targets.items():
+                for name, target in report.engines.items():
                     # "current": the engine served the step already; nothing was sent.
                     tally.committed[name] += target.outcome == "committed"
                     assert target.version == report.step
@@ -265,8 +266,8 @@ async def test_soak_in_process_readers_sessions_and_builds() -> None:
     for name, engine in engines.items():
         stats_e = await engine.receiver_stats()
         assert stats_e.open_sessions == ()
-        ours = tally.committed[name] + (report.targets[name].outcome == "committed")
-        assert ours <= stats_e.commits <= ours + refused, (name, report.targets[name])
+        ours = tally.committed[name] + (report.engines[name].outcome == "committed")
+        assert ours <= stats_e.commits <= ours + refused, (name, report.engines[name])
     # Memory: nothing pinned, the cache back to ready + at most one snapshot of pool,
     # no bucket file left, process memory flat.
     assert stats.pins == {} and stats.building_step is None
@@ -370,7 +371,7 @@ async def test_soak_on_ray_sessions_and_builds(ray_rig: RayRig) -> None:
             else:
                 outcomes["committed"] += 1
                 reports.append(report)
-                for name, target in report.targets.items():
+                for name, target in report.engines.items():
                     committed[name] += target.outcome == "committed"
 
     async def reader() -> None:
@@ -425,8 +426,8 @@ async def test_soak_on_ray_sessions_and_builds(ray_rig: RayRig) -> None:
         assert receiver.open_sessions == ()
         # Committed sessions (+ the final one, unless the engine already served its
         # step: outcome "current"), and at most the refused ones besides.
-        ours = committed[name] + (final.targets[name].outcome == "committed")
-        assert ours <= receiver.commits <= ours + refused, (name, final.targets[name])
+        ours = committed[name] + (final.engines[name].outcome == "committed")
+        assert ours <= receiver.commits <= ours + refused, (name, final.engines[name])
         assert await engine.running_receives.remote() == 0
     assert stats.pins == {} and stats.building_step is None
     ready_capacity = stats.resident_bytes - stats.pooled_bytes

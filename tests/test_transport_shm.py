@@ -31,7 +31,8 @@ from _actors import (
 )
 
 from asyncsync import BucketCache, SessionError, SharedMemoryError, pack
-from asyncsync.session import SyncPlan
+from asyncsync.client import Deadlines
+from asyncsync.plan import SyncPlan
 from asyncsync.transport import SessionContext, backend, load_payload
 from asyncsync.transport.shm import SharedPayload, SharedSnapshotTransport
 from asyncsync.transport.shm import engine_mappings as kept_mappings
@@ -183,7 +184,7 @@ async def test_the_pin_outlives_a_cancelled_session_until_its_commits_end(rig: A
 
 
 async def test_a_killed_train_actor_leaves_engines_nothing_mapped(actor_factory: Any) -> None:
-    trainer = actor_factory(trainer_class())
+    trainer = actor_factory(trainer_class(), deadlines=Deadlines(abort_s=1.0))
     engine = actor_factory(engine_class(), "llama", TINY_LLAMA, seed=1, num_threads=1)
     pid = await trainer.pid.remote()
     await trainer.publish.remote(0)
@@ -191,9 +192,9 @@ async def test_a_killed_train_actor_leaves_engines_nothing_mapped(actor_factory:
     # load: 8 buckets, 2 in flight, 1 s each.
     await engine.set_faults.remote(receive_delay_s=1.0)
     # The engine drops the staging of a session that cannot commit after its time to
-    # live (timeout_s + abort_timeout_s), which is the only way it learns of the death.
-    plan = SyncPlan({"e": engine}, transport="shm", timeout_s=8.0, abort_timeout_s=1.0)
-    ttl_s = plan.timeout_s + plan.abort_timeout_s
+    # live (timeout_s + the trainer's abort bound), the only way it learns of the death.
+    plan = SyncPlan({"e": engine}, transport="shm", timeout_s=8.0)
+    ttl_s = plan.timeout_s + 1.0
     session = trainer.run_sync_session.remote(plan)
     for _ in range(600):
         if await engine_mappings({"e": engine}):

@@ -42,6 +42,7 @@ from asyncsync import (
     pack,
 )
 from asyncsync.actor import train_actor
+from asyncsync.client import Deadlines
 from asyncsync.fleet import EngineFleet, Health
 
 pytestmark = pytest.mark.timeout(120)
@@ -70,15 +71,16 @@ def cases(*rows: Case) -> Any:
 
 
 @cases(
-    ("targets-empty", lambda: SyncPlan(targets={}), ConfigError, ("SyncPlan.targets",)),
-    ("targets-list", lambda: SyncPlan(targets=["e0"]), ConfigError, ("SyncPlan.targets",)),
-    ("targets-name", lambda: SyncPlan(targets={3: None}), ConfigError, ("SyncPlan.targets", "3")),
+    ("engines-empty", lambda: SyncPlan(engines={}), ConfigError, ("SyncPlan.engines",)),
+    ("engines-list", lambda: SyncPlan(engines=["e0"]), ConfigError, ("SyncPlan.engines",)),
+    ("engines-name", lambda: SyncPlan(engines={3: None}), ConfigError, ("SyncPlan.engines", "3")),
     ("min_step-str", lambda: SyncPlan(min_step="1"), InvalidStepError, ("min_step", "'1'")),
     ("min_step-bool", lambda: SyncPlan(min_step=True), InvalidStepError, ("min_step", "True")),
     ("min_step-low", lambda: SyncPlan(min_step=-2), InvalidStepError, ("min_step", "-2")),
     ("transport", lambda: SyncPlan(transport="pigeon"), ConfigError, ("'pigeon'",)),
     ("cross_node-shm", lambda: SyncPlan(cross_node="shm"), ConfigError, ("cross_node='shm'",)),
     ("policy", lambda: SyncPlan(policy="some"), ConfigError, ("SyncPlan.policy", "'some'")),
+    ("policy-renamed", lambda: SyncPlan(policy="fleet"), ConfigError, ("'all_or_nothing'",)),
     ("min_engines-0", lambda: SyncPlan(min_engines=0), ConfigError, ("min_engines", "0")),
     ("min_engines-1.5", lambda: SyncPlan(min_engines=1.5), ConfigError, ("min_engines", "1.5")),
     ("min_engines-bool", lambda: SyncPlan(min_engines=True), ConfigError, ("min_engines",)),
@@ -91,7 +93,6 @@ def cases(*rows: Case) -> Any:
     ("timeout-bool", lambda: SyncPlan(timeout_s=True), ConfigError, ("timeout_s", "True")),
     ("pin_timeout-nan", lambda: SyncPlan(pin_timeout_s=math.nan), ConfigError, ("pin_timeout_s",)),
     ("inflight-0", lambda: SyncPlan(max_inflight_buckets=0), ConfigError, ("max_inflight",)),
-    ("abort-None", lambda: SyncPlan(abort_timeout_s=None), ConfigError, ("abort_timeout_s",)),
 )
 def test_sync_plan_fields(
     call: Callable[[], Any], kind: type[AsyncSyncError], names: tuple[str, ...]
@@ -102,22 +103,20 @@ def test_sync_plan_fields(
 
 
 @cases(
-    ("fleet-call_timeout", lambda: EngineFleet(call_timeout_s=0), ConfigError, ("call_timeout_s",)),
-    ("fleet-probe", lambda: EngineFleet(probe_interval_s="1"), ConfigError, ("probe_interval_s",)),
+    ("deadlines-call", lambda: Deadlines(call_s=0), ConfigError, ("Deadlines.call_s",)),
+    ("deadlines-abort", lambda: Deadlines(abort_s=math.inf), ConfigError, ("abort_s", "inf")),
+    ("deadlines-probe", lambda: Deadlines(probe_interval_s="1"), ConfigError, ("probe_interval",)),
+    ("deadlines-probe_s", lambda: Deadlines(probe_s=-1), ConfigError, ("probe_s", "-1")),
+    ("fleet-deadlines", lambda: EngineFleet(deadlines=5), ConfigError, ("deadlines",)),
     ("fleet-initial", lambda: EngineFleet(initial="serving"), ConfigError, ("initial",)),
     ("fleet-engines", lambda: EngineFleet(["e0"]), FleetError, ("mapping",)),
     ("fleet-name", lambda: EngineFleet({"": object()}), FleetError, ("engine names", "''")),
+    ("actor-deadlines", lambda: LightTrainer(deadlines=60), ConfigError, ("deadlines",)),
     (
-        "actor-probe",
-        lambda: LightTrainer(fleet_probe_interval_s=0),
+        "actor-catch-up-plan",
+        lambda: LightTrainer(catch_up_plan=SyncPlan(min_step=3)),
         ConfigError,
-        ("fleet_probe_interval_s",),
-    ),
-    (
-        "actor-call-timeout",
-        lambda: LightTrainer(engine_call_timeout_s=-1),
-        ConfigError,
-        ("engine_call_timeout_s",),
+        ("catch_up_plan", "min_step"),
     ),
     (
         "actor-transport",
@@ -171,7 +170,7 @@ def test_constructor_options(
     with raises_typed(kind, *names):
         call()
     # The next valid construction succeeds.
-    LightTrainer(fleet_probe_interval_s=0.5, transport_options={"object_store": {}})
+    LightTrainer(deadlines=Deadlines(probe_interval_s=0.5), transport_options={"object_store": {}})
 
 
 @pytest.mark.parametrize(
@@ -195,9 +194,13 @@ def test_bucket_cache_options_are_typed(options: dict[str, Any]) -> None:
         ConfigError,
         ("staleness",),
     ),
-    ("unknown-option", lambda: SyncCoordinator(FakeTrainer(), speed=3), ConfigError, ("speed",)),
-    ("targets", lambda: SyncCoordinator(FakeTrainer(), targets={}), ConfigError, ("targets",)),
-    ("policy", lambda: SyncCoordinator(FakeTrainer(), policy="all"), ConfigError, ("'all'",)),
+    ("plan-type", lambda: SyncCoordinator(FakeTrainer(), plan={}), ConfigError, ("plan",)),
+    (
+        "plan-engines",
+        lambda: SyncCoordinator(FakeTrainer(), plan=SyncPlan(engines={"e": 1})),
+        ConfigError,
+        ("engines",),
+    ),
     (
         "cancel_wait",
         lambda: SyncCoordinator(FakeTrainer(), cancel_wait_s="x"),
@@ -218,7 +221,7 @@ def test_coordinator_options(
 ) -> None:
     with raises_typed(kind, *names):
         call()
-    SyncCoordinator(FakeTrainer(), staleness=0, policy="per_engine", min_engines=0.5)
+    SyncCoordinator(FakeTrainer(), staleness=0, plan=SyncPlan(policy="per_engine", min_engines=0.5))
 
 
 class FakeTrainer:
@@ -319,7 +322,7 @@ class Rig:
 
 @pytest.fixture(scope="module")
 async def rig(ray_local: Any) -> AsyncIterator[Rig]:
-    trainer = trainer_class().remote(fleet_probe_interval_s=0.5, engine_call_timeout_s=5.0)
+    trainer = trainer_class().remote(deadlines=Deadlines(probe_interval_s=0.5, call_s=5.0))
     engine = engine_class().remote("t0")
     await within(asyncio.gather(trainer.pid.remote(), engine.pid.remote()), 120)
     await within(trainer.publish.remote(0))
@@ -353,13 +356,13 @@ async def test_train_actor_fleet_and_sessions_refuse_wrong_targets(rig: Rig) -> 
             "add-plain-object",
             lambda: trainer.fleet_add.remote("obj", object()),
             FleetError,
-            ("'obj'", "not a receiver"),
+            ("'obj'", "not an engine"),
         ),
         (
             "add-wrong-actor",
             lambda: trainer.fleet_add.remote("tr", trainer),
             FleetError,
-            ("'tr'", "not a receiver", "engine_info"),
+            ("'tr'", "not an engine", "engine_info"),
         ),
         (
             "add-duplicate",
@@ -380,13 +383,13 @@ async def test_train_actor_fleet_and_sessions_refuse_wrong_targets(rig: Rig) -> 
             "target-plain-object",
             lambda: trainer.run_sync_session.remote(SyncPlan({"obj": object()})),
             SessionError,
-            ("'obj'", "not a receiver"),
+            ("'obj'", "not an engine"),
         ),
         (
             "target-wrong-actor",
             lambda: trainer.run_sync_session.remote(SyncPlan({"tr": trainer})),
             SessionError,
-            ("'tr'", "not a receiver"),
+            ("'tr'", "not an engine"),
         ),
         (
             "target-among-good",
@@ -420,8 +423,8 @@ async def test_train_actor_fleet_and_sessions_refuse_wrong_targets(rig: Rig) -> 
 async def test_coordinator_refuses_wrong_handles_and_steps(rig: Rig) -> None:
     with raises_typed(ConfigError, "trainer"):
         SyncCoordinator(rig.engine)  # an engine's handle, not a train actor's
-    coordinator = SyncCoordinator(rig.trainer, staleness=0, timeout_s=30.0)
-    with raises_typed(FleetError, "'obj'", "not a receiver"):
+    coordinator = SyncCoordinator(rig.trainer, staleness=0, plan=SyncPlan(timeout_s=30.0))
+    with raises_typed(FleetError, "'obj'", "not an engine"):
         await within(coordinator.add_engine("obj", object()))
     with raises_typed(FleetError, "'t9'"):
         await within(coordinator.remove_engine("t9"))

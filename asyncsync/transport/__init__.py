@@ -24,14 +24,12 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
 
 from ..buckets import Bucket, BucketManifest
+from ..client import EngineClient, SessionTag
 from ..errors import ConfigError, PayloadError
-
-if TYPE_CHECKING:
-    from ..fleet import EngineFleet
 
 __all__ = [
     "AUTO",
@@ -54,18 +52,23 @@ AUTO = "auto"
 class SessionContext:
     """What a transport knows about the session it serves.
 
-    ``targets`` are the engines this transport carries in this session (one
-    session may use several transports, each for some of its engines). A
-    transport that calls its engines itself (set-up messages) does so through
-    ``fleet``, the session's one way to reach engines (``None``: an ad-hoc fleet
-    of ``targets``).
+    ``engines`` are the engines this transport carries in this session, name ->
+    handle (one session may use several transports, each for some of its
+    engines). A transport that calls its engines itself (set-up messages) does so
+    through ``client``, the one way to reach engines (by default a client of
+    no engine, for a context that calls none).
     """
 
     session_id: str
     step: int
-    targets: Mapping[str, Any]
+    engines: Mapping[str, Any]
     manifest: tuple[BucketManifest, ...]
-    fleet: EngineFleet | None = None
+    client: EngineClient = field(default_factory=lambda: EngineClient.of({}))
+
+    @property
+    def tag(self) -> SessionTag:
+        """Names this session in errors."""
+        return SessionTag(self.session_id, self.step)
 
 
 @runtime_checkable
@@ -109,10 +112,10 @@ class Transport(Protocol):
         """Prepare a session (allocate names, join a group). Called once, first."""
 
     async def put(self, session: SessionContext, index: int, bucket: Bucket) -> Any:
-        """Make bucket ``index`` available to every target; return the payload to send."""
+        """Make bucket ``index`` available to every engine; return the payload to send."""
 
     async def release(self, session: SessionContext, index: int, payload: Any) -> None:
-        """Every target has received bucket ``index``; free what only the transfer needed."""
+        """Every engine has received bucket ``index``; free what only the transfer needed."""
 
     async def finish(self, session: SessionContext, ok: bool) -> None:
         """Always called once at the end, on success, failure or cancellation.
@@ -135,12 +138,15 @@ class Backend:
             receiver's ``transport_setup`` runs, or ``None`` when the engine
             needs none (its payloads load themselves).
         same_node_only: the engine must run on the cache owner's Ray node.
+        grouped: its engines form one group (every put reaches every member), so
+            every engine of a session must have begun before it starts.
     """
 
     name: str
     owner: str
     engine: str | None
     same_node_only: bool
+    grouped: bool = False
 
     def make(self, **options: Any) -> Transport:
         """A new train side of this transport."""
@@ -167,6 +173,7 @@ BACKENDS: Mapping[str, Backend] = {
             "asyncsync.transport.collective:CollectiveTransport",
             "asyncsync.transport.collective:engine_setup",
             False,
+            grouped=True,
         ),
     )
 }

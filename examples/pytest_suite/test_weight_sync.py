@@ -66,7 +66,7 @@ async def test_engine_serves_the_step_it_was_synced(actor_factory: Any) -> None:
     for step in range(3):
         await trainer.train_step.remote(step)
         assert await trainer.build_cpu_bucket_cache.remote(step) == step
-        report = await trainer.run_sync_session.remote(SyncPlan(targets={"e": engine}))
+        report = await trainer.run_sync_session.remote(SyncPlan(engines={"e": engine}))
         assert report.step == step
         assert await engine.served_values.remote() == {float(step)}
 
@@ -78,7 +78,7 @@ async def test_a_build_may_run_while_a_session_streams(
     trainer, engine = make_pair(actor_factory)
     await trainer.train_step.remote(0)
     await trainer.build_cpu_bucket_cache.remote(0)
-    session = trainer.run_sync_session.remote(SyncPlan(targets={"e": engine}, min_step=0))
+    session = trainer.run_sync_session.remote(SyncPlan(engines={"e": engine}, min_step=0))
     await trainer.train_step.remote(1)
     build = trainer.build_cpu_bucket_cache.remote(1)
     report, built = await asyncio.gather(session, build)
@@ -96,7 +96,7 @@ async def test_a_trio_or_asyncio_driver(
     await aio.get(trainer.train_step.remote(5))
     await aio.get(trainer.build_cpu_bucket_cache.remote(5))
     report, ready = await aio.gather(
-        trainer.run_sync_session.remote(SyncPlan(targets={"e": engine})),
+        trainer.run_sync_session.remote(SyncPlan(engines={"e": engine})),
         trainer.cache_ready_step.remote(),
     )
     assert (report.step, ready) == (5, 5)

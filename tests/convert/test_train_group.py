@@ -19,7 +19,7 @@ import torch
 
 from asyncsync.engines import engine_actor
 from asyncsync.errors import ConversionError, TrainGroupTimeoutError
-from asyncsync.session import SyncPlan
+from asyncsync.plan import SyncPlan
 from asyncsync.testing.megatron_shim import VOCAB_SIZE, build_tiny_gpt, hf_config_kwargs
 from asyncsync.train_group import MegatronTrainRank, TrainGroup, _on_every_rank
 
@@ -78,7 +78,7 @@ async def test_tp2_train_actors_publish_and_the_owner_syncs_an_hf_engine(ray_loc
         assert "model.layers.1.self_attn.q_norm.weight" in owner_digests
         assert ("lm_head.weight" in owner_digests) is not tied
 
-        report = await group.owner.run_sync_session.remote(SyncPlan(targets={"e0": engine}))
+        report = await group.owner.run_sync_session.remote(SyncPlan(engines={"e0": engine}))
         assert report.step == 0
         assert await engine.served_version.remote() == 0
         served = await engine.logits.remote(toks.tolist())

@@ -15,7 +15,8 @@ import ray
 from _actors import TINY_LLAMA, FaultyEngine, trainer_class
 from _waits import eventually, within
 
-from asyncsync.receiver import ReceiverStats
+from asyncsync.client import Deadlines
+from asyncsync.protocol import ReceiverStats
 from asyncsync.testing import LocalCluster
 
 T = TypeVar("T")
@@ -72,7 +73,7 @@ def start_engine(
 def start_trainer(cluster: LocalCluster) -> Any:
     """The train actor (the cache owner) on the head node."""
     return trainer_class(**cluster.placement(0)).remote(
-        fleet_probe_interval_s=FLEET_PROBE_INTERVAL_S,
+        deadlines=Deadlines(probe_interval_s=FLEET_PROBE_INTERVAL_S),
         transport_options={"collective": {"timeout_s": COLLECTIVE_TIMEOUT_S}},
     )
 

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from _fleet import Fleet, eventually, within
 
-from asyncsync.session import SyncPlan
+from asyncsync.plan import SyncPlan
 from asyncsync.testing import LocalCluster
 
 RECEIVE_DELAY_S = 0.5
@@ -45,7 +45,7 @@ async def test_each_bucket_is_put_once_and_each_node_holds_one_copy(
             report = await within(
                 fleet.trainer.run_sync_session.remote(
                     SyncPlan(
-                        targets=engines,
+                        engines=engines,
                         transport="object_store",
                         # Every bucket is requested at once: if the trainer put one
                         # object per engine, the head would show them all together.

@@ -38,7 +38,7 @@ from _fleet import (
 
 from asyncsync import QuorumError, SessionError
 from asyncsync.fleet import FleetView, Health
-from asyncsync.session import SyncPlan
+from asyncsync.plan import SyncPlan
 from asyncsync.testing import LocalCluster
 
 ADDED = ("A", "B")
@@ -160,7 +160,7 @@ async def test_per_engine_a_node_lost_mid_session_survivors_commit_its_engines_l
     assert report.step == step
     assert sorted(report.committed) == sorted(survivors)
     for name in lost:
-        target = report.targets[name]
+        target = report.engines[name]
         assert target.outcome == "quarantined", target
         assert target.error and "receive of bucket" in target.error, target
         assert report.view.engines[name].health in (Health.QUARANTINED, Health.GONE)
@@ -185,7 +185,9 @@ async def test_fleet_a_node_lost_mid_session_fails_it_and_survivors_keep_their_v
     new = await fleet.publish()
     for engine in lost.values():
         await within(engine.set_faults.remote(hang_on_bucket=0))
-    session = fleet.trainer.run_sync_session.remote(SyncPlan(policy="fleet", timeout_s=2 * WAIT_S))
+    session = fleet.trainer.run_sync_session.remote(
+        SyncPlan(policy="all_or_nothing", timeout_s=2 * WAIT_S)
+    )
     for name, engine in lost.items():
         await wait_until_receiving(engine, f"{name} never started receiving")
     joined.remove("B")
@@ -229,7 +231,7 @@ async def test_collective_a_node_lost_mid_session_per_engine_nobody_is_torn(
         await within(lost["nodeC-e0"].ping.remote(), seconds=180)
         targets = {**others, **lost}
         step = await fleet.publish()
-        plan = SyncPlan(targets=targets, transport="collective")
+        plan = SyncPlan(engines=targets, transport="collective")
         assert (await within(fleet.trainer.run_sync_session.remote(plan))).step == step
         before = await digests(others)
         new = await fleet.publish()
@@ -237,7 +239,7 @@ async def test_collective_a_node_lost_mid_session_per_engine_nobody_is_torn(
             await within(engine.set_faults.remote(hang_on_bucket=0))
         session = fleet.trainer.run_sync_session.remote(
             SyncPlan(
-                targets=targets,
+                engines=targets,
                 transport="collective",
                 policy="per_engine",
                 straggler_grace_s=WAIT_S,
@@ -255,16 +257,16 @@ async def test_collective_a_node_lost_mid_session_per_engine_nobody_is_torn(
         else:
             assert report.step == new
             for name in lost:
-                assert report.targets[name].outcome == "quarantined", report.targets[name]
+                assert report.engines[name].outcome == "quarantined", report.engines[name]
             committed = report.committed
-            outcomes = {report.targets[n].outcome for n in others if n not in committed}
-            assert outcomes <= {"quarantined"}, report.targets
+            outcomes = {report.engines[n].outcome for n in others if n not in committed}
+            assert outcomes <= {"quarantined"}, report.engines
         await assert_engines_hold(fleet.trainer, {n: others[n] for n in committed}, new)
         kept = [n for n in others if n not in committed]
         assert await digests({n: others[n] for n in kept}) == {n: before[n] for n in kept}
         assert all(not s.open_sessions for s in (await receiver_stats(others)).values())
         step = await fleet.publish()
-        plan = SyncPlan(targets=others, transport="collective")
+        plan = SyncPlan(engines=others, transport="collective")
         assert (await within(fleet.trainer.run_sync_session.remote(plan))).committed == tuple(
             others
         )

@@ -9,7 +9,7 @@ from _actors import assert_engines_hold
 from _fleet import Fleet, receiver_stats, within
 
 from asyncsync import TopologyError
-from asyncsync.session import SyncPlan
+from asyncsync.plan import SyncPlan
 from asyncsync.testing import LocalCluster
 
 CROSS_NODE = ("object_store", "collective")
@@ -30,7 +30,7 @@ async def test_auto_routes_each_engine_by_its_node_and_delivers_bit_identical(
     step = await fleet.publish()
     report = await within(
         fleet.trainer.run_sync_session.remote(
-            SyncPlan(targets=fleet.engines, transport="auto", cross_node=cross_node)
+            SyncPlan(engines=fleet.engines, transport="auto", cross_node=cross_node)
         )
     )
     assert report.step == step and report.transport == "auto"
@@ -39,12 +39,12 @@ async def test_auto_routes_each_engine_by_its_node_and_delivers_bit_identical(
     # What routing went by: the node each engine reported (never a guess).
     assert {n: s.node_id for n, s in report.view.engines.items()} == fleet.node_id
     # Every engine on a worker node went through the cross-node transport.
-    assert {n: report.targets[n].transport for n in fleet.on_workers()} == dict.fromkeys(
+    assert {n: report.engines[n].transport for n in fleet.on_workers()} == dict.fromkeys(
         fleet.on_workers(), cross_node
     )
     # head-e0 shares the cache owner's node: auto maps it the shared snapshot. One
     # session mixes both paths.
-    assert report.targets[Fleet.HEAD_ENGINE].transport == "shm"
+    assert report.engines[Fleet.HEAD_ENGINE].transport == "shm"
 
 
 @pytest.mark.parametrize("transport", CROSS_NODE)
@@ -55,14 +55,14 @@ async def test_cross_node_transport_delivers_bit_identical_to_every_node(
         step = await fleet.publish()
         report = await within(
             fleet.trainer.run_sync_session.remote(
-                SyncPlan(targets=fleet.engines, transport=transport)
+                SyncPlan(engines=fleet.engines, transport=transport)
             )
         )
         assert report.step == step
         assert report.num_buckets > 4  # 64 KiB buckets: the model spans many
         assert report.committed == tuple(fleet.engines)
-        assert {t.transport for t in report.targets.values()} == {transport}
-        assert all(t.version == step for t in report.targets.values())
+        assert {t.transport for t in report.engines.values()} == {transport}
+        assert all(t.version == step for t in report.engines.values())
         await assert_engines_hold(fleet.trainer, fleet.engines, step)
 
 
@@ -78,7 +78,7 @@ async def test_shm_for_an_engine_on_another_node_is_refused_before_anything_move
         with pytest.raises(TopologyError) as refused:
             await within(
                 fleet.trainer.run_sync_session.remote(
-                    SyncPlan(targets=fleet.engines, transport="shm")
+                    SyncPlan(engines=fleet.engines, transport="shm")
                 )
             )
     error = refused.value

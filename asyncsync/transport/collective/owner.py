@@ -46,7 +46,6 @@ from torch.distributed import TCPStore  # type: ignore[attr-defined]
 from ..._checks import is_number
 from ...buckets import Bucket
 from ...errors import ConfigError, SessionError, first_session_error, last_line
-from ...fleet import EngineFleet, Health, SessionTag
 from .. import SessionContext
 from .engine import CollectivePayload
 from .wire import (
@@ -197,9 +196,9 @@ class CollectiveTransport:
             group is None
             or group.failure is not None
             or formed_by is None
-            or dict(formed_by.targets) != dict(session.targets)
+            or dict(formed_by.engines) != dict(session.engines)
         ):
-            await self._drop_group("rebuilt for new targets or after a failure")
+            await self._drop_group("rebuilt for new engines or after a failure")
             group = await self._build_group(session)
         sizes = tuple(m.nbytes for m in session.manifest)
         announce = Announce(self._owner, group.group_id, session.session_id, sizes)
@@ -300,7 +299,7 @@ class CollectiveTransport:
         )
 
     async def _build_group(self, session: SessionContext) -> RootGroup:
-        targets = dict(session.targets)
+        targets = dict(session.engines)
         backend = await self._choose_backend(session)
         self._generation += 1
         group = RootGroup(
@@ -345,7 +344,7 @@ class CollectiveTransport:
                 if group.missing:
                     raise self._error(
                         session,
-                        f"target {group.missing[0]!r} never joined the collective group "
+                        f"engine {group.missing[0]!r} never joined the collective group "
                         f"{group.group_id} within {self.connect_timeout_s}s",
                         target=group.missing[0],
                     ) from exc
@@ -422,27 +421,24 @@ class CollectiveTransport:
     ) -> dict[str, Any]:
         """Send ``message(name)`` to every engine's ``transport_setup`` at once; answers by name.
 
-        The calls go through the session's fleet (:meth:`~asyncsync.EngineFleet.fan_out`):
+        The calls go through the session's client (:meth:`~asyncsync.client.EngineClient.fan_out`):
         each bounded by ``bound_s``; the first failure or timeout cancels the other
         calls, on the engines too, and raises a :class:`~asyncsync.SessionError`
         naming the engine and ``what`` it was doing. With ``best_effort`` failures and
         timeouts are dropped instead: the result holds the engines that answered.
         """
-        fleet = session.fleet or EngineFleet(session.targets, initial=Health.SERVING)
-        tag = SessionTag(session.session_id, session.step)
+        client = session.client
         what = f"{what} ({self.name} transport)"
 
-        def args(name: str) -> tuple[Any, ...]:
-            return (self.name, message(name))
-
-        names = list(session.targets)
-        if not best_effort:
-            return await fleet.fan_out(
-                names, "transport_setup", args, timeout_s=bound_s, what=what, session=tag
+        async def call(name: str) -> Any:
+            return await client.transport_setup(
+                name, self.name, message(name), bound_s=bound_s, what=what, session=session.tag
             )
-        answers = await fleet.settle(
-            names, "transport_setup", args, timeout_s=bound_s, what=what, session=tag
-        )
+
+        names = list(session.engines)
+        if not best_effort:
+            return await client.fan_out(names, call)
+        answers = await client.settle(names, call)
         return {n: a for n, a in answers.items() if not isinstance(a, BaseException)}
 
 
