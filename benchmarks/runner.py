@@ -21,12 +21,13 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..coordinator import SyncCoordinator
-from ..fleet import Health
-from ..session import CATCHING_UP, POLICIES
-from ..spans import Span
-from ..testing.cluster import LocalCluster, StoreWatch
-from ..transport import AUTO, backend
+from asyncsync.coordinator import SyncCoordinator
+from asyncsync.fleet import Health
+from asyncsync.session import CATCHING_UP, POLICIES
+from asyncsync.spans import Span
+from asyncsync.testing.cluster import LocalCluster, StoreWatch
+from asyncsync.transport import AUTO, backend
+
 from .actors import bench_engine_actor, bench_trainer_actor
 from .baseline import baseline_engine_actor, baseline_trainer_actor
 from .limits import (
@@ -80,11 +81,11 @@ class BenchConfig:
     is ``slow_factor`` times slower. *Nodes* (only with a multi-node cluster, see
     :func:`run_nodes`): ``node_engines`` engines placed on more and more nodes.
     The fleet and slow-engine rows are off unless asked for (``fleet_engines``,
-    ``slow_engines``); ``asyncsync bench`` asks for them.
+    ``slow_engines``); ``python -m benchmarks`` asks for them.
 
     Args:
         sizes: model sizes in bytes (a Llama-style model close to each, see
-            :func:`~asyncsync.bench.workload.llama_spec`).
+            :func:`~benchmarks.workload.llama_spec`).
         engines: numbers of engines of the designs section.
         steps: measured training steps per configuration (K).
         warmup: steps run first and left out of every figure (the cache's

@@ -1,4 +1,4 @@
-"""Turn a :class:`~asyncsync.bench.runner.BenchResult` into files: JSON, markdown, PNG, trace.
+"""Turn a :class:`~benchmarks.runner.BenchResult` into files: JSON, markdown, PNG, trace.
 
 The figures come from :mod:`.summary` (each configuration against the baseline
 and the limits of the same run); the plot from :mod:`.plot`. All functions here
@@ -14,7 +14,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from ..engines.tensors import copy_threads as _copy_threads
+from asyncsync.engines.tensors import copy_threads as _copy_threads
+
 from .plot import plot
 from .records import BuildBreakdown
 from .runner import BASELINE, DESIGNS, FLEET, NODES, SLOW, BenchResult
@@ -139,7 +140,8 @@ def _header(result: BenchResult, command: str | None) -> list[str]:
         shorter = (
             ""
             if command == "make bench"
-            else " (`make bench` runs `asyncsync bench --publish` with its defaults: a shorter run)"
+            else " (`make bench` runs `python -m benchmarks --publish` with its defaults: "
+            "a shorter run)"
         )
         out += [f"Regenerate with `{command}`{shorter}.", ""]
     out += [
