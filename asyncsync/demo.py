@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import statistics
 import time
 from collections.abc import Sequence
@@ -36,18 +35,18 @@ from .actor import WeightSyncActor, train_actor
 from .buckets import Bucket
 from .coordinator import SyncCoordinator
 from .engines import HFEngine
-from .spans import Span, SpanLog
+from .spans import Lane, Span, SpanLog, write_chrome_trace
 
 __all__ = [
     "DemoEngine",
     "DemoResult",
     "DemoTrainer",
-    "chrome_trace",
     "demo_config",
     "overlap_summary",
     "plot_timeline",
     "print_report",
     "run_demo",
+    "trace_processes",
     "write_outputs",
 ]
 
@@ -550,42 +549,13 @@ def _all_generations(result: DemoResult) -> list[Span]:
     return [s for spans in result.generation_spans.values() for s in spans]
 
 
-def chrome_trace(result: DemoResult) -> dict[str, Any]:
-    """Chrome-trace / Perfetto JSON (open in ui.perfetto.dev or chrome://tracing).
-
-    One process per actor (the trainer, each engine), one thread per lane; every
-    span is a complete event named ``"<kind> <step>"`` with ``cat`` = its kind.
-    """
-    events: list[dict[str, Any]] = []
-    pids: dict[str, int] = {}
-    tids: dict[str, int] = {}
+def trace_processes(result: DemoResult) -> list[tuple[str, list[Lane]]]:
+    """The run's spans for :func:`~asyncsync.spans.chrome_trace`: the driver, the trainer
+    and each engine, one lane per kind of span (the timeline's rows)."""
+    processes: dict[str, list[Lane]] = {}
     for who, lane, spans in _lanes(result):
-        if who not in pids:
-            pids[who] = pid = len(pids) + 1
-            events.append(_meta("process_name", pid, 0, {"name": who}))
-            events.append(_meta("process_sort_index", pid, 0, {"sort_index": pid}))
-        pid = pids[who]
-        tids[who] = tid = tids.get(who, 0) + 1
-        events.append(_meta("thread_name", pid, tid, {"name": lane}))
-        events.append(_meta("thread_sort_index", pid, tid, {"sort_index": tid}))
-        for span in spans:
-            events.append(
-                {
-                    "name": f"{span.kind} {span.step}",
-                    "cat": span.kind,
-                    "ph": "X",
-                    "ts": round((span.start - result.origin) * 1e6, 1),
-                    "dur": round(max(0.0, span.end - span.start) * 1e6, 1),
-                    "pid": pid,
-                    "tid": tid,
-                    "args": {"step": span.step, "ok": span.ok},
-                }
-            )
-    return {"traceEvents": events, "displayTimeUnit": "ms"}
-
-
-def _meta(name: str, pid: int, tid: int, args: dict[str, Any]) -> dict[str, Any]:
-    return {"name": name, "ph": "M", "pid": pid, "tid": tid, "args": args}
+        processes.setdefault(who, []).append((lane, spans))
+    return list(processes.items())
 
 
 def write_outputs(result: DemoResult, out_dir: Path | str) -> dict[str, Path]:
@@ -597,5 +567,5 @@ def write_outputs(result: DemoResult, out_dir: Path | str) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = {"timeline": out / "timeline.png", "trace": out / "trace.json"}
     plot_timeline(result, paths["timeline"])
-    paths["trace"].write_text(json.dumps(chrome_trace(result)) + "\n")
+    write_chrome_trace(paths["trace"], trace_processes(result), result.origin)
     return paths
