@@ -1,13 +1,15 @@
 # The two commands a new user types: `make demo` and `make test`.
 # Each creates or refreshes .venv on first use (and whenever pyproject.toml or
-# constraints.txt changes). torch is pinned through constraints.txt in the same
-# pip command as everything else, so megatron-core and transformers never pull a
-# multi-GB CUDA build of torch.
+# constraints.txt changes): `make demo` installs only what the demo needs (the
+# library and the `demo` extra), everything else installs every extra. torch is
+# pinned through constraints.txt in the same pip command as everything else, so
+# megatron-core and transformers never pull a multi-GB CUDA build of torch.
 
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+DEMO_STAMP := $(VENV)/.installed-demo
 EXTRAS := megatron,hf,demo,bench,trio,docs,dev
 export RAY_AUTH_MODE := disabled
 export PYTHONUNBUFFERED := 1
@@ -16,13 +18,20 @@ export PYTHONUNBUFFERED := 1
 
 venv: $(STAMP)
 
+# Every extra also covers the demo's, so it stamps both.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints.txt torch==2.13.0 -e ".[$(EXTRAS)]"
-	touch $(STAMP)
+	touch $(STAMP) $(DEMO_STAMP)
 
-demo: $(STAMP)
+$(DEMO_STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt torch==2.13.0 -e ".[demo]"
+	touch $(DEMO_STAMP)
+
+demo: $(DEMO_STAMP)
 	$(VENV)/bin/asyncsync demo
 
 # Two pytest processes, one Ray each: the main suite on a one-node local Ray
