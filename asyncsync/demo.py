@@ -470,6 +470,18 @@ _COLORS = {
 }
 
 
+# What each kind of mark is, for the timeline's legend (docs/demo.md says more).
+_LEGEND = {
+    "stall": "driver waits after a step: the build, then the staleness bound "
+    "(a thin mark: only the build)",
+    "train": "train step (forward, backward, AdamW)",
+    "build": "build: the step's snapshot into CPU buckets (a few ms: a thin mark)",
+    "session": "sync session: the snapshot streamed to both engines",
+    "commit": "engine commit: waits for the generation in flight, applies, serves",
+    "generate": "generation, coloured and labelled by the version it ran on",
+}
+
+
 def _lanes(result: DemoResult) -> list[tuple[str, str, list[Span]]]:
     lanes = [("driver", "stall", result.stall_spans)]
     lanes += [("trainer", kind, result.spans(kind)) for kind in _TRAINER_LANES]
@@ -489,18 +501,25 @@ _LANE_LABELS = {
 }
 
 
+# Spans shorter than this fraction of the time axis (builds: a few ms; waits that were
+# only the build) are drawn this wide, so that each one shows as a thin mark.
+_MIN_WIDTH = 1 / 300
+
+
 def plot_timeline(result: DemoResult, path: Path) -> None:
     """A timeline PNG: train steps, builds, sessions, and per engine commits and generations.
 
-    Spans are labelled with their step (commits and generations: the version).
-    Generations are coloured by the version they ran on. Blocking: call it
-    outside an event loop.
+    Spans are labelled with their step (commits and generations: the version) when
+    wide enough; spans shorter than 1/300 of the axis are drawn that wide. Generations
+    are coloured by the version they ran on. A legend names every kind of mark.
+    Blocking: call it outside an event loop.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.colors import to_rgb
+    from matplotlib.patches import Patch
 
     lanes = _lanes(result)
     start = result.origin
@@ -510,12 +529,13 @@ def plot_timeline(result: DemoResult, path: Path) -> None:
     shade: dict[int | None, Any] = {
         v: cmap(i / max(1, len(versions) - 1)) for i, v in enumerate(versions)
     }
-    fig, ax = plt.subplots(figsize=(14, 0.55 * len(lanes) + 1.6))
+    fig, ax = plt.subplots(figsize=(14, 0.55 * len(lanes) + 2.1))
+    min_width = (end - start) * _MIN_WIDTH
     for row, (_, lane, spans) in enumerate(lanes):
         for span in spans:
             if span.end < start:
                 continue  # before the training loop: the base weights' build and session
-            x0, width = span.start - start, max(span.end - span.start, 1e-3)
+            x0, width = span.start - start, max(span.end - span.start, min_width)
             color = shade.get(span.step, "#999999") if lane == "generate" else _COLORS[lane]
             ax.broken_barh([(x0, width)], (row - 0.4, 0.8), facecolors=color, edgecolor="white")
             if width > (end - start) / 80:
@@ -534,6 +554,17 @@ def plot_timeline(result: DemoResult, path: Path) -> None:
     ax.set_xlim(0, end - start)
     ax.set_xlabel("seconds since training started")
     ax.grid(axis="x", linestyle=":", linewidth=0.5)
+    middle = cmap(0.5) if versions else "#999999"
+    handles = [Patch(facecolor=_COLORS[lane], label=_LEGEND[lane]) for lane in _COLORS]
+    handles.append(Patch(facecolor=middle, label=_LEGEND["generate"]))
+    ax.legend(
+        handles=handles,
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.13),
+        ncol=3,
+        fontsize=8,
+        frameon=False,
+    )
     ax.set_title(
         f"asyncsync demo: {result.steps} steps, {result.size} model, {result.transport}, "
         f"staleness {result.staleness}; {result.builds_during_sessions} builds during a "
@@ -541,7 +572,7 @@ def plot_timeline(result: DemoResult, path: Path) -> None:
         fontsize=9,
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
