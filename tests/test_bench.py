@@ -14,6 +14,7 @@ import pytest
 
 from asyncsync.testing import ray_cluster
 from benchmarks.cli import build_parser, main
+from benchmarks.probes import lag_probe, lag_summary
 from benchmarks.report import TARGETS, publish, summarize, write_outputs
 from benchmarks.runner import (
     BASELINE,
@@ -220,8 +221,6 @@ async def test_bench_smoke(ray_local: Any, tmp_path: Path) -> None:
 async def test_lag_summary_reads_the_library_probe_by_window() -> None:
     import asyncio
     import time
-
-    from asyncsync.bench.probes import lag_probe, lag_summary
 
     probe = lag_probe(0.002)
     probe.start()
