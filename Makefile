@@ -1,13 +1,15 @@
 # The two commands a new user types: `make demo` and `make test`.
 # Each creates or refreshes .venv on first use (and whenever pyproject.toml or
-# constraints.txt changes). torch is pinned through constraints.txt in the same
-# pip command as everything else, so megatron-core and transformers never pull a
-# multi-GB CUDA build of torch.
+# constraints.txt changes): `make demo` installs only what the demo needs (the
+# library and the `demo` extra), everything else installs every extra. torch is
+# pinned through constraints.txt in the same pip command as everything else, so
+# megatron-core and transformers never pull a multi-GB CUDA build of torch.
 
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+DEMO_STAMP := $(VENV)/.installed-demo
 EXTRAS := megatron,hf,demo,bench,trio,docs,dev
 export RAY_AUTH_MODE := disabled
 export PYTHONUNBUFFERED := 1
@@ -16,13 +18,20 @@ export PYTHONUNBUFFERED := 1
 
 venv: $(STAMP)
 
+# Every extra also covers the demo's, so it stamps both.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints.txt torch==2.13.0 -e ".[$(EXTRAS)]"
-	touch $(STAMP)
+	touch $(STAMP) $(DEMO_STAMP)
 
-demo: $(STAMP)
+$(DEMO_STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt torch==2.13.0 -e ".[demo]"
+	touch $(DEMO_STAMP)
+
+demo: $(DEMO_STAMP)
 	$(VENV)/bin/asyncsync demo
 
 # Two pytest processes, one Ray each: the main suite on a one-node local Ray
@@ -34,8 +43,8 @@ test: $(STAMP) browser lint typecheck
 	RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 $(PY) -m pytest tests/multinode
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check asyncsync tests examples
-	$(VENV)/bin/ruff format --check asyncsync tests examples
+	$(VENV)/bin/ruff check asyncsync tests examples benchmarks
+	$(VENV)/bin/ruff format --check asyncsync tests examples benchmarks
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
@@ -54,14 +63,15 @@ browser:
 	  echo "warning: could not install chromium; the docs' diagram check will be skipped"
 
 
-# Measures, then publishes BENCHMARKS.md and benchmarks/bench.png (about 5 minutes).
+# The bench is the repository's benchmarks/ package (not in the wheel): it measures,
+# then publishes BENCHMARKS.md and benchmarks/bench.png (about 5 minutes).
 bench: $(STAMP)
-	$(VENV)/bin/asyncsync bench --publish
+	$(PY) -m benchmarks --publish
 
 # The run BENCHMARKS.md comes from: both sizes on 1 and 2 engines, fleet rows up to
 # 16 engines, and 6 engines over 1 to 3 nodes of a local cluster (about 10 minutes).
 bench-full: $(STAMP)
-	RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 $(VENV)/bin/asyncsync bench --publish --engines 1,2 \
+	RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 $(PY) -m benchmarks --publish --engines 1,2 \
 	  --fleet-engines 1,2,4,8,16 --nodes 3
 
 soak: $(STAMP)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .buckets import Bucket, BucketManifest, TensorMeta, pack
-from .cache import BucketCache, BuildHandle, CacheStats, Snapshot
 from .errors import (
     ActorDefinitionError,
     AdmissionError,
@@ -46,6 +44,8 @@ from .errors import (
 
 if TYPE_CHECKING:
     from .actor import WeightSyncActor, cache_method, train_actor
+    from .buckets import Bucket, BucketManifest, TensorMeta, pack
+    from .cache import BucketCache, BuildHandle, CacheStats, Snapshot
     from .client import Deadlines
     from .coordinator import SyncCoordinator
     from .fleet import EngineFleet, EngineState, FleetView, Health
@@ -53,9 +53,18 @@ if TYPE_CHECKING:
     from .protocol import EngineInfo, Receiver, ReceiverStats
     from .receiver import StagingReceiver
 
-# Names of the train, session and engine sides: imported on first use, so that the
-# buckets, the cache, shared memory and the errors work in a process without Ray.
+# Everything but the errors is imported on first use: the buckets, the cache, shared
+# memory and the errors work in a process without Ray, and `import asyncsync` (as the
+# `asyncsync` command does before parsing its arguments) imports neither torch nor Ray.
 _LAZY = {
+    "Bucket": "buckets",
+    "BucketManifest": "buckets",
+    "TensorMeta": "buckets",
+    "pack": "buckets",
+    "BucketCache": "cache",
+    "BuildHandle": "cache",
+    "CacheStats": "cache",
+    "Snapshot": "cache",
     "WeightSyncActor": "actor",
     "cache_method": "actor",
     "train_actor": "actor",

@@ -1,14 +1,19 @@
-"""The ``asyncsync`` command: ``asyncsync demo`` and ``asyncsync bench``.
+"""The ``asyncsync`` command: ``asyncsync demo``.
 
 Arguments are checked before Ray starts; a bad one is one line on stderr and exit
-code 2. Both commands start a private local Ray for the run and stop it at the
-end, unless ``--address`` (or ``RAY_ADDRESS``) names a cluster to join.
+code 2. The demo starts a private local Ray for the run and stops it at the end,
+unless ``--address`` (or ``RAY_ADDRESS``) names a cluster to join.
+
+Building the parser imports neither torch nor Ray (nor the demo): ``--help`` and
+``--version`` answer at once, and each command imports what it needs when it runs.
+The repository's bench (``python -m benchmarks``, not in the wheel) builds its
+command line from the same pieces: the argument types, :func:`run_command`,
+:func:`ray_for`, :func:`require`, :func:`writable_dir`.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -20,9 +25,13 @@ __all__ = ["main"]
 
 DESCRIPTION = (
     "asyncio-native Ray actors that move weights from a training actor to rollout "
-    "engines. 'asyncsync demo' shows a run end to end; 'asyncsync bench' measures it "
-    "against the serialized design and the machine's limits."
+    "engines. 'asyncsync demo' shows a run end to end."
 )
+# The demo's choices, here so that building the parser does not import the demo
+# (torch, transformers); asyncsync.demo checks them again and tests/test_cli.py
+# checks that both agree.
+DEMO_SIZES = ("tiny", "small")
+DEMO_TRANSPORTS = ("auto", "object_store", "shm")
 ADDRESS_HELP = (
     "join the Ray cluster at this address instead of starting a private local Ray "
     "(default: $RAY_ADDRESS if set, else a private local Ray for this run)"
@@ -33,7 +42,7 @@ class UsageError(Exception):
     """A bad argument found after parsing (a combination argparse cannot check)."""
 
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line: ``asyncsync demo: error: ... (see --help)``."""
 
     def error(self, message: str) -> NoReturn:
@@ -43,7 +52,7 @@ class _Parser(argparse.ArgumentParser):
 # ---------------------------------------------------------------- argument types
 
 
-def _int_at_least(low: int) -> Callable[[str], int]:
+def int_at_least(low: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -57,61 +66,7 @@ def _int_at_least(low: int) -> Callable[[str], int]:
     return parse
 
 
-def _size(text: str) -> int:
-    from .bench.workload import parse_size
-
-    try:
-        return parse_size(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _size_list(text: str) -> tuple[int, ...]:
-    sizes = tuple(_size(item) for item in _items(text))
-    if not sizes:
-        raise argparse.ArgumentTypeError("expected at least one size, e.g. 256MiB,1GiB")
-    return sizes
-
-
-def _count_list(text: str) -> tuple[int, ...]:
-    counts = tuple(_int_at_least(1)(item) for item in _items(text))
-    if not counts:
-        raise argparse.ArgumentTypeError("expected at least one count, e.g. 1,2")
-    return counts
-
-
-def _count_list_or_none(text: str) -> tuple[int, ...]:
-    return () if text.strip().lower() == "none" else _count_list(text)
-
-
-def _policy_list(text: str) -> tuple[str, ...]:
-    from .session import POLICIES
-
-    names = tuple(_items(text))
-    unknown = [n for n in names if n not in POLICIES]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(
-            f"unknown policy {', '.join(map(repr, unknown)) or '(none)'}; "
-            f"choose from {', '.join(POLICIES)}"
-        )
-    return names
-
-
-def _transport_list(text: str) -> tuple[str, ...]:
-    from .transport import transport_names
-
-    names = tuple(_items(text))
-    known = transport_names()
-    unknown = [n for n in names if n not in known]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(
-            f"unknown transport {', '.join(map(repr, unknown)) or '(none)'}; "
-            f"choose from {', '.join(known)}"
-        )
-    return names
-
-
-def _positive_float(text: str) -> float:
+def positive_float(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
@@ -121,7 +76,8 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _items(text: str) -> list[str]:
+def items(text: str) -> list[str]:
+    """The non-empty, stripped items of a comma-separated list."""
     return [item.strip() for item in text.split(",") if item.strip()]
 
 
@@ -129,21 +85,25 @@ def _items(text: str) -> list[str]:
 
 
 @contextmanager
-def _ray(command: str, address: str | None, **local: Any) -> Iterator[None]:
-    """A private local Ray, or the cluster the user named; failing to get one is one line."""
-    from .testing.ray_cluster import connect_or_start_ray
+def ray_for(prog: str, address: str | None, **local: Any) -> Iterator[None]:
+    """A private local Ray, or the cluster the user named; failing to get one is one line.
+
+    ``prog`` names the command in that line; ``local`` goes to
+    :func:`~asyncsync.testing.connect_or_start_ray`.
+    """
+    from .testing import ray_cluster
 
     target = address or os.environ.get("RAY_ADDRESS") or None
     with ExitStack() as stack:
         try:
-            stack.enter_context(connect_or_start_ray(address, **local))
+            stack.enter_context(ray_cluster.connect_or_start_ray(address, **local))
         except Exception as exc:
             where = f"join the Ray cluster at {target}" if target else "start a local Ray"
-            raise SystemExit(f"asyncsync {command}: cannot {where}: {_last_line(exc)}") from None
+            raise SystemExit(f"{prog}: cannot {where}: {last_line(exc)}") from None
         yield
 
 
-def _require(command: str, modules: dict[str, str]) -> None:
+def require(prog: str, modules: dict[str, str]) -> None:
     """Exit with one line naming the extra to install if a module the command needs is missing."""
     import importlib.util
 
@@ -152,28 +112,51 @@ def _require(command: str, modules: dict[str, str]) -> None:
     )
     if missing:
         raise SystemExit(
-            f"asyncsync {command} needs more packages: pip install 'asyncsync[{','.join(missing)}]'"
+            f"{prog} needs more packages: pip install 'asyncsync[{','.join(missing)}]'"
         )
 
 
-def _last_line(exc: BaseException) -> str:
+def writable_dir(option: str, path: str | Path) -> Path:
+    """Create ``path`` if missing and check that files can be written in it.
+
+    Called before Ray starts, so that a run is not lost to an output directory it
+    cannot write at the end. Raises :class:`UsageError` naming ``option``.
+    """
+    import tempfile
+
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise UsageError(f"{option}: cannot write into {str(out)!r}: {reason}") from None
+    return out
+
+
+def last_line(exc: BaseException) -> str:
+    """``ErrorType: <the last non-empty line of its message>``, for one-line failures."""
     lines = [line for line in str(exc).strip().splitlines() if line.strip()]
     return f"{type(exc).__name__}: {lines[-1] if lines else ''}"
 
 
 def _demo(args: argparse.Namespace) -> int:
-    _require("demo", {"transformers": "demo", "matplotlib": "demo"})
+    require("asyncsync demo", {"transformers": "demo", "matplotlib": "demo"})
+    out = writable_dir("--out", args.out)
+    import asyncio
+
     from rich.console import Console
 
     from .demo import print_report, run_demo, write_outputs
 
     console = Console()
-    with _ray("demo", args.address, num_cpus=2):
+    with ray_for("asyncsync demo", args.address, num_cpus=2):
         result = asyncio.run(
             run_demo(args.steps, args.size, args.transport, args.staleness, console=console)
         )
     print_report(result, console)
-    paths = write_outputs(result, args.out)
+    paths = write_outputs(result, out)
     # Unwrapped, so the paths can be copied from any terminal width.
     console.print(f"timeline: {paths['timeline']}", highlight=False, soft_wrap=True)
     console.print(
@@ -184,165 +167,10 @@ def _demo(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
-def _bench(args: argparse.Namespace) -> int:
-    _require("bench", {"matplotlib": "bench"})
-    from rich.console import Console
-    from rich.markup import escape
-
-    from .bench import BenchConfig, default_transports
-    from .bench.report import publish, summarize, write_outputs
-
-    if args.address and (args.num_cpus is not None or args.object_store is not None):
-        raise UsageError(
-            "--num-cpus and --object-store size a private local Ray; not with --address"
-        )
-    if args.address and args.nodes > 1:
-        raise UsageError("--nodes starts a local multi-node cluster; not with --address")
-    try:
-        config = BenchConfig(
-            sizes=args.sizes,
-            engines=args.engines,
-            steps=args.steps,
-            warmup=args.warmup,
-            transports=args.transports if args.transports is not None else default_transports(),
-            baseline=not args.no_baseline,
-            bucket_bytes=args.bucket,
-            staleness=args.staleness,
-            train_gflop=args.train_gflop,
-            limit_bytes=args.limit_size,
-            fleet_engines=args.fleet_engines,
-            policies=args.policies,
-            fleet_size=args.fleet_size,
-            slow_engines=args.slow_engines,
-            slow_factor=args.slow_factor,
-            node_engines=args.node_engines,
-        )
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-
-    console = Console()
-    result = _measure_bench(args, config, console)
-    paths = write_outputs(result, Path(args.out))
-    for row in summarize(result):
-        if row["error"]:
-            continue
-        console.print(
-            f"{row['section']}: {row['config']} {row['design']}: stall {row['stall_ms']:.0f} ms, "
-            f"session {row['session_s']:.3f} s ({row['session_frac'] * 100:.0f}% of its limit), "
-            f"build {row['build_frac'] * 100:.0f}% of one copy",
-            highlight=False,
-        )
-    console.print(
-        f"wrote {', '.join(str(p) for p in paths.values())}", highlight=False, soft_wrap=True
-    )
-    if args.publish:
-        command = _command_line(args)
-        published = publish(result, paths["plot"], Path(args.publish_dir), command)
-        console.print(
-            f"published {', '.join(str(p) for p in published.values())}",
-            highlight=False,
-            soft_wrap=True,
-        )
-    for failure in result.failures:
-        console.print(f"[red]check failed:[/] {escape(failure)}")
-    for run in result.all_runs:
-        if run.error:
-            console.print(f"[red]{run.config_label} {run.label} failed:[/] {escape(run.error)}")
-    return 0 if result.ok else 1
-
-
-def _command_line(args: argparse.Namespace) -> str:
-    """The ``asyncsync bench`` command that reproduces this run, for the published report:
-    ``make bench`` when run with the defaults, else the options given."""
-    import shlex
-
-    given: list[str] = []
-    skip = False
-    for arg in args.argv:
-        # Where the files go does not change what is measured.
-        if skip or arg in ("bench", "--publish") or arg.startswith(("--out=", "--publish-dir=")):
-            skip = False
-            continue
-        if arg in ("--out", "--publish-dir"):
-            skip = True
-            continue
-        given.append(arg)
-    if not given:
-        return "make bench"
-    return shlex.join(["asyncsync", "bench", "--publish", *given])
-
-
-def _measure_bench(args: argparse.Namespace, config: Any, console: Any) -> Any:
-    """Run the bench on a private Ray (or the cluster named), then the nodes section, if asked,
-    on a local multi-node cluster of its own; one progress bar follows every configuration."""
-    from rich.markup import escape
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TaskID,
-        TextColumn,
-        TimeElapsedColumn,
-    )
-
-    from .bench import add_node_runs, run_bench, run_nodes
-
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("steps"),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns, console=console, transient=True) as progress:
-        tasks: list[TaskID] = []  # one bar, created when the first configuration starts
-
-        def on_step(label: str, done: int, total: int) -> None:
-            if not tasks:
-                tasks.append(progress.add_task(label, total=total))
-            progress.update(tasks[0], description=label, completed=done, total=total)
-
-        def log(line: str) -> None:
-            progress.console.print(escape(line), highlight=False)
-
-        with _ray(
-            "bench", args.address, num_cpus=args.num_cpus, object_store_memory=args.object_store
-        ):
-            result = asyncio.run(run_bench(config, log=log, progress=on_step))
-        if args.nodes > 1:
-            log(
-                f"nodes: a local cluster of {args.nodes} nodes "
-                f"(the head and {args.nodes - 1} workers)"
-            )
-            with _cluster(args.nodes, args.node_object_store) as cluster:
-                runs = asyncio.run(run_nodes(config, cluster, log=log, progress=on_step))
-            add_node_runs(result, runs, args.nodes)
-    return result
-
-
-@contextmanager
-def _cluster(nodes: int, object_store: int) -> Iterator[Any]:
-    """A local multi-node Ray cluster for the bench's nodes section; a failed start is one line."""
-    from .testing.cluster import local_cluster
-
-    with ExitStack() as stack:
-        try:
-            cluster = stack.enter_context(
-                local_cluster(nodes - 1, object_store_memory=object_store)
-            )
-        except Exception as exc:
-            raise SystemExit(
-                f"asyncsync bench: cannot start a local cluster of {nodes} nodes: {_last_line(exc)}"
-            ) from None
-        yield cluster
-
-
 # ---------------------------------------------------------------- the parser
 
 
 def _add_demo(sub: Any) -> None:
-    from .demo import SIZES, TRANSPORTS
-
     demo = sub.add_parser(
         "demo",
         help="train a small Llama and keep two generating engines in sync while it trains",
@@ -356,19 +184,19 @@ def _add_demo(sub: Any) -> None:
     )
     demo.add_argument(
         "--steps",
-        type=_int_at_least(1),
+        type=int_at_least(1),
         default=12,
         help="training steps (default: %(default)s)",
     )
     demo.add_argument(
         "--size",
-        choices=SIZES,
+        choices=DEMO_SIZES,
         default="small",
         help="model size: small ~21M parameters (84 MB), tiny ~0.3M (default: %(default)s)",
     )
     demo.add_argument(
         "--transport",
-        choices=TRANSPORTS,
+        choices=DEMO_TRANSPORTS,
         default="auto",
         help="how buckets reach the engines: auto (the trainer's shared snapshot for "
         "engines on its node, the object store for the others), the object store for all, "
@@ -376,7 +204,7 @@ def _add_demo(sub: Any) -> None:
     )
     demo.add_argument(
         "--staleness",
-        type=_int_at_least(0),
+        type=int_at_least(0),
         default=1,
         help="how many steps the engines may lag behind the trainer before the "
         "training loop waits (default: %(default)s)",
@@ -388,171 +216,6 @@ def _add_demo(sub: Any) -> None:
     )
     demo.add_argument("--address", default=None, help=ADDRESS_HELP)
     demo.set_defaults(run=_demo, parser=demo)
-
-
-def _add_bench(sub: Any) -> None:
-    bench = sub.add_parser(
-        "bench",
-        help="measure asyncsync against the serialized design and the machine's limits",
-        description=(
-            "Measures the machine's limits (copy, checksum, object store), then for each "
-            "model size and engine count the serialized baseline and asyncsync with each "
-            "transport; then each commit policy to more and more light engines, and with "
-            "one engine slowed down; with --nodes, the same engines on more Ray nodes. "
-            "Writes bench.json, bench.md, bench.png and trace.json into --out; "
-            "with --publish also BENCHMARKS.md and benchmarks/bench.png into --publish-dir."
-        ),
-    )
-    bench.add_argument(
-        "--sizes",
-        type=_size_list,
-        default="256MiB,1GiB",
-        help="model sizes, comma-separated (default: %(default)s)",
-    )
-    bench.add_argument(
-        "--engines",
-        type=_count_list,
-        default="1",
-        help="engine counts of the designs rows (baseline and each transport), comma-separated "
-        "(default: %(default)s; the published run uses 1,2)",
-    )
-    bench.add_argument(
-        "--steps",
-        type=_int_at_least(1),
-        default=3,
-        help="measured training steps per configuration (default: %(default)s)",
-    )
-    bench.add_argument(
-        "--warmup",
-        type=_int_at_least(0),
-        default=2,
-        help="unmeasured steps first, while the cache's buffer pool fills (default: %(default)s)",
-    )
-    bench.add_argument(
-        "--transports",
-        type=_transport_list,
-        default=None,
-        help="asyncsync transports, comma-separated (default: object_store,shm, "
-        "and collective when installed)",
-    )
-    bench.add_argument(
-        "--no-baseline",
-        action="store_true",
-        help="skip the serialized baseline (default: run it)",
-    )
-    bench.add_argument(
-        "--bucket",
-        type=_size,
-        default="128MiB",
-        help="bucket size of both designs (default: %(default)s)",
-    )
-    bench.add_argument(
-        "--staleness",
-        type=_int_at_least(0),
-        default=1,
-        help="asyncsync's staleness bound in steps (default: %(default)s)",
-    )
-    bench.add_argument(
-        "--train-gflop",
-        type=_positive_float,
-        default=8.0,
-        help="fp32 matmul work per training step, in GFLOP (default: %(default)s)",
-    )
-    bench.add_argument(
-        "--fleet-engines",
-        type=_count_list_or_none,
-        default="1,4,8",
-        help="engine counts of the fleet rows (light engines, each commit policy), "
-        "comma-separated, or 'none' (default: %(default)s; the published run uses 1,2,4,8,16)",
-    )
-    bench.add_argument(
-        "--policies",
-        type=_policy_list,
-        default="fleet,per_engine",
-        help="commit policies of the fleet, slow-engine and nodes rows (default: %(default)s)",
-    )
-    bench.add_argument(
-        "--fleet-size",
-        type=_size,
-        default=None,
-        help="model size of the fleet, slow-engine and nodes rows "
-        "(default: the smallest of --sizes)",
-    )
-    bench.add_argument(
-        "--slow-engines",
-        type=_int_at_least(0),
-        default=4,
-        help="engines of the slow-engine rows, one of them --slow-factor times slower; "
-        "0 for none (default: %(default)s)",
-    )
-    bench.add_argument(
-        "--slow-factor",
-        type=_positive_float,
-        default=10.0,
-        help="how much slower the slowed engine receives and applies (default: %(default)s)",
-    )
-    bench.add_argument(
-        "--nodes",
-        type=_int_at_least(1),
-        default=1,
-        help="also run the nodes rows on a local cluster of this many Ray nodes (the head and "
-        "N-1 workers), after the rest (default: %(default)s, no nodes rows)",
-    )
-    bench.add_argument(
-        "--node-engines",
-        type=_int_at_least(1),
-        default=6,
-        help="engines of the nodes rows (default: %(default)s)",
-    )
-    bench.add_argument(
-        "--node-object-store",
-        type=_size,
-        default="1GiB",
-        help="object store of each node of the --nodes cluster (default: %(default)s)",
-    )
-    bench.add_argument(
-        "--limit-size",
-        type=_size,
-        default="256MiB",
-        help="buffer size of the limit measurements (default: %(default)s)",
-    )
-    bench.add_argument(
-        "--object-store",
-        type=_size,
-        default=None,
-        help="object store size of the private local Ray (default: Ray's choice)",
-    )
-    bench.add_argument(
-        "--num-cpus",
-        type=_int_at_least(1),
-        default=None,
-        help="CPUs the private local Ray advertises (default: the machine's cores)",
-    )
-    bench.add_argument("--address", default=None, help=ADDRESS_HELP)
-    bench.add_argument(
-        "--out",
-        default="bench-out",
-        help="directory for bench.json, bench.md, bench.png, trace.json (default: %(default)s)",
-    )
-    bench.add_argument(
-        "--publish",
-        action="store_true",
-        help="also write BENCHMARKS.md and benchmarks/bench.png into --publish-dir, "
-        "as `make bench` does (default: off)",
-    )
-    bench.add_argument(
-        "--no-publish",
-        dest="publish",
-        action="store_false",
-        help="do not publish; the default, accepted for scripts written before --publish "
-        "(default: on)",
-    )
-    bench.add_argument(
-        "--publish-dir",
-        default=".",
-        help="where --publish writes (default: %(default)s, the current directory)",
-    )
-    bench.set_defaults(run=_bench, parser=bench)
 
 
 def _version() -> str:
@@ -568,11 +231,10 @@ def _version() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``asyncsync`` argument parser (no side effects: nothing is imported or started)."""
-    parser = _Parser(prog="asyncsync", description=DESCRIPTION)
+    parser = Parser(prog="asyncsync", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,bench}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo}")
     _add_demo(sub)
-    _add_bench(sub)
     return parser
 
 
@@ -582,7 +244,18 @@ def main(argv: list[str] | None = None) -> int:
     ``--help`` and ``--version`` print and return 0; usage errors print one line
     on stderr and return 2. Other failures to start are one line and code 1.
     """
-    parser = build_parser()
+    return run_command(build_parser(), argv)
+
+
+def run_command(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
+    """Parse ``argv`` (default: ``sys.argv[1:]``) with ``parser`` and run the command chosen.
+
+    The parser (or the subcommand's) sets ``run`` (a function of the parsed
+    arguments that returns the exit code) and ``parser`` (itself, which names the
+    command in messages) as defaults; ``args.argv`` holds the arguments as given.
+    Returns 2 after a usage error (argparse's or a :class:`UsageError`), 130 when
+    interrupted, else what ``run`` returned.
+    """
     try:
         args, unknown = parser.parse_known_args(argv)
         if unknown:  # said by the subcommand's parser, which names the subcommand
@@ -593,11 +266,11 @@ def main(argv: list[str] | None = None) -> int:
         args.argv = list(sys.argv[1:] if argv is None else argv)
         code: int = args.run(args)
     except UsageError as exc:
-        sub = f"{parser.prog} {args.command}"
-        print(f"{sub}: error: {exc} (see {sub} --help)", file=sys.stderr)
+        prog = args.parser.prog
+        print(f"{prog}: error: {exc} (see {prog} --help)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"asyncsync {args.command}: interrupted", file=sys.stderr)
+        print(f"{args.parser.prog}: interrupted", file=sys.stderr)
         return 130
     return code
 

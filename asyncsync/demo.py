@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import statistics
 import time
 from collections.abc import Sequence
@@ -36,18 +35,19 @@ from .actor import WeightSyncActor, train_actor
 from .buckets import Bucket
 from .coordinator import SyncCoordinator
 from .engines import HFEngine
-from .spans import Span, SpanLog
+from .plan import SyncPlan
+from .spans import Lane, Span, SpanLog, write_chrome_trace
 
 __all__ = [
     "DemoEngine",
     "DemoResult",
     "DemoTrainer",
-    "chrome_trace",
     "demo_config",
     "overlap_summary",
     "plot_timeline",
     "print_report",
     "run_demo",
+    "trace_processes",
     "write_outputs",
 ]
 
@@ -285,7 +285,9 @@ async def _train_and_sync(
     # The base weights (version -1) first, so the engines start from the trainer's
     # initialisation and every generation below runs on a version of the trainer's.
     await trainer.build_cpu_bucket_cache.remote(-1)
-    coordinator = SyncCoordinator(trainer, engines, staleness=staleness, transport=transport)
+    coordinator = SyncCoordinator(
+        trainer, engines, staleness=staleness, plan=SyncPlan(transport=transport)
+    )
     await coordinator.sync(-1)
     console.print("engines serve the base weights (version -1); training starts")
 
@@ -471,6 +473,18 @@ _COLORS = {
 }
 
 
+# What each kind of mark is, for the timeline's legend (docs/demo.md says more).
+_LEGEND = {
+    "stall": "driver waits after a step: the build, then the staleness bound "
+    "(a thin mark: only the build)",
+    "train": "train step (forward, backward, AdamW)",
+    "build": "build: the step's snapshot into CPU buckets (a few ms: a thin mark)",
+    "session": "sync session: the snapshot streamed to both engines",
+    "commit": "engine commit: waits for the generation in flight, applies, serves",
+    "generate": "generation, coloured and labelled by the version it ran on",
+}
+
+
 def _lanes(result: DemoResult) -> list[tuple[str, str, list[Span]]]:
     lanes = [("driver", "stall", result.stall_spans)]
     lanes += [("trainer", kind, result.spans(kind)) for kind in _TRAINER_LANES]
@@ -490,18 +504,25 @@ _LANE_LABELS = {
 }
 
 
+# Spans shorter than this fraction of the time axis (builds: a few ms; waits that were
+# only the build) are drawn this wide, so that each one shows as a thin mark.
+_MIN_WIDTH = 1 / 300
+
+
 def plot_timeline(result: DemoResult, path: Path) -> None:
     """A timeline PNG: train steps, builds, sessions, and per engine commits and generations.
 
-    Spans are labelled with their step (commits and generations: the version).
-    Generations are coloured by the version they ran on. Blocking: call it
-    outside an event loop.
+    Spans are labelled with their step (commits and generations: the version) when
+    wide enough; spans shorter than 1/300 of the axis are drawn that wide. Generations
+    are coloured by the version they ran on. A legend names every kind of mark.
+    Blocking: call it outside an event loop.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.colors import to_rgb
+    from matplotlib.patches import Patch
 
     lanes = _lanes(result)
     start = result.origin
@@ -511,12 +532,13 @@ def plot_timeline(result: DemoResult, path: Path) -> None:
     shade: dict[int | None, Any] = {
         v: cmap(i / max(1, len(versions) - 1)) for i, v in enumerate(versions)
     }
-    fig, ax = plt.subplots(figsize=(14, 0.55 * len(lanes) + 1.6))
+    fig, ax = plt.subplots(figsize=(14, 0.55 * len(lanes) + 2.1))
+    min_width = (end - start) * _MIN_WIDTH
     for row, (_, lane, spans) in enumerate(lanes):
         for span in spans:
             if span.end < start:
                 continue  # before the training loop: the base weights' build and session
-            x0, width = span.start - start, max(span.end - span.start, 1e-3)
+            x0, width = span.start - start, max(span.end - span.start, min_width)
             color = shade.get(span.step, "#999999") if lane == "generate" else _COLORS[lane]
             ax.broken_barh([(x0, width)], (row - 0.4, 0.8), facecolors=color, edgecolor="white")
             if width > (end - start) / 80:
@@ -535,6 +557,17 @@ def plot_timeline(result: DemoResult, path: Path) -> None:
     ax.set_xlim(0, end - start)
     ax.set_xlabel("seconds since training started")
     ax.grid(axis="x", linestyle=":", linewidth=0.5)
+    middle = cmap(0.5) if versions else "#999999"
+    handles = [Patch(facecolor=_COLORS[lane], label=_LEGEND[lane]) for lane in _COLORS]
+    handles.append(Patch(facecolor=middle, label=_LEGEND["generate"]))
+    ax.legend(
+        handles=handles,
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.13),
+        ncol=3,
+        fontsize=8,
+        frameon=False,
+    )
     ax.set_title(
         f"asyncsync demo: {result.steps} steps, {result.size} model, {result.transport}, "
         f"staleness {result.staleness}; {result.builds_during_sessions} builds during a "
@@ -542,7 +575,7 @@ def plot_timeline(result: DemoResult, path: Path) -> None:
         fontsize=9,
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -550,42 +583,13 @@ def _all_generations(result: DemoResult) -> list[Span]:
     return [s for spans in result.generation_spans.values() for s in spans]
 
 
-def chrome_trace(result: DemoResult) -> dict[str, Any]:
-    """Chrome-trace / Perfetto JSON (open in ui.perfetto.dev or chrome://tracing).
-
-    One process per actor (the trainer, each engine), one thread per lane; every
-    span is a complete event named ``"<kind> <step>"`` with ``cat`` = its kind.
-    """
-    events: list[dict[str, Any]] = []
-    pids: dict[str, int] = {}
-    tids: dict[str, int] = {}
+def trace_processes(result: DemoResult) -> list[tuple[str, list[Lane]]]:
+    """The run's spans for :func:`~asyncsync.spans.chrome_trace`: the driver, the trainer
+    and each engine, one lane per kind of span (the timeline's rows)."""
+    processes: dict[str, list[Lane]] = {}
     for who, lane, spans in _lanes(result):
-        if who not in pids:
-            pids[who] = pid = len(pids) + 1
-            events.append(_meta("process_name", pid, 0, {"name": who}))
-            events.append(_meta("process_sort_index", pid, 0, {"sort_index": pid}))
-        pid = pids[who]
-        tids[who] = tid = tids.get(who, 0) + 1
-        events.append(_meta("thread_name", pid, tid, {"name": lane}))
-        events.append(_meta("thread_sort_index", pid, tid, {"sort_index": tid}))
-        for span in spans:
-            events.append(
-                {
-                    "name": f"{span.kind} {span.step}",
-                    "cat": span.kind,
-                    "ph": "X",
-                    "ts": round((span.start - result.origin) * 1e6, 1),
-                    "dur": round(max(0.0, span.end - span.start) * 1e6, 1),
-                    "pid": pid,
-                    "tid": tid,
-                    "args": {"step": span.step, "ok": span.ok},
-                }
-            )
-    return {"traceEvents": events, "displayTimeUnit": "ms"}
-
-
-def _meta(name: str, pid: int, tid: int, args: dict[str, Any]) -> dict[str, Any]:
-    return {"name": name, "ph": "M", "pid": pid, "tid": tid, "args": args}
+        processes.setdefault(who, []).append((lane, spans))
+    return list(processes.items())
 
 
 def write_outputs(result: DemoResult, out_dir: Path | str) -> dict[str, Path]:
@@ -597,5 +601,5 @@ def write_outputs(result: DemoResult, out_dir: Path | str) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = {"timeline": out / "timeline.png", "trace": out / "trace.json"}
     plot_timeline(result, paths["timeline"])
-    paths["trace"].write_text(json.dumps(chrome_trace(result)) + "\n")
+    write_chrome_trace(paths["trace"], trace_processes(result), result.origin)
     return paths

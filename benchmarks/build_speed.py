@@ -18,7 +18,7 @@ processes only ever slow a measurement down; a limit is what the machine can do)
 The target is a steady-state 1 GiB build at >= 0.80 of the copy limit on a quiet
 machine; the load average is printed first and last.
 
-    python benchmarks/build_speed.py [--sizes 256MiB,1GiB] [--reps 5]
+    python -m benchmarks.build_speed [--sizes 256MiB,1GiB] [--reps 5]   # from the repository root
 """
 
 from __future__ import annotations
@@ -32,10 +32,10 @@ from collections.abc import Callable
 import torch
 
 from asyncsync import buckets
-from asyncsync.bench.limits import LimitsProbe
-from asyncsync.bench.workload import format_bytes, llama_spec, materialize, parse_size
 from asyncsync.buckets import fill_and_hash, fill_buffer, layout
 from asyncsync.cache import BucketCache
+from benchmarks.limits import LimitsProbe
+from benchmarks.workload import format_bytes, llama_spec, materialize, parse_size
 
 GB = 1e9
 
@@ -121,7 +121,9 @@ async def builds(nbytes: int, reps: int, lim: Limits) -> dict[str, float]:
 
     # A first build pays for fresh memory; the next one, with the pool pre-faulted
     # after the first publish (or not), is what a trainer's second step sees.
-    first, prefaulted, fresh = [], [], []
+    first: list[float] = []
+    prefaulted: list[float] = []
+    fresh: list[float] = []
     for _ in range(min(reps, 3)):
         for prefault, times in ((True, prefaulted), (False, fresh)):
             cache = BucketCache(bucket_bytes=512 << 20, pin_memory=False, prefault_pool=prefault)

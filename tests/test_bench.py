@@ -1,19 +1,33 @@
-"""A fast smoke run of ``asyncsync bench`` on the session's Ray: outputs exist, are
+"""The repository's bench (``python -m benchmarks``): its command line, checked before
+Ray starts, and a fast smoke run on the session's Ray: outputs exist, are
 well-formed, and both designs delivered bit-identical weights to their engines."""
 
 from __future__ import annotations
 
+import argparse
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from asyncsync.bench import BenchConfig, run_bench
-from asyncsync.bench.report import TARGETS, publish, summarize, write_outputs
-from asyncsync.bench.runner import BASELINE, DESIGNS, FLEET, SLOW, check_delivery
-from asyncsync.bench.workload import llama_spec, parse_size
-from asyncsync.cli import main
+from asyncsync.testing import ray_cluster
+from benchmarks.cli import build_parser, main
+from benchmarks.probes import lag_probe, lag_summary
+from benchmarks.report import TARGETS, publish, summarize, write_outputs
+from benchmarks.runner import (
+    BASELINE,
+    DESIGNS,
+    FLEET,
+    SLOW,
+    BenchConfig,
+    check_delivery,
+    run_bench,
+)
+from benchmarks.workload import llama_spec, parse_size
+
+ROOT = Path(__file__).resolve().parent.parent
 
 MIB = 1 << 20
 
@@ -31,8 +45,89 @@ def test_llama_spec_has_realistic_shapes_and_dtypes() -> None:
         parse_size("12 parsecs")
 
 
-def test_cli_refuses_bad_sizes_before_starting_ray() -> None:
-    assert main(["bench", "--sizes", "lots", "--no-publish"]) == 2
+@pytest.fixture
+def no_ray(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if the command tries to start or join Ray."""
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the bench reached Ray before its arguments were checked")
+
+    monkeypatch.setattr(ray_cluster, "connect_or_start_ray", refuse)
+
+
+def test_every_option_says_what_it_does_and_its_default() -> None:
+    options = [a for a in build_parser()._actions if a.option_strings and a.dest != "help"]
+    assert len(options) >= 5
+    missing = [a.option_strings[0] for a in options if not a.help or "default" not in a.help]
+    assert not missing, f"python -m benchmarks: options without help or default: {missing}"
+
+
+def test_help_is_plain_text_and_says_each_default_once(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["--help"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("usage: python -m benchmarks")
+    for leftover in ("``", ":class:", ":func:", ":mod:", "%(default)", "::"):
+        assert leftover not in text, leftover
+    # One option for publishing, whose help states the default the parser has.
+    assert "--no-publish" not in text
+    start = text.index("\n  --publish ")
+    publish = " ".join(text[start : text.index("\n  --publish-dir", start)].split())
+    assert "(default: off" in publish
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["--sizes", "12XB"], "--sizes: cannot read size '12XB'"),
+        (["--sizes", "lots"], "--sizes: cannot read size 'lots'"),
+        (["--bucket", "0"], "--bucket: size must be positive"),
+        (["--engines", "1,0"], "--engines: must be >= 1, got 0"),
+        (["--steps", "0"], "--steps: must be >= 1, got 0"),
+        (["--transports", "carrier-pigeon"], "unknown transport 'carrier-pigeon'"),
+        (["--policies", "eventually"], "unknown policy 'eventually'"),
+        (["--train-gflop", "-1"], "--train-gflop: must be > 0"),
+        (["--address", "auto", "--num-cpus", "2"], "not with --address"),
+        (["--address", "auto", "--nodes", "2"], "not with --address"),
+        (["--out", "/proc/nope"], "--out: cannot write into '/proc/nope'"),
+        (["--publish", "--publish-dir", "/proc/nope"], "--publish-dir: cannot write into"),
+        (["--frobnicate"], "unrecognized arguments: --frobnicate"),
+    ],
+)
+def test_a_bad_argument_is_one_line_and_exit_code_2_before_ray_starts(
+    argv: list[str], says: str, capsys: pytest.CaptureFixture[str], no_ray: None
+) -> None:
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("python -m benchmarks: error: "), lines[0]
+    assert says in lines[0]
+    assert lines[0].endswith("(see python -m benchmarks --help)")
+
+
+def test_the_bench_publishes_into_the_repository_only_when_asked() -> None:
+    parser = build_parser()
+    assert parser.parse_args([]).publish is False
+    assert parser.parse_args(["--publish"]).publish is True
+    # The documented ways to refresh BENCHMARKS.md publish, through this package.
+    makefile = (ROOT / "Makefile").read_text()
+    for target in ("bench", "bench-full"):
+        recipe = re.search(rf"^{target}:.*\n((?:\t.*\n)+)", makefile, re.M)
+        assert recipe is not None and "-m benchmarks --publish" in recipe.group(1), target
+
+
+def test_the_published_command_line_reproduces_the_run() -> None:
+    from benchmarks.cli import _command_line
+
+    def line(*argv: str) -> str:
+        return _command_line(argparse.Namespace(argv=list(argv)))
+
+    assert line("--publish") == "make bench"
+    assert line("--publish", "--out", "x", "--publish-dir=y") == "make bench"
+    assert line("--publish", "--engines", "1,2") == ("python -m benchmarks --publish --engines 1,2")
 
 
 async def test_bench_smoke(ray_local: Any, tmp_path: Path) -> None:
@@ -127,8 +222,6 @@ async def test_lag_summary_reads_the_library_probe_by_window() -> None:
     import asyncio
     import time
 
-    from asyncsync.bench.probes import lag_probe, lag_summary
-
     probe = lag_probe(0.002)
     probe.start()
     await asyncio.sleep(0.05)
@@ -141,3 +234,22 @@ async def test_lag_summary_reads_the_library_probe_by_window() -> None:
     outside = lag_summary(probe, [(start, end)], inside=False)
     assert inside.samples >= 1 and inside.max_ms >= 90
     assert outside.samples > 5 and outside.max_ms < 90
+
+
+async def test_bench_reports_progress_inside_each_configuration(ray_local: Any) -> None:
+    calls: list[tuple[str, int, int]] = []
+    config = BenchConfig(
+        sizes=(1 << 20,),
+        engines=(1,),
+        steps=2,
+        warmup=1,
+        transports=("shm",),
+        baseline=False,
+        limit_bytes=1 << 20,
+        profile=False,
+    )
+    result = await run_bench(config, progress=lambda *call: calls.append(call))
+    assert result.ok, (result.failures, [r.error for r in result.runs])
+    assert [(done, total) for _, done, total in calls] == [(0, 3), (1, 3), (2, 3), (3, 3)]
+    labels = {label for label, _, _ in calls}
+    assert len(labels) == 1 and re.fullmatch(r"\[1/1\] .+ x1 asyncsync/shm", labels.pop())

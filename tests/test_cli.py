@@ -1,9 +1,13 @@
-"""The ``asyncsync`` command line: help, --version, and arguments checked before Ray starts."""
+"""The ``asyncsync`` command line: help, --version, and arguments checked before Ray starts.
+
+The bench's command line (``python -m benchmarks``) is tested in tests/test_bench.py.
+"""
 
 from __future__ import annotations
 
 import argparse
-import re
+import subprocess
+import sys
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -11,7 +15,6 @@ from typing import Any
 import pytest
 
 from asyncsync import cli
-from asyncsync.bench import BenchConfig, run_bench
 from asyncsync.testing import ray_cluster
 
 
@@ -37,7 +40,11 @@ def test_version_is_the_installed_distributions(capsys: pytest.CaptureFixture[st
     assert capsys.readouterr().out.strip() == f"asyncsync {version('asyncsync')}"
 
 
-@pytest.mark.parametrize("command", ["demo", "bench"])
+def test_the_library_command_is_the_demo_only() -> None:
+    assert set(subparsers(cli.build_parser())) == {"demo"}
+
+
+@pytest.mark.parametrize("command", ["demo"])
 def test_every_option_says_what_it_does_and_its_default(command: str) -> None:
     parser = subparsers(cli.build_parser())[command]
     options = [a for a in parser._actions if a.option_strings and a.dest != "help"]
@@ -46,7 +53,7 @@ def test_every_option_says_what_it_does_and_its_default(command: str) -> None:
     assert not missing, f"asyncsync {command}: options without help or default: {missing}"
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["demo", "--help"], ["bench", "--help"]])
+@pytest.mark.parametrize("argv", [["--help"], ["demo", "--help"]])
 def test_help_is_plain_text(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(argv) == 0
     text = capsys.readouterr().out
@@ -64,14 +71,8 @@ def test_help_is_plain_text(argv: list[str], capsys: pytest.CaptureFixture[str])
         (["demo", "--staleness", "-1"], "--staleness: must be >= 0, got -1"),
         (["demo", "--size", "huge"], "--size: invalid choice: 'huge'"),
         (["demo", "--transport", "carrier-pigeon"], "--transport: invalid choice"),
-        (["bench", "--sizes", "12XB"], "--sizes: cannot read size '12XB'"),
-        (["bench", "--bucket", "0"], "--bucket: size must be positive"),
-        (["bench", "--engines", "1,0"], "--engines: must be >= 1, got 0"),
-        (["bench", "--steps", "0"], "--steps: must be >= 1, got 0"),
-        (["bench", "--transports", "carrier-pigeon"], "unknown transport 'carrier-pigeon'"),
-        (["bench", "--train-gflop", "-1"], "--train-gflop: must be > 0"),
-        (["bench", "--address", "auto", "--num-cpus", "2"], "not with --address"),
-        (["bench", "--frobnicate"], "unrecognized arguments: --frobnicate"),
+        (["demo", "--out", "/proc/nope"], "--out: cannot write into '/proc/nope'"),
+        (["demo", "--frobnicate"], "unrecognized arguments: --frobnicate"),
     ],
 )
 def test_a_bad_argument_is_one_line_and_exit_code_2_before_ray_starts(
@@ -87,31 +88,35 @@ def test_a_bad_argument_is_one_line_and_exit_code_2_before_ray_starts(
     assert lines[0].endswith(f"(see asyncsync {argv[0]} --help)")
 
 
-def test_bench_publishes_into_the_repository_only_when_asked() -> None:
-    bench = subparsers(cli.build_parser())["bench"]
-    assert bench.parse_args([]).publish is False
-    assert bench.parse_args(["--publish"]).publish is True
-    assert bench.parse_args(["--no-publish"]).publish is False
-    # The documented way to refresh BENCHMARKS.md publishes.
-    makefile = Path(__file__).resolve().parent.parent / "Makefile"
-    recipe = re.search(r"^bench:.*\n((?:\t.*\n)+)", makefile.read_text(), re.M)
-    assert recipe is not None and "asyncsync bench --publish" in recipe.group(1)
+def test_an_unwritable_out_is_refused_before_anything_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], no_ray: None
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert cli.main(["demo", "--out", str(blocker / "out")]) == 2
+    assert "--out: cannot write into" in capsys.readouterr().err
 
 
-async def test_bench_reports_progress_inside_each_configuration(ray_local: Any) -> None:
-    calls: list[tuple[str, int, int]] = []
-    config = BenchConfig(
-        sizes=(1 << 20,),
-        engines=(1,),
-        steps=2,
-        warmup=1,
-        transports=("shm",),
-        baseline=False,
-        limit_bytes=1 << 20,
-        profile=False,
+def test_the_parser_knows_the_demos_choices_without_importing_it() -> None:
+    from asyncsync import demo
+
+    options = {a.dest: a for a in subparsers(cli.build_parser())["demo"]._actions}
+    assert tuple(options["size"].choices or ()) == cli.DEMO_SIZES
+    assert set(cli.DEMO_SIZES) == set(demo.SIZES)
+    assert tuple(options["transport"].choices or ()) == cli.DEMO_TRANSPORTS
+    assert set(cli.DEMO_TRANSPORTS) == set(demo.TRANSPORTS)
+
+
+@pytest.mark.parametrize("argv", [["--version"], ["--help"], ["demo", "--help"]])
+def test_help_and_version_import_neither_torch_nor_ray(argv: list[str]) -> None:
+    probe = (
+        "import sys\n"
+        "from asyncsync import cli\n"
+        f"code = cli.main({argv!r})\n"
+        "heavy = sorted({'torch', 'ray', 'matplotlib', 'transformers'} & set(sys.modules))\n"
+        "print(code, heavy, file=sys.stderr)\n"
     )
-    result = await run_bench(config, progress=lambda *call: calls.append(call))
-    assert result.ok, (result.failures, [r.error for r in result.runs])
-    assert [(done, total) for _, done, total in calls] == [(0, 3), (1, 3), (2, 3), (3, 3)]
-    labels = {label for label, _, _ in calls}
-    assert len(labels) == 1 and re.fullmatch(r"\[1/1\] .+ x1 asyncsync/shm", labels.pop())
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120
+    )
+    assert done.stderr.strip().splitlines()[-1] == "0 []", done.stderr

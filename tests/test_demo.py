@@ -71,3 +71,24 @@ async def test_demo_runs_its_checks_pass_and_it_draws_the_run(
     for engine in ("engine0", "engine1"):
         commits = [s for s in trace_spans(trace, engine) if s.kind == "commit"]
         assert [s.step for s in commits][-1] == 3
+
+
+def test_the_trace_writer_keeps_process_and_lane_order() -> None:
+    from asyncsync.spans import chrome_trace
+
+    a, b = Span("train", 0, 10.0, 10.5), Span("build", 0, 10.5, 10.502, ok=False)
+    trace = chrome_trace([("trainer", [("train", [a]), ("build", [b])]), ("engine0", [])], 10.0)
+    meta = [(e["name"], e["pid"], e["tid"], e["args"]) for e in trace["traceEvents"]]
+    assert ("process_name", 2, 0, {"name": "engine0"}) in meta
+    assert ("thread_name", 1, 2, {"name": "build"}) in meta
+    (build,) = [e for e in trace["traceEvents"] if e["ph"] == "X" and e["cat"] == "build"]
+    assert build == {
+        "name": "build 0",
+        "cat": "build",
+        "ph": "X",
+        "ts": 500000.0,
+        "dur": 2000.0,
+        "pid": 1,
+        "tid": 2,
+        "args": {"step": 0, "ok": False},
+    }

@@ -3,7 +3,7 @@
 * A build from CUDA tensors copies them into pinned host buffers (asynchronous
   copies, one synchronization per bucket and device) that the pool hands back to
   the next build, and the bytes equal a CPU packing of the same tensors.
-* ``python -m asyncsync.testing.gpu_check`` passes: page-locked shared buffers,
+* ``python tests/gpu_check.py`` passes: page-locked shared buffers,
   CUDA builds bit for bit against ``.cpu()``, the torn-snapshot guard on CUDA
   tensors (its figures are printed with ``-s``).
 * A train actor with its weights on a GPU sends to CPU engines over gloo, and to a
@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import gpu_check
 import pytest
 import ray
 import torch
@@ -25,7 +26,6 @@ from asyncsync.actor import WeightSyncActor, train_actor
 from asyncsync.buckets import pack
 from asyncsync.cache import BucketCache
 from asyncsync.plan import SyncPlan
-from asyncsync.testing import gpu_check
 from asyncsync.transport.collective import CollectiveStats
 
 pytestmark = pytest.mark.gpu

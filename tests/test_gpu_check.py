@@ -1,4 +1,4 @@
-"""``python -m asyncsync.testing.gpu_check``: its checks, run on CPU tensors here.
+"""``python tests/gpu_check.py``: its checks, run on CPU tensors here.
 
 On a GPU machine the same script checks pinned buffers, CUDA builds and the
 torn-snapshot guard on CUDA tensors; here ``--cpu`` runs that logic on CPU
@@ -7,13 +7,16 @@ tensors, in an interpreter that cannot import Ray.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import gpu_check
 import pytest
 from test_no_ray import run_without_ray
 
 from asyncsync.buckets import Bucket
-from asyncsync.testing import gpu_check
+
+SCRIPT = str(Path(gpu_check.__file__).resolve())
 
 
 def test_gpu_check_runs_its_checks_on_cpu_tensors_without_ray() -> None:
@@ -21,8 +24,8 @@ def test_gpu_check_runs_its_checks_on_cpu_tensors_without_ray() -> None:
         """
         import runpy
         sys.argv = ["gpu_check", "--cpu", "--mib", "32", "--reps", "2"]
-        runpy.run_module("asyncsync.testing.gpu_check", run_name="__main__")
-        """
+        runpy.run_path(SCRIPT, run_name="__main__")
+        """.replace("SCRIPT", repr(SCRIPT))
     )
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
@@ -42,8 +45,8 @@ def test_gpu_check_without_cuda_says_so_and_passes() -> None:
             print("CUDA is not available")  # the GPU suite covers this machine
             sys.exit(0)
         sys.argv = ["gpu_check"]
-        runpy.run_module("asyncsync.testing.gpu_check", run_name="__main__")
-        """
+        runpy.run_path(SCRIPT, run_name="__main__")
+        """.replace("SCRIPT", repr(SCRIPT))
     )
     assert result.returncode == 0, result.stderr
     assert "CUDA is not available" in result.stdout

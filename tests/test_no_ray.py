@@ -1,4 +1,6 @@
-"""The buckets, the cache, shared memory, the errors and the GPU check work without Ray.
+"""The buckets, the cache, shared memory and the errors work without Ray.
+
+(So does tests/gpu_check.py: tests/test_gpu_check.py runs it the same way.)
 
 Each test runs a fresh interpreter whose import system refuses ``ray`` (a
 ``sys.meta_path`` finder that raises ``ModuleNotFoundError``), as on a bare GPU
@@ -44,7 +46,6 @@ def test_core_modules_import_and_build_a_snapshot_without_ray() -> None:
 
         import asyncsync
         import asyncsync.buckets, asyncsync.cache, asyncsync.errors, asyncsync.sharedmem
-        import asyncsync.testing.gpu_check
         from asyncsync import BucketCache, TornSnapshotError, pack
         from asyncsync.sharedmem import map_region
 

@@ -1,6 +1,6 @@
 """The wheel a user installs: what it carries, and that it works without the source tree.
 
-Built offline from a copy of the package sources (the checkout is left untouched),
+Built offline from a copy of the sources (the checkout is left untouched),
 then installed with ``--no-deps`` into a fresh virtual environment that sees the
 dependencies through a path entry but not the editable checkout, and used from a
 directory outside the repository.
@@ -35,9 +35,10 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     src = tmp_path_factory.mktemp("src")
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, src / name)
-    shutil.copytree(
-        ROOT / "asyncsync", src / "asyncsync", ignore=shutil.ignore_patterns("__pycache__")
-    )
+    # The bench and the suite beside the package, as in a checkout, so that the
+    # wheel's package selection (not this copy) is what keeps them out.
+    for tree in ("asyncsync", "benchmarks", "tests"):
+        shutil.copytree(ROOT / tree, src / tree, ignore=shutil.ignore_patterns("__pycache__"))
     out = tmp_path_factory.mktemp("dist")
     run(
         [
@@ -65,9 +66,12 @@ def test_the_wheel_carries_types_the_plugin_and_the_command(wheel: Path) -> None
         (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
         entries = zf.read(entry_points).decode()
     assert "asyncsync/py.typed" in names
-    for package in ("bench", "convert", "engines", "testing", "transport"):
+    for package in ("convert", "engines", "testing", "transport"):
         assert f"asyncsync/{package}/__init__.py" in names
-    assert not any(n.startswith(("tests/", "docs/", "examples/")) for n in names)
+    # The library only: the bench (benchmarks/) and the suite's tools (tests/gpu_check.py)
+    # stay in the repository.
+    assert not any(n.startswith(("tests/", "docs/", "examples/", "benchmarks/")) for n in names)
+    assert not [n for n in names if "bench" in n or "gpu_check" in n]
     sections = _ini_sections(entries)
     assert sections["pytest11"] == {"asyncsync": "asyncsync.testing.pytest_plugin"}
     assert sections["console_scripts"] == {"asyncsync": "asyncsync.cli:main"}

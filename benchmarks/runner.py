@@ -21,12 +21,13 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..coordinator import SyncCoordinator
-from ..fleet import Health
-from ..session import CATCHING_UP, POLICIES
-from ..spans import Span
-from ..testing.cluster import LocalCluster, StoreWatch
-from ..transport import AUTO, backend
+from asyncsync.coordinator import SyncCoordinator
+from asyncsync.fleet import Health
+from asyncsync.plan import POLICIES, Outcome, SyncPlan
+from asyncsync.spans import Span
+from asyncsync.testing.cluster import LocalCluster, StoreWatch
+from asyncsync.transport import AUTO, backend
+
 from .actors import bench_engine_actor, bench_trainer_actor
 from .baseline import baseline_engine_actor, baseline_trainer_actor
 from .limits import (
@@ -80,11 +81,11 @@ class BenchConfig:
     is ``slow_factor`` times slower. *Nodes* (only with a multi-node cluster, see
     :func:`run_nodes`): ``node_engines`` engines placed on more and more nodes.
     The fleet and slow-engine rows are off unless asked for (``fleet_engines``,
-    ``slow_engines``); ``asyncsync bench`` asks for them.
+    ``slow_engines``); ``python -m benchmarks`` asks for them.
 
     Args:
         sizes: model sizes in bytes (a Llama-style model close to each, see
-            :func:`~asyncsync.bench.workload.llama_spec`).
+            :func:`~benchmarks.workload.llama_spec`).
         engines: numbers of engines of the designs section.
         steps: measured training steps per configuration (K).
         warmup: steps run first and left out of every figure (the cache's
@@ -206,7 +207,7 @@ class RunResult:
     bucket_bytes: int
     resident_bound_bytes: int
     section: str = DESIGNS
-    policy: str = "fleet"
+    policy: str = "all_or_nothing"
     slowdown: float = 1.0
     nodes: tuple[int, ...] = ()
     stalls_s: list[float] = field(default_factory=list)
@@ -676,10 +677,12 @@ async def _run_asyncsync(
             trainer,
             dict(engines),
             staleness=config.staleness,
-            transport=run.transport,
-            policy=run.policy,
-            max_inflight_buckets=config.max_inflight_buckets,
-            timeout_s=600.0,
+            plan=SyncPlan(
+                transport=run.transport,
+                policy=run.policy,
+                max_inflight_buckets=config.max_inflight_buckets,
+                timeout_s=600.0,
+            ),
         )
         trained: list[float] = []
         stall_spans: list[Span] = []
@@ -732,15 +735,17 @@ async def _run_asyncsync(
             run.session_gbps.append(report.gbps)
             run.session_s.append(report.seconds)
             run.steps_synced.append(report.step)
-            for target in report.targets.values():
-                run.transports_used[target.transport] = (
-                    run.transports_used.get(target.transport, 0) + 1
+            for engine in report.engines.values():
+                run.transports_used[engine.transport] = (
+                    run.transports_used.get(engine.transport, 0) + 1
                 )
-            run.left_behind += any(t.outcome == CATCHING_UP for t in report.targets.values())
+            run.left_behind += any(
+                t.outcome is Outcome.CATCHING_UP for t in report.engines.values()
+            )
         run.session_parts_s = {
-            "begin": _median([max(t.begin_s for t in r.targets.values()) for r in reports]),
-            "transfer": _median([max(t.transfer_s for t in r.targets.values()) for r in reports]),
-            "commit": _median([max(t.commit_s for t in r.targets.values()) for r in reports]),
+            "begin": _median([max(t.begin_s for t in r.engines.values()) for r in reports]),
+            "transfer": _median([max(t.transfer_s for t in r.engines.values()) for r in reports]),
+            "commit": _median([max(t.commit_s for t in r.engines.values()) for r in reports]),
         }
         committed = sorted((r.started_at + r.pin_wait_s + r.seconds, r.step) for r in reports)
         run.e2e_s = [

@@ -18,12 +18,13 @@ from typing import Any
 
 import torch
 
-from ..actor import WeightSyncActor, train_actor
-from ..buckets import Bucket, TensorStream, checksum, fill_and_hash, fill_buffer, layout
-from ..engines.tensors import TensorEngine, tensor_engine_actor
-from ..receiver import ReceiverStats
-from ..session import SyncPlan, SyncReport
-from ..sharedmem import SharedBuffer
+from asyncsync.actor import WeightSyncActor, train_actor
+from asyncsync.buckets import Bucket, TensorStream, checksum, fill_and_hash, fill_buffer, layout
+from asyncsync.engines.tensors import TensorEngine, tensor_engine_actor
+from asyncsync.plan import SyncPlan, SyncReport
+from asyncsync.protocol import ReceiverStats
+from asyncsync.sharedmem import SharedBuffer
+
 from .probes import RssSampler, UsageMeter, ValueSampler, lag_probe, lag_summary
 from .records import BuildBreakdown, EngineRecord, EngineSession, TrainerRecord
 from .workload import (

@@ -143,7 +143,7 @@ _SLOW_BARS: tuple[tuple[str, Callable[[Row], float]], ...] = (
 def _nodes(ax: Any, rows: list[Row]) -> None:
     ax.set_title("nodes: session time (s) by engine placement", fontsize=9)
     if not rows:
-        _empty(ax, "no nodes section in this run\n(asyncsync bench --nodes 3)")
+        _empty(ax, "no nodes section in this run\n(python -m benchmarks --nodes 3)")
         return
     _bars(
         ax,

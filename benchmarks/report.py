@@ -1,4 +1,4 @@
-"""Turn a :class:`~asyncsync.bench.runner.BenchResult` into files: JSON, markdown, PNG, trace.
+"""Turn a :class:`~benchmarks.runner.BenchResult` into files: JSON, markdown, PNG, trace.
 
 The figures come from :mod:`.summary` (each configuration against the baseline
 and the limits of the same run); the plot from :mod:`.plot`. All functions here
@@ -14,7 +14,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from ..engines.tensors import copy_threads as _copy_threads
+from asyncsync.engines.tensors import copy_threads as _copy_threads
+from asyncsync.spans import Lane, write_chrome_trace
+
 from .plot import plot
 from .records import BuildBreakdown
 from .runner import BASELINE, DESIGNS, FLEET, NODES, SLOW, BenchResult
@@ -33,12 +35,12 @@ from .workload import format_bytes
 
 __all__ = [
     "TARGETS",
-    "chrome_trace",
     "markdown",
     "plot",
     "publish",
     "summarize",
     "to_json",
+    "trace_processes",
     "write_outputs",
 ]
 
@@ -54,7 +56,13 @@ _TARGET_FORMAT = {
     "resident_frac": "{:.0%} of bound",
 }
 
-_LANES = {"train": 1, "build": 2, "session": 3, "stall": 4}
+# The lanes of each configuration in the trace, top to bottom: span kind -> lane name.
+_LANES = {
+    "train": "train",
+    "build": "build",
+    "session": "session",
+    "stall": "train loop waits (driver)",
+}
 
 Row = dict[str, Any]
 
@@ -139,7 +147,8 @@ def _header(result: BenchResult, command: str | None) -> list[str]:
         shorter = (
             ""
             if command == "make bench"
-            else " (`make bench` runs `asyncsync bench --publish` with its defaults: a shorter run)"
+            else " (`make bench` runs `python -m benchmarks --publish` with its defaults: "
+            "a shorter run)"
         )
         out += [f"Regenerate with `{command}`{shorter}.", ""]
     out += [
@@ -660,48 +669,17 @@ def _correctness_section(result: BenchResult) -> list[str]:
     return [*out, ""]
 
 
-def chrome_trace(result: BenchResult) -> dict[str, Any]:
-    """Chrome-trace / Perfetto JSON: one process per configuration, one lane per span kind."""
-    events: list[dict[str, Any]] = []
-    origin = result.started_at
-    for pid, run in enumerate(result.all_runs, start=1):
-        events.append(
-            {
-                "name": "process_name",
-                "ph": "M",
-                "pid": pid,
-                "tid": 0,
-                "args": {"name": f"{run.section}: {run.config_label} {run.label}"},
-            }
-        )
-        events.append(
-            {
-                "name": "process_sort_index",
-                "ph": "M",
-                "pid": pid,
-                "tid": 0,
-                "args": {"sort_index": pid},
-            }
-        )
-        for kind, tid in _LANES.items():
-            label = "train loop waits (driver)" if kind == "stall" else kind
-            events.append(
-                {"name": "thread_name", "ph": "M", "pid": pid, "tid": tid, "args": {"name": label}}
-            )
-        for span in run.spans:
-            events.append(
-                {
-                    "name": f"{span.kind} {span.step}",
-                    "cat": span.kind,
-                    "ph": "X",
-                    "ts": round((span.start - origin) * 1e6, 1),
-                    "dur": round(max(0.0, span.end - span.start) * 1e6, 1),
-                    "pid": pid,
-                    "tid": _LANES.get(span.kind, 9),
-                    "args": {"step": span.step, "ok": span.ok},
-                }
-            )
-    return {"traceEvents": events, "displayTimeUnit": "ms"}
+def trace_processes(result: BenchResult) -> list[tuple[str, list[Lane]]]:
+    """The spans of every run for :func:`~asyncsync.spans.chrome_trace`: one process per
+    configuration, one lane per span kind (train, build, session, the driver's waits)."""
+    processes: list[tuple[str, list[Lane]]] = []
+    for run in result.all_runs:
+        kinds = [*_LANES, *sorted({s.kind for s in run.spans} - set(_LANES))]
+        lanes: list[Lane] = [
+            (_LANES.get(kind, kind), [s for s in run.spans if s.kind == kind]) for kind in kinds
+        ]
+        processes.append((f"{run.section}: {run.config_label} {run.label}", lanes))
+    return processes
 
 
 def write_outputs(result: BenchResult, out_dir: Path | str) -> dict[str, Path]:
@@ -717,7 +695,7 @@ def write_outputs(result: BenchResult, out_dir: Path | str) -> dict[str, Path]:
     paths["json"].write_text(json.dumps(to_json(result), indent=1, allow_nan=False) + "\n")
     paths["markdown"].write_text(markdown(result, image="bench.png"))
     plot(result, paths["plot"])
-    paths["trace"].write_text(json.dumps(_clean(chrome_trace(result)), allow_nan=False))
+    write_chrome_trace(paths["trace"], trace_processes(result), result.started_at)
     return paths
 
 

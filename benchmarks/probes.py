@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import psutil
 
-from ..testing.looplag import LoopLagProbe
+from asyncsync.testing.looplag import LoopLagProbe
 
 __all__ = [
     "LagSummary",

@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..buckets import checksum
-from ..engines.tensors import copy_threads
+from asyncsync.buckets import checksum
+from asyncsync.engines.tensors import copy_threads
 
 __all__ = [
     "DeviceLimits",

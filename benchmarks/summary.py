@@ -234,7 +234,7 @@ def _engine_stats(run: RunResult, result: BenchResult) -> dict[str, float]:
 
 
 def usage_stats(run: RunResult, kind: str) -> dict[str, float]:
-    """Medians over the measured steps' :class:`~asyncsync.bench.probes.Usage` of ``kind``."""
+    """Medians over the measured steps' :class:`~benchmarks.probes.Usage` of ``kind``."""
     usage = [u for u in run.usage if u.kind == kind and u.step >= run.warmup]
     if not usage:
         return {}

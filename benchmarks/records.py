@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..spans import Span
+from asyncsync.spans import Span
+
 from .probes import LagSummary, Usage
 
 __all__ = ["BuildBreakdown", "EngineRecord", "EngineSession", "TrainerRecord"]

@@ -27,8 +27,9 @@ from typing import Any
 
 import torch
 
-from ..engines.tensors import copy_named
-from ..spans import SpanLog
+from asyncsync.engines.tensors import copy_named
+from asyncsync.spans import SpanLog
+
 from .probes import RssSampler, UsageMeter
 from .records import EngineRecord, EngineSession, TrainerRecord
 from .workload import (

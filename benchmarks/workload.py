@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..buckets import aligned, tensor_digest
+from asyncsync.buckets import aligned, tensor_digest
 
 __all__ = [
     "ModelSpec",

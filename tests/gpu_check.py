@@ -1,6 +1,9 @@
 """One standalone check of the cache's GPU path, for a bare GPU machine (no Ray needed).
 
-    python -m asyncsync.testing.gpu_check [--cpu] [--mib 512]
+    python tests/gpu_check.py [--cpu] [--mib 512]      # from the repository root
+
+A tool of this repository's test suite, not part of the wheel (tests/test_gpu.py
+runs it on a GPU machine, tests/test_gpu_check.py on CPU tensors).
 
 Checks, printing what it measured:
 
@@ -36,10 +39,10 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 
-from ..buckets import DEVICE_CHUNK, checksum, pack
-from ..cache import BucketCache
-from ..errors import TornSnapshotError
-from ..sharedmem import SharedBuffer, map_region
+from asyncsync.buckets import DEVICE_CHUNK, checksum, pack
+from asyncsync.cache import BucketCache
+from asyncsync.errors import TornSnapshotError
+from asyncsync.sharedmem import SharedBuffer, map_region
 
 __all__ = ["main"]
 
@@ -262,7 +265,7 @@ def bandwidth(device: torch.device, pin: bool, nbytes: int, reps: int) -> list[s
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m asyncsync.testing.gpu_check", description=__doc__.splitlines()[0]
+        prog="python tests/gpu_check.py", description=__doc__.splitlines()[0]
     )
     parser.add_argument("--cpu", action="store_true", help="run the checks on CPU tensors")
     parser.add_argument("--mib", type=int, default=512, help="bytes for the bandwidth figures")
