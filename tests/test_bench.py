@@ -150,10 +150,15 @@ async def test_bench_smoke(ray_local: Any, tmp_path: Path) -> None:
     designs = [r for r in result.runs if r.section == DESIGNS]
     assert [r.label for r in designs] == [BASELINE, "asyncsync/object_store", "asyncsync/shm"]
     fleet = [(r.policy, r.engines) for r in result.runs if r.section == FLEET]
-    assert fleet == [("fleet", 1), ("fleet", 2), ("per_engine", 1), ("per_engine", 2)]
+    assert fleet == [
+        ("all_or_nothing", 1),
+        ("all_or_nothing", 2),
+        ("per_engine", 1),
+        ("per_engine", 2),
+    ]
     slow = [r for r in result.runs if r.section == SLOW]
     assert [(r.policy, r.engines, r.slowdown) for r in slow] == [
-        ("fleet", 2, 4.0),
+        ("all_or_nothing", 2, 4.0),
         ("per_engine", 2, 4.0),
     ]
     assert [r.error for r in result.runs] == [None] * len(result.runs)
