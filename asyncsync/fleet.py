@@ -259,8 +259,8 @@ class EngineFleet:
             raise FleetError(f"engine name {name!r} is already used by another handle")
         member = _Member(name, handle, Health.CATCHING_UP, time.time())
         member.info = await self._call(member, "engine_info", (), self.call_timeout_s, "probe")
-        if name in self._members:  # added concurrently while we probed
-            raise FleetError(f"engine name {name!r} was added concurrently")
+        if name in self._members:  # added concurrently while we probed: same rules as above
+            return await self.add(name, handle)
         self._members[name] = member
         member.reason = "joined"
         # Give whoever added it a moment to include it in a session of their own
