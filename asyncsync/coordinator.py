@@ -140,6 +140,8 @@ class SyncCoordinator:
         self.view: FleetView = FleetView({})
         self._pending_engines = dict(engines or {})
         self._latest_built: int | None = None
+        # after_build calls asking the train actor whether their step was built.
+        self._checking = 0
         self._pump: asyncio.Task[None] | None = None
         # Tasks in sync() now, each with an event set once its remote call ended.
         self._calls: dict[asyncio.Task[Any], asyncio.Event] = {}
@@ -263,9 +265,15 @@ class SyncCoordinator:
         if isinstance(step, bool) or not isinstance(step, int) or step < -1:
             raise InvalidStepError(f"after_build: step must be an int >= -1, got {step!r}")
         await self._join_engines()
-        if self._latest_built is None or step > self._latest_built:
-            await self._check_built(step)
-        self._latest_built = step if self._latest_built is None else max(self._latest_built, step)
+        self._checking += 1
+        try:
+            if self._latest_built is None or step > self._latest_built:
+                await self._check_built(step)
+            latest = self._latest_built
+            self._latest_built = step if latest is None else max(latest, step)
+        finally:
+            self._checking -= 1
+            self._progress.notify()
         self._raise_pending()
         self._ensure_pump()
         start = time.monotonic()
@@ -277,6 +285,9 @@ class SyncCoordinator:
         """Wait until every serving engine serves the newest built step (or raise the failure)."""
         self._check_open()
         await self._join_engines()
+        while self._checking:  # a step noted before this call counts once it is checked
+            await self._progress.waiter().wait()
+            self._check_open()
         self._raise_pending()
         self._ensure_pump()
         while self._latest_built is not None and self._behind(self._latest_built):
