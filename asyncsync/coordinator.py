@@ -355,11 +355,12 @@ class SyncCoordinator:
                 "or close it first (await coordinator.close()); one dropped unclosed "
                 "releases the train actor when it is garbage-collected"
             )
-        self._claimed = True
-        self._release_unclosed = weakref.finalize(
-            self, _release_unclosed, self.trainer, self._token
-        )
-        self._release_unclosed.atexit = False
+        if not self._claimed:  # two first calls at once both get the claim: one finalizer
+            self._claimed = True
+            self._release_unclosed = weakref.finalize(
+                self, _release_unclosed, self.trainer, self._token
+            )
+            self._release_unclosed.atexit = False
         if self._closed:  # close() ran while the claim was on its way
             await self._release()
             self._check_open()
