@@ -79,6 +79,8 @@ CACHE_METHODS = (
     "fleet_remove",
     "fleet_view",
     "fleet_refresh",
+    "coordinator_claim",
+    "coordinator_release",
     "close",
 )
 
@@ -191,6 +193,8 @@ class WeightSyncActor:
         # Tasks running run_sync_session now: close() ends them before it closes
         # the transports they stream through.
         self._session_tasks: set[asyncio.Task[Any]] = set()
+        # (token, description) of the one SyncCoordinator that drives the fleet, if any.
+        self._coordinator: tuple[str, str] | None = None
         self._closed = False
 
     # ------------------------------------------------------------ for subclasses
@@ -296,6 +300,25 @@ class WeightSyncActor:
     async def fleet_refresh(self) -> FleetView:
         """Probe every engine now and return the view."""
         return await self.fleet.refresh()
+
+    async def coordinator_claim(self, token: str, holder: str) -> str | None:
+        """Make the :class:`~asyncsync.SyncCoordinator` ``token`` the one that drives the fleet.
+
+        Returns ``None`` when it holds the claim now (also when it already did), else
+        the ``holder`` description given by the coordinator that holds it: two
+        coordinators would run redundant sessions on one fleet, so the caller refuses
+        to run. Raises :class:`~asyncsync.CacheClosedError` after :meth:`close`.
+        """
+        self._check_open()
+        if self._coordinator is not None and self._coordinator[0] != token:
+            return self._coordinator[1]
+        self._coordinator = (token, holder)
+        return None
+
+    async def coordinator_release(self, token: str) -> None:
+        """Release the claim of coordinator ``token`` (nothing if it does not hold it)."""
+        if self._coordinator is not None and self._coordinator[0] == token:
+            self._coordinator = None
 
     async def close(self) -> None:
         """Shut the actor's weight sync down: no new session or build starts.

@@ -28,19 +28,37 @@ Closing means closed: after :meth:`SyncCoordinator.close` returns no session of
 this coordinator is in flight and none starts; a train loop waiting in
 ``after_build`` or ``drain`` wakes with :class:`~asyncsync.CoordinatorClosedError`,
 and every later call raises it.
+
+One coordinator per train actor: a coordinator claims its train actor at its first
+call that runs a session or changes the fleet, and keeps the claim until
+:meth:`SyncCoordinator.close` (or until it is garbage-collected unclosed). A second
+coordinator on the same train actor raises :class:`~asyncsync.ConfigError` from
+those calls while the first is open; two would run redundant sessions on one fleet.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import socket
 import time
+import uuid
+import weakref
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
 from . import aio
 from ._primitives import Signal
-from .errors import ConfigError, CoordinatorClosedError, InvalidStepError, SessionError
+from .cache import CacheStats
+from .errors import (
+    ConfigError,
+    CoordinatorClosedError,
+    InvalidStepError,
+    NothingBuiltError,
+    SessionError,
+)
 from .fleet import EngineState, FleetView, Health
 from .plan import SyncPlan, SyncReport
 
@@ -68,7 +86,10 @@ class SyncCoordinator:
             actor's fleet and sends the newest built step. ``None``: ``SyncPlan()``.
 
     Use from one event loop. Errors of background sessions are raised from the
-    next :meth:`after_build` or :meth:`drain`.
+    next :meth:`after_build` or :meth:`drain`. At most one open coordinator per
+    train actor (see the module docstring): the calls that run a session or change
+    the fleet raise :class:`~asyncsync.ConfigError`, naming the train actor and the
+    coordinator that holds it, while another one is open.
     """
 
     def __init__(
@@ -117,6 +138,8 @@ class SyncCoordinator:
         self.view: FleetView = FleetView({})
         self._pending_engines = dict(engines or {})
         self._latest_built: int | None = None
+        # after_build calls asking the train actor whether their step was built.
+        self._checking = 0
         self._pump: asyncio.Task[None] | None = None
         # Tasks in sync() now, each with an event set once its remote call ended.
         self._calls: dict[asyncio.Task[Any], asyncio.Event] = {}
@@ -126,6 +149,14 @@ class SyncCoordinator:
         self._progress = Signal()
         self._joined = False
         self._closed = False
+        # This coordinator's claim on the train actor (see coordinator_claim).
+        self._token = uuid.uuid4().hex
+        self._holder = (
+            f"made by pid {os.getpid()} on {socket.gethostname()} at "
+            f"{time.strftime('%H:%M:%S')}, claim {self._token[:8]}"
+        )
+        self._claimed = False
+        self._release_unclosed: weakref.finalize[Any, Any] | None = None
 
     @property
     def policy(self) -> str:
@@ -149,6 +180,7 @@ class SyncCoordinator:
     async def add_engine(self, name: str, handle: Any) -> EngineState:
         """Add an engine to the fleet; it is caught up before it counts as serving."""
         self._check_open()
+        await self._claim()
         state: EngineState = await aio.get(self.trainer.fleet_add.remote(name, handle))
         await self.refresh()
         return state
@@ -156,6 +188,7 @@ class SyncCoordinator:
     async def remove_engine(self, name: str) -> EngineState:
         """Take an engine out of the fleet (a session running on it drops it)."""
         self._check_open()
+        await self._claim()
         state: EngineState = await aio.get(self.trainer.fleet_remove.remote(name))
         await self.refresh()
         return state
@@ -170,7 +203,9 @@ class SyncCoordinator:
 
         Cancelling the awaiting task cancels the remote session too (see the module
         docstring); ``CancelledError`` propagates once it has ended. Raises
-        :class:`~asyncsync.CoordinatorClosedError` after :meth:`close`.
+        :class:`~asyncsync.CoordinatorClosedError` after :meth:`close`, and
+        :class:`~asyncsync.NothingBuiltError` at once when ``min_step`` is ``None``
+        and the train actor never published a step and builds none.
         """
         self._check_open()
         await self._join_engines()
@@ -182,6 +217,13 @@ class SyncCoordinator:
         try:
             ref = self.trainer.run_sync_session.remote(plan)
             report: SyncReport = await aio.get(ref, cancel_wait_s=self.cancel_wait_s)
+        except NothingBuiltError:
+            # The session's message names SyncPlan; this caller passes sync's argument.
+            raise NothingBuiltError(
+                "SyncCoordinator.sync(): nothing to send: the train actor never published "
+                "a step and no build is in flight; build (and publish) a step first, or "
+                "call sync(min_step=...) to wait for that step (up to pin_timeout_s)"
+            ) from None
         except asyncio.CancelledError:
             if task is None or task not in self._cancelled_by_close:
                 raise
@@ -208,12 +250,28 @@ class SyncCoordinator:
         waiting for the bound. Raises the error of a failed background session, and
         :class:`~asyncsync.CoordinatorClosedError` if the coordinator is (or gets)
         closed.
+
+        ``step`` must be built: at most the train actor's ready step, or the step
+        whose build is in flight. A step older than the ready step is accepted (the
+        sessions send the ready step, which is newer). Any other step was never
+        built and no build will publish it, so no session could ever send it:
+        :class:`~asyncsync.NothingBuiltError` is raised at once, naming the cache's
+        ready and building steps, and nothing changes (``drain`` does not wait for
+        that step).
         """
         self._check_open()
         if isinstance(step, bool) or not isinstance(step, int) or step < -1:
             raise InvalidStepError(f"after_build: step must be an int >= -1, got {step!r}")
         await self._join_engines()
-        self._latest_built = step if self._latest_built is None else max(self._latest_built, step)
+        self._checking += 1
+        try:
+            if self._latest_built is None or step > self._latest_built:
+                await self._check_built(step)
+            latest = self._latest_built
+            self._latest_built = step if latest is None else max(latest, step)
+        finally:
+            self._checking -= 1
+            self._progress.notify()
         self._raise_pending()
         self._ensure_pump()
         start = time.monotonic()
@@ -225,6 +283,9 @@ class SyncCoordinator:
         """Wait until every serving engine serves the newest built step (or raise the failure)."""
         self._check_open()
         await self._join_engines()
+        while self._checking:  # a step noted before this call counts once it is checked
+            await self._progress.waiter().wait()
+            self._check_open()
         self._raise_pending()
         self._ensure_pump()
         while self._latest_built is not None and self._behind(self._latest_built):
@@ -235,7 +296,8 @@ class SyncCoordinator:
 
         Waits at most ``cancel_wait_s`` per session for the remote side to end. Waiters
         in ``after_build``/``drain`` wake with
-        :class:`~asyncsync.CoordinatorClosedError`. Idempotent.
+        :class:`~asyncsync.CoordinatorClosedError`. Then releases the claim on the
+        train actor, so that another coordinator can drive its fleet. Idempotent.
         """
         self._closed = True
         me = asyncio.current_task()
@@ -257,10 +319,59 @@ class SyncCoordinator:
                 waits.append(pump)
             if waits:
                 await asyncio.gather(*waits, return_exceptions=True)
+            await self._release()
         finally:
             self._progress.notify()
 
     # ----------------------------------------------------------------- internals
+
+    async def _check_built(self, step: int) -> None:
+        """Raise NothingBuiltError unless ``step`` is ready, older than ready, or building.
+
+        Sound without a lock: a published step stays <= the ready step forever.
+        """
+        stats: CacheStats = await aio.get(self.trainer.cache_stats.remote())
+        ready, building = stats.ready_step, stats.building_step
+        if (ready is not None and step <= ready) or step == building:
+            return
+        in_flight = "no build is in flight" if building is None else f"building step {building}"
+        raise NothingBuiltError(
+            f"after_build({step}): the train actor never built step {step} (its cache: "
+            f"ready step {ready}, {in_flight}), so no session could send it; call "
+            "after_build(step) once build_cpu_bucket_cache(step) returned (or while it runs)"
+        )
+
+    async def _claim(self) -> None:
+        """Become the train actor's one coordinator (once), or raise ConfigError."""
+        if self._claimed:
+            return
+        holder = await aio.get(self.trainer.coordinator_claim.remote(self._token, self._holder))
+        if holder is not None:
+            raise ConfigError(
+                f"train actor {self.trainer!r} already has an open SyncCoordinator "
+                f"({holder}); two would run redundant sessions on one fleet. Use that one, "
+                "or close it first (await coordinator.close()); one dropped unclosed "
+                "releases the train actor when it is garbage-collected"
+            )
+        if not self._claimed:  # two first calls at once both get the claim: one finalizer
+            self._claimed = True
+            self._release_unclosed = weakref.finalize(
+                self, _release_unclosed, self.trainer, self._token
+            )
+            self._release_unclosed.atexit = False
+        if self._closed:  # close() ran while the claim was on its way
+            await self._release()
+            self._check_open()
+
+    async def _release(self) -> None:
+        if not self._claimed:
+            return
+        self._claimed = False
+        if self._release_unclosed is not None:
+            self._release_unclosed.detach()
+        # A train actor that died or was closed holds no claim to release.
+        with contextlib.suppress(Exception):
+            await aio.get(self.trainer.coordinator_release.remote(self._token), cancel=False)
 
     def _behind(self, step: int) -> bool:
         oldest = self.engine_version
@@ -268,6 +379,7 @@ class SyncCoordinator:
 
     async def _join_engines(self) -> None:
         """Add the engines given at construction to the fleet, and learn the view (once)."""
+        await self._claim()
         if self._joined:
             return
         pending, self._pending_engines = self._pending_engines, {}
@@ -329,3 +441,9 @@ class SyncCoordinator:
             raise CoordinatorClosedError(
                 "the SyncCoordinator was closed; it starts no more sessions"
             )
+
+
+def _release_unclosed(trainer: Any, token: str) -> None:
+    """Release the claim of a coordinator garbage-collected unclosed (a request, not a wait)."""
+    with contextlib.suppress(Exception):
+        trainer.coordinator_release.remote(token)

@@ -60,6 +60,7 @@ from ._primitives import detached, shielded, uninterrupted
 from .cache import BucketCache, Snapshot
 from .client import SessionTag
 from .errors import (
+    NothingBuiltError,
     QuorumError,
     SessionError,
     SessionTimeoutError,
@@ -226,9 +227,17 @@ class _Session:
         pin = AsyncExitStack()
         handed_off = False
         try:
-            snap = await pin.enter_async_context(
-                self.cache.read(min_step=self.plan.min_step, timeout=self.plan.pin_timeout_s)
-            )
+            try:
+                snap = await pin.enter_async_context(
+                    self.cache.read(min_step=self.plan.min_step, timeout=self.plan.pin_timeout_s)
+                )
+            except NothingBuiltError:
+                # The cache's message names its own API (read); a session's caller sets a plan.
+                raise NothingBuiltError(
+                    f"session {self.id}: nothing to send: no snapshot was ever published and "
+                    "no build is in flight; build (and publish) a step first, or pass "
+                    "SyncPlan(min_step=...) to wait for that step (up to pin_timeout_s)"
+                ) from None
             self.snap = snap
             self.step = snap.step
             self.tag = SessionTag(self.id, snap.step)

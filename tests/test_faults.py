@@ -301,6 +301,7 @@ async def test_cancelled_driver_task_cancels_the_remote_session(rig: Rig) -> Non
             assert (await within(engine.receiver_stats.remote())).open_sessions == ()
     finally:
         await within(rig.engines["e0"].set_faults.remote())
+        await within(coordinator.close())  # the train actor takes one open coordinator
     assert coordinator.reports == []
     await assert_recovered(rig, ready=ready, before=before)
 

@@ -131,7 +131,10 @@ async def test_asked_for_v_gets_newest_and_coordinator_publishes_it(rig: Rig) ->
     asked = await rig.publish()
     newest = await rig.publish()
     coordinator = SyncCoordinator(rig.trainer, rig.engines)
-    report = await coordinator.sync(min_step=asked)
+    try:
+        report = await coordinator.sync(min_step=asked)
+    finally:
+        await coordinator.close()  # the train actor takes one open coordinator at a time
     assert report.min_step == asked
     assert report.step == newest
     assert coordinator.engine_version == newest
@@ -143,13 +146,16 @@ async def test_coordinator_waits_only_when_staleness_bound_would_break(rig: Rig)
     await engines["e0"].set_faults.remote(receive_delay_s=0.02)
     first = await rig.publish()
     coordinator = SyncCoordinator(trainer, engines, staleness=1)
-    await coordinator.after_build(first)
-    for _ in range(3):
-        step = await rig.publish()
-        await coordinator.after_build(step)
-        # The bound always holds when after_build returns.
-        assert step - coordinator.engine_version <= 1
-    await coordinator.drain()
+    try:
+        await coordinator.after_build(first)
+        for _ in range(3):
+            step = await rig.publish()
+            await coordinator.after_build(step)
+            # The bound always holds when after_build returns.
+            assert step - coordinator.engine_version <= 1
+        await coordinator.drain()
+    finally:
+        await coordinator.close()
     await engines["e0"].set_faults.remote()
     assert coordinator.engine_version == step
     sent = [r.step for r in coordinator.reports]
