@@ -228,7 +228,7 @@ class EngineFleet:
         if existing is not None:
             if existing.handle == handle:
                 return existing.state()
-            raise FleetError(f"engine name {name!r} was added with another handle meanwhile")
+            raise FleetError(f"engine name {name!r} is already used by another handle")
         member = _Member(name, handle, Health.CATCHING_UP, time.time(), info=info)
         self._members[name] = member
         member.reason = "joined"

@@ -27,6 +27,7 @@ from _fleet_actors import engine_class, trainer_class
 from _waits import within
 
 from asyncsync import ConfigError, FleetError, NothingBuiltError, SyncCoordinator, SyncPlan
+from asyncsync.client import Deadlines
 from asyncsync.fleet import EngineFleet
 
 pytestmark = pytest.mark.timeout(120)
@@ -46,7 +47,7 @@ class Rig:
 
     async def trainer(self) -> Any:
         """A fresh train actor: nothing built, no coordinator, engines not yet added."""
-        trainer = trainer_class().remote(fleet_probe_interval_s=0.2, engine_call_timeout_s=5.0)
+        trainer = trainer_class().remote(deadlines=Deadlines(probe_interval_s=0.2, call_s=5.0))
         self.actors.append(trainer)
         await within(trainer.pid.remote(), 120)
         return trainer
@@ -150,7 +151,7 @@ async def test_second_coordinator_is_refused_until_the_first_is_closed(rig: Rig)
 
 
 async def test_concurrent_adds_of_one_engine_under_one_name_are_a_no_op(rig: Rig) -> None:
-    fleet = EngineFleet(call_timeout_s=10.0)
+    fleet = EngineFleet(deadlines=Deadlines(call_s=10.0))
     engine, other = rig.engines["m0"], rig.engines["m1"]
     try:
         # Both probe the engine before either is recorded.
@@ -162,7 +163,7 @@ async def test_concurrent_adds_of_one_engine_under_one_name_are_a_no_op(rig: Rig
         assert isinstance(results[1], FleetError), results
         assert "'b' is already used by another handle" in str(results[1])
     finally:
-        await within(fleet.close())
+        fleet.close()
 
 
 async def test_nothing_built_names_the_callers_fix(rig: Rig) -> None:
