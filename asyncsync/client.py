@@ -329,7 +329,7 @@ class EngineClient:
             error = FleetError(message)
         else:
             cls = SessionTimeoutError if timeout else SessionError
-            error = cls(message, session_id=tag.session_id, step=tag.step, target=name)
+            error = cls(message, session_id=tag.session_id, step=tag.step, engine=name)
         error.__cause__ = cause
         if self._on_failure is not None:
             self._on_failure(name, error)

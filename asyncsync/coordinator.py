@@ -408,7 +408,7 @@ class SyncCoordinator:
                     # An engine that failed the session was quarantined: go on without it
                     # (a catch-up brings it back), unless nothing changes between tries.
                     view = await self.refresh()
-                    state = view.engines.get(exc.target) if exc.target else None
+                    state = view.engines.get(exc.engine) if exc.engine else None
                     failures += 1
                     if state is None or state.health is Health.SERVING:
                         raise

@@ -1,6 +1,6 @@
 """One hierarchy of typed errors for everything asyncsync raises on purpose.
 
-Every error names the offending item (tensor name, step, session id, target) in
+Every error names the offending item (tensor name, step, session id, engine) in
 its message. Errors raised for bad input leave all state as it was: the next
 valid call succeeds.
 
@@ -171,7 +171,7 @@ class SessionError(AsyncSyncError):
     Engines that committed before the failure (``per_engine``, or the commit phase
     of ``fleet``) keep the new step; each keeps the version it reports. The pin is
     released once no commit still reads the snapshot. ``session_id`` and ``step``
-    identify the session; ``target`` names the engine that failed first,
+    identify the session; ``engine`` names the engine that failed first,
     ``transport`` and ``bucket`` the transport step that failed (each ``None`` when
     the failure was not specific to one).
     """
@@ -182,14 +182,14 @@ class SessionError(AsyncSyncError):
         *,
         session_id: str | None = None,
         step: int | None = None,
-        target: str | None = None,
+        engine: str | None = None,
         transport: str | None = None,
         bucket: int | None = None,
     ) -> None:
         super().__init__(message)
         self.session_id = session_id
         self.step = step
-        self.target = target
+        self.engine = engine
         self.transport = transport
         self.bucket = bucket
 
@@ -203,7 +203,7 @@ class SessionError(AsyncSyncError):
                 {
                     "session_id": self.session_id,
                     "step": self.step,
-                    "target": self.target,
+                    "engine": self.engine,
                     "transport": self.transport,
                     "bucket": self.bucket,
                 },

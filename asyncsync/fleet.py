@@ -371,8 +371,8 @@ class EngineFleet:
             for wait in waits:
                 wait.cancel()
 
-    def targets(self) -> list[str]:
-        """Engines a normal session targets: serving ones and those catching up."""
+    def session_engines(self) -> list[str]:
+        """Engines a normal session sends to: serving ones and those catching up."""
         return [
             n for n, m in self._members.items() if m.health in (Health.SERVING, Health.CATCHING_UP)
         ]

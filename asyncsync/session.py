@@ -95,10 +95,10 @@ async def run_session(
 
     Args:
         fleet: the engines (the train actor's fleet, or an ad-hoc one for
-            ``plan.targets``); health and versions are recorded there.
+            ``plan.engines``); health and versions are recorded there.
         transports: the train side of a transport by backend name (kept by the
             train actor across sessions).
-        names: the engines to target (default: ``fleet.targets()``). An engine a
+        names: the engines (default: ``fleet.session_engines()``). An engine a
             catch-up drives is waited for (within ``plan.timeout_s``) and then
             included; one another session drives (a straggler) is skipped and
             reported in ``SyncReport.busy``.
@@ -110,7 +110,7 @@ async def run_session(
         kind: ``"catch_up"`` for the fleet keeper's catch-up sessions.
     """
     session = _Session(cache, plan, fleet, transports, owner_node, background, spans, kind)
-    return await session.run(list(fleet.targets() if names is None else names))
+    return await session.run(list(fleet.session_engines() if names is None else names))
 
 
 @dataclass(eq=False)
@@ -276,7 +276,7 @@ class _Session:
         except SessionError as exc:
             # Under all_or_nothing an engine that failed the session is taken out of routing
             # (a catch-up brings it back); a refused plan is nobody's fault.
-            name = exc.target
+            name = exc.engine
             if not isinstance(exc, TopologyError) and name in self.runs:
                 if self.runs[name].outcome is not Outcome.QUARANTINED:
                     self._settle(name, Outcome.QUARANTINED, error=exc)
@@ -314,7 +314,7 @@ class _Session:
                 f"{name!r} runs on node {node}, the cache owner on node {self.owner_node}; "
                 "use 'auto' or a cross-node transport",
                 TopologyError,
-                target=name,
+                engine=name,
                 transport=plan.transport,
             )
         return plan.transport
@@ -439,8 +439,8 @@ class _Session:
                     group.create_task(self._until_removed(name, self._stream(name)))
         except BaseExceptionGroup as errors:
             error = first_session_error(errors)
-            if isinstance(error, SessionError) and error.target in self.runs:
-                self._settle(error.target, Outcome.QUARANTINED, error=error)
+            if isinstance(error, SessionError) and error.engine in self.runs:
+                self._settle(error.engine, Outcome.QUARANTINED, error=error)
             raise error from None
         # Phase two: commit everywhere; an engine failing now is quarantined.
         updating = self._updating()
@@ -456,7 +456,7 @@ class _Session:
         committed = [n for n in live if self.runs[n].outcome is Outcome.COMMITTED]
         if live and not committed:
             first = self.runs[live[0]]
-            raise self.error(f"no engine could commit; {live[0]!r}: {first.error}", target=live[0])
+            raise self.error(f"no engine could commit; {live[0]!r}: {first.error}", engine=live[0])
 
     async def _per_engine_policy(self, end: float | None) -> None:
         """``end``: the session's deadline (loop time; ``None``: none)."""
@@ -526,13 +526,13 @@ class _Session:
                 f"engine {culprit!r} had not finished when the session ran past "
                 f"{self.plan.timeout_s}s",
                 SessionTimeoutError,
-                target=culprit,
+                engine=culprit,
             )
             self._settle(culprit, Outcome.QUARANTINED, error=late)
         error: SessionError = self.error(
             f"ran past {self.plan.timeout_s}s" + (f"; not finished: {stuck}" if stuck else ""),
             SessionTimeoutError,
-            target=stuck[0] if stuck else None,
+            engine=stuck[0] if stuck else None,
         )
         return error
 
@@ -579,7 +579,7 @@ class _Session:
                 f"min_engines={self.plan.min_engines} ({quorum}); committed: {committed}; "
                 f"failed: {failed}",
                 QuorumError,
-                target=first,
+                engine=first,
             )
 
     async def _until_removed(self, name: str, work: Any) -> None:

@@ -292,7 +292,7 @@ async def test_engine_killed_mid_broadcast_fails_fast_and_next_session_succeeds(
     with pytest.raises(SessionError, match=r"engine 'victim' failed") as info:
         await session
     assert time.monotonic() - killed < TIMEOUT_S / 2  # not a collective timeout
-    assert (info.value.target, info.value.step) == ("victim", new)
+    assert (info.value.engine, info.value.step) == ("victim", new)
     # The survivor did not commit: it keeps what it had, with no session left open.
     stats = await blob.engines["s0"].receiver_stats.remote()
     assert (stats.version, stats.open_sessions) == (held, ())
@@ -319,7 +319,7 @@ async def test_engine_that_never_joins_fails_within_the_connect_timeout(blob: Ri
         SessionError, match=r"engine 'late' never joined the collective group"
     ) as info:
         await trainer.run_sync_session.remote(collective(engines))
-    assert (info.value.target, info.value.step) == ("late", step)
+    assert (info.value.engine, info.value.step) == ("late", step)
     assert "collective transport" in str(info.value)
     assert time.monotonic() - started < CONNECT_TIMEOUT_S + 8
     await engines["late"].set_faults.remote()
@@ -360,7 +360,7 @@ async def test_restarted_engine_fails_the_session_naming_it_and_the_group(blob: 
     with pytest.raises(SessionError) as info:
         await trainer.run_sync_session.remote(collective(engines))
     error = info.value
-    assert (error.target, error.step) == ("phoenix", new)
+    assert (error.engine, error.step) == ("phoenix", new)
     message = str(error)
     for fragment in (
         "engine 'phoenix' failed in collective set-up (announce) (collective transport)",
@@ -701,7 +701,7 @@ async def test_put_before_start_names_the_session_and_bucket() -> None:
         "session s1 (step 7): collective transport: bucket 0 not sent: the session has not "
         "started on this transport"
     )
-    assert (info.value.session_id, info.value.step, info.value.target) == ("s1", 7, None)
+    assert (info.value.session_id, info.value.step, info.value.engine) == ("s1", 7, None)
 
 
 async def test_put_after_the_transport_closed_mid_session() -> None:

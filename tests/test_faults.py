@@ -180,7 +180,7 @@ async def test_killed_engine_aborts_session_others_keep_serving(rig: Rig) -> Non
     ray.kill(rig.victim, no_restart=True)
     with pytest.raises(SessionError, match="engine 'victim' failed") as info:
         await within(session)
-    assert (info.value.target, info.value.step) == ("victim", ready)
+    assert (info.value.engine, info.value.step) == ("victim", ready)
     await assert_recovered(rig, ready=ready, before=before)
 
 
@@ -198,7 +198,7 @@ async def test_engine_raising_in_receive_aborts_everywhere(rig: Rig, transport: 
             )
     finally:
         await within(rig.engines["e1"].set_faults.remote())
-    assert (info.value.target, info.value.step) == ("e1", ready)
+    assert (info.value.engine, info.value.step) == ("e1", ready)
     await assert_recovered(rig, ready=ready, before=before)
 
 

@@ -205,7 +205,7 @@ async def test_fleet_phase_one_failure_aborts_everywhere_and_quarantines_the_cul
             await rig.session(policy="all_or_nothing")
     finally:
         await rig.faults(["e1"])
-    assert (info.value.target, info.value.step) == ("e1", step)
+    assert (info.value.engine, info.value.step) == ("e1", step)
     # Aborted everywhere before the error was raised: every engine keeps its version
     # and dropped the staging it had begun. (The keeper may already be catching e1
     # up, so e1 alone may be on the new step, or have aborted a failed catch-up.)
@@ -359,7 +359,7 @@ async def test_hung_engine_fleet_session_times_out_and_quarantines_it(rig: Rig) 
         assert await rig.versions() == before
         # The hung engine is named and taken out of routing, so the next session
         # (the coordinator retries at once) does not hang on it again.
-        assert info.value.target == "e4", info.value
+        assert info.value.engine == "e4", info.value
         state = (await rig.view()).engines["e4"]
         assert state.health in (Health.QUARANTINED, Health.CATCHING_UP), state
     finally:
@@ -379,7 +379,7 @@ async def test_hung_commit_holds_only_its_own_engine(rig: Rig) -> None:
     await rig.faults(["e5"], hang_apply=True)
     with pytest.raises(SessionTimeoutError, match=r"ran past 2.0s") as info:
         await rig.session(policy="all_or_nothing", timeout_s=2.0)
-    assert info.value.target == "e5", info.value
+    assert info.value.engine == "e5", info.value
     others = await rig.versions(without="e5")
     assert set(others.values()) == {step}
     view = await rig.view()
@@ -419,7 +419,7 @@ async def test_engine_killed_mid_session(rig: Rig, policy: str) -> None:
     if policy == "all_or_nothing":
         with pytest.raises(SessionError, match=rf"engine '{victim}' failed") as info:
             await session
-        assert info.value.target == victim
+        assert info.value.engine == victim
         # Nobody committed: phase one failed.
         live = await rig.versions(without=victim)
         assert live == {n: v for n, v in before.items() if n != victim}

@@ -1,4 +1,4 @@
-"""Object-store transport: each bucket is put once; every target maps it zero-copy.
+"""Object-store transport: each bucket is put once; every engine maps it zero-copy.
 
 The payload handed to ``receive`` is the ``ObjectRef`` itself, passed as a
 top-level argument, so Ray resolves it on the engine to the :class:`Bucket`

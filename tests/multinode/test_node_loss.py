@@ -193,7 +193,7 @@ async def test_fleet_a_node_lost_mid_session_fails_it_and_survivors_keep_their_v
     joined.remove("B")
     with pytest.raises(SessionError) as failed:
         await within(session)
-    assert failed.value.target in lost and failed.value.step == new, failed.value
+    assert failed.value.engine in lost and failed.value.step == new, failed.value
     # Every survivor keeps the version it had, bit for bit: nothing torn, and nothing
     # staged left behind (each saw the session begin and then its abort).
     assert await digests(survivors) == before

@@ -82,7 +82,7 @@ async def test_shm_for_an_engine_on_another_node_is_refused_before_anything_move
                 )
             )
     error = refused.value
-    assert (error.target, error.transport, error.step) == ("node1-e0", "shm", step)
+    assert (error.engine, error.transport, error.step) == ("node1-e0", "shm", step)
     message = str(error)
     for part in ("'node1-e0'", fleet.node_id["node1-e0"], ray_cluster.nodes[0]):
         assert part in message, message

@@ -1,7 +1,7 @@
 """Collective transport: the cache owner broadcasts each bucket to the engines.
 
 The train actor (the cache owner, rank 0) and the session's engines (ranks 1..n,
-in the order of ``SyncPlan.targets``) form a private torch.distributed process
+in the order of ``SyncPlan.engines``) form a private torch.distributed process
 group: gloo on CPU, NCCL where the owner and every engine have CUDA
 (``backend="auto"``). The owner starts a :class:`~torch.distributed.TCPStore` on
 a free port of ``host`` and asks each engine to join through the receiver's

@@ -8,7 +8,7 @@ What this side promises:
 
 * Sessions run one at a time (a second waits in ``start``, within its own session
   timeout): a group's broadcasts must follow one order.
-* The group is kept while the targets stay the same (same names, same actors) and
+* The group is kept while the engines stay the same (same names, same actors) and
   rebuilt when they change, after a failed session, or on ``close``. Nothing here
   touches the default process group.
 * ``put`` returns at once: broadcasts leave in index order on the group's thread,
@@ -150,7 +150,7 @@ class CollectiveTransport:
         # One session at a time: a group's broadcasts must follow one order.
         self._session_lock = asyncio.Lock()
         # Owned by the session holding _session_lock (and close()). _formed_by is the
-        # session that formed _group: its targets are the group's members.
+        # session that formed _group: its engines are the group's members.
         self._active: str | None = None
         self._group: RootGroup | None = None
         self._formed_by: SessionContext | None = None
@@ -288,22 +288,22 @@ class CollectiveTransport:
         return self._group
 
     def _error(
-        self, session: SessionContext, detail: str, target: str | None = None
+        self, session: SessionContext, detail: str, engine: str | None = None
     ) -> SessionError:
         """A :class:`SessionError` of ``session`` that says it came from this transport."""
         return SessionError(
             f"session {session.session_id} (step {session.step}): {self.name} transport: {detail}",
             session_id=session.session_id,
             step=session.step,
-            target=target,
+            engine=engine,
         )
 
     async def _build_group(self, session: SessionContext) -> RootGroup:
-        targets = dict(session.engines)
+        engines = dict(session.engines)
         backend = await self._choose_backend(session)
         self._generation += 1
         group = RootGroup(
-            tuple(targets),
+            tuple(engines),
             self._generation,
             backend,
             self.host,
@@ -335,7 +335,7 @@ class CollectiveTransport:
             timeout_s=self.timeout_s,
             connect_timeout_s=self.connect_timeout_s,
         )
-        ranks = {name: rank for rank, name in enumerate(targets, start=1)}
+        ranks = {name: rank for rank, name in enumerate(engines, start=1)}
 
         async def owner_side() -> None:
             try:
@@ -346,7 +346,7 @@ class CollectiveTransport:
                         session,
                         f"engine {group.missing[0]!r} never joined the collective group "
                         f"{group.group_id} within {self.connect_timeout_s}s",
-                        target=group.missing[0],
+                        engine=group.missing[0],
                     ) from exc
                 raise self._error(
                     session,
