@@ -169,7 +169,7 @@ class EngineFleet:
             raise ConfigError(f"EngineFleet deadlines must be a Deadlines, got {deadlines!r}")
         now = time.time()
         self.deadlines = deadlines or Deadlines()
-        self.client = EngineClient(self.handle, self.deadlines, on_failure=self._call_failed)
+        self.client = EngineClient(self.handle, self.deadlines, on_failure=self.call_failed)
         """Every call to these engines goes through this client."""
         self._members: dict[str, _Member] = {}
         for name, handle in (engines or {}).items():
@@ -405,7 +405,8 @@ class EngineFleet:
         else:
             self.mark(name, Health.QUARANTINED, last_line(error))
 
-    def _call_failed(self, name: str, error: BaseException) -> None:
+    def call_failed(self, name: str, error: BaseException) -> None:
+        """A client's call to ``name`` failed with ``error`` (see :meth:`failed`)."""
         # The engine did not answer (dead, restarting, silent past the bound): it
         # leaves routing at this first failed call. An error the engine raised is
         # an answer; the session that made the call decides.

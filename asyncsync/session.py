@@ -58,7 +58,7 @@ from typing import Any, TypeVar
 
 from ._primitives import detached, shielded, uninterrupted
 from .cache import BucketCache, Snapshot
-from .client import SessionTag
+from .client import EngineClient, SessionTag
 from .errors import (
     NothingBuiltError,
     QuorumError,
@@ -148,11 +148,18 @@ class _Session:
         kind: str = "session",
     ) -> None:
         self.id = uuid.uuid4().hex
+        # Handles as the session started: aborts reach engines removed mid-session too.
+        self.handles: dict[str, Any] = {}
         self.kind = kind
         self.cache = cache
         self.plan = plan
         self.fleet = fleet
-        self.client = fleet.client
+        # Calls go to the handles the session started with (an engine removed from the
+        # fleet mid-session is still reachable for its abort); failures still reach
+        # the fleet, which takes an unreachable engine out of routing at once.
+        self.client = EngineClient(
+            self.handles.__getitem__, fleet.deadlines, on_failure=fleet.call_failed
+        )
         self.transports = transports
         self.owner_node = owner_node
         self.background = background if background is not None else set()
@@ -162,8 +169,6 @@ class _Session:
         self.runs: dict[str, _Run] = {}
         self.puts: dict[str, BucketFanOut] = {}
         self.busy: tuple[str, ...] = ()
-        # Handles as the session started: aborts reach engines removed mid-session too.
-        self.handles: dict[str, Any] = {}
         self.snap: Snapshot | None = None
         self.pinned_at = 0.0
         # per_engine: engines still streaming when the session returned, and their work.
@@ -421,6 +426,13 @@ class _Session:
         """Commit on ``name``; the commit is never interrupted once sent (see the module doc)."""
         run = self.runs[name]
         async with updating:
+            if not self._member(name):
+                # Removed while it waited for its rolling-update slot: it is out of the
+                # session, like an engine removed while streaming.
+                self._settle(name, Outcome.REMOVED, reason="removed from the fleet mid-session")
+                await self._abort([name])
+                await self._leave(name)
+                return
             start = time.monotonic()
             run.commit = detached(self.client.commit(name, self.tag))
             version = await asyncio.shield(run.commit)
@@ -581,6 +593,10 @@ class _Session:
                 QuorumError,
                 engine=first,
             )
+
+    def _member(self, name: str) -> bool:
+        """Whether ``name`` is still the fleet's member that this session started with."""
+        return name in self.fleet and self.fleet.handle(name) == self.handles[name]
 
     async def _until_removed(self, name: str, work: Any) -> None:
         """Run ``work`` for engine ``name`` unless it leaves the fleet first (then abort it)."""

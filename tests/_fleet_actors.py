@@ -80,6 +80,8 @@ class Faults:
 
     receive_delay_s: float = 0.0
     apply_delay_s: float = 0.0
+    begin_delay_s: float = 0.0
+    die_in_begin: bool = False
     fail_on_bucket: int | None = None
     hang_on_bucket: int | None = None
     die_on_bucket: int | None = None
@@ -98,18 +100,30 @@ class ApplySpan:
 class LightEngine(StagingReceiver):
     """An engine holding plain tensors, with injectable faults (see the module docstring)."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, **faults: Any) -> None:
+        """``faults``: what every incarnation starts with (a restart keeps them)."""
         super().__init__()
         torch.set_num_threads(1)
         self.name = name
         self.weights: dict[str, torch.Tensor] = {}
-        self.faults = Faults()
+        self.faults = replace(Faults(), **faults)
         self.spans: list[ApplySpan] = []
+        self.applies_started: list[int] = []
         self.receives_running = 0
 
     async def set_faults(self, **faults: Any) -> None:
         """Replace every fault (none given: a healthy engine again)."""
         self.faults = replace(Faults(), **faults)
+
+    async def begin(
+        self, session_id: str, step: int, manifest: Sequence[Any], ttl_s: float | None = None
+    ) -> Any:
+        faults = self.faults
+        if faults.die_in_begin:
+            os._exit(1)
+        if faults.begin_delay_s:
+            await asyncio.sleep(faults.begin_delay_s)
+        return await super().begin(session_id, step, manifest, ttl_s)
 
     async def receive(self, session_id: str, index: int, payload: Any) -> int:
         faults = self.faults
@@ -130,6 +144,7 @@ class LightEngine(StagingReceiver):
     async def apply(self, buckets: Sequence[Bucket], version: int) -> None:
         faults = self.faults
         start = time.time()
+        self.applies_started.append(version)
         if faults.apply_delay_s:
             await asyncio.sleep(faults.apply_delay_s)
         if faults.fail_apply:
@@ -150,6 +165,10 @@ class LightEngine(StagingReceiver):
 
     async def apply_spans(self) -> list[ApplySpan]:
         return list(self.spans)
+
+    async def started_applies(self) -> list[int]:
+        """The version of every ``apply`` begun by this incarnation, finished or not."""
+        return list(self.applies_started)
 
     async def running_receives(self) -> int:
         return self.receives_running
