@@ -107,11 +107,15 @@ class HFEngine(StagingReceiver):
             check_int(num_threads, "HFEngine: num_threads", ConfigError, low=1, high=4096)
         try:
             model_config = AutoConfig.for_model(model_type, **config)
-        except (ValueError, TypeError, KeyError) as exc:
+        except Exception as exc:  # transformers' own validation errors have no common base
             raise ConfigError(
-                f"HFEngine: cannot make a config of model_type {model_type!r}: {exc}"
-            ) from None
+                f"HFEngine: cannot make a config of model_type {model_type!r}: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
         super().__init__()
+        # A config transformers accepts may still fail to build: put torch's global
+        # settings back then, so a refused engine changes nothing.
+        threads, rng = torch.get_num_threads(), torch.get_rng_state()
         if num_threads is not None:
             torch.set_num_threads(num_threads)
         torch.manual_seed(seed)
@@ -119,11 +123,13 @@ class HFEngine(StagingReceiver):
             self.model = AutoModelForCausalLM.from_config(  # type: ignore[no-untyped-call]
                 model_config
             )
-        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        except Exception as exc:
+            torch.set_num_threads(threads)
+            torch.set_rng_state(rng)
             raise ConfigError(
                 f"HFEngine: cannot build a {model_type!r} model from config {config!r:.200}: "
                 f"{type(exc).__name__}: {exc}"
-            ) from None
+            ) from exc
         self._vocab_size = int(getattr(model_config, "vocab_size", 0) or 0)
         self._max_positions = int(getattr(model_config, "max_position_embeddings", 0) or 0)
         self.model.eval()

@@ -128,6 +128,9 @@ def check_update(buckets: object, version: object, what: str) -> None:
 _PARALLEL_MIN_BYTES = 8 << 20
 """Below this many bytes a copy runs in one thread (starting threads costs more)."""
 
+_MAX_THREADS = 1024
+"""Most threads a copy may be split over (a copy is bound by memory bandwidth long before)."""
+
 
 def copy_threads() -> int:
     """Default threads of :func:`copy_into`: this process's cores, at most 4.
@@ -160,7 +163,7 @@ def copy_named(
     """
     check_params(params, "copy_named: params")
     check_iterable(named, "copy_named: named", ManifestMismatchError)
-    check_int(threads, "copy_named: threads", ConfigError, low=1)
+    check_int(threads, "copy_named: threads", ConfigError, low=1, high=_MAX_THREADS)
     pairs = []
     for item in named:
         if not isinstance(item, tuple) or len(item) != 2:
@@ -254,7 +257,7 @@ def copy_into(
     for i, bucket in enumerate(buckets):
         check_type(bucket, Bucket, f"copy_into: bucket {i}", ManifestMismatchError)
     if threads is not None:
-        check_int(threads, "copy_into: threads", ConfigError, low=1)
+        check_int(threads, "copy_into: threads", ConfigError, low=1, high=_MAX_THREADS)
     named = [pair for bucket in buckets for pair in bucket.named_tensors()]
     return copy_named(params, named, threads=copy_threads() if threads is None else threads)
 
