@@ -442,17 +442,29 @@ class StagingReceiver:
             self._seen.popitem(last=False)
 
     def _ensure_reaper(self) -> None:
-        if self._reaper is None and self._pruning is None:
+        if self._pruning is not None:
+            return  # the next round is scheduled when the pruning ends
+        if self._reaper is None:
             self._pruned_at = time.monotonic()
-            self._schedule_reap()
+        self._schedule_reap()
 
     def _schedule_reap(self) -> None:
+        """Schedule the next round: at the soonest expiry, at most a second from now.
+
+        A round already scheduled earlier stays; one scheduled later (a session with
+        a shorter time to live began since) is moved up.
+        """
+        loop = asyncio.get_running_loop()
         now = time.monotonic()
         soonest = min(
             (s.expires_at for s in self._sessions.values()), default=now + _REAP_INTERVAL_S
         )
-        delay = min(max(soonest - now, 0.01), _REAP_INTERVAL_S)
-        self._reaper = asyncio.get_running_loop().call_later(delay, self._reap)
+        when = loop.time() + min(max(soonest - now, 0.01), _REAP_INTERVAL_S)
+        if self._reaper is not None:
+            if self._reaper.when() <= when:
+                return
+            self._reaper.cancel()
+        self._reaper = loop.call_at(when, self._reap)
 
     def _reap(self) -> None:
         """Drop staging whose time to live passed; prune what transports keep once a second.
