@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import xxhash
 
+from ._checks import check_int, check_iterable, check_type, is_int
 from .errors import BucketError, ChecksumMismatchError, ManifestMismatchError
 
 if TYPE_CHECKING:
@@ -60,6 +61,7 @@ ALIGN = 64
 
 def aligned(nbytes: int) -> int:
     """``nbytes`` rounded up to a multiple of :data:`ALIGN`."""
+    check_int(nbytes, "aligned: nbytes", BucketError, low=0)
     return (nbytes + ALIGN - 1) // ALIGN * ALIGN
 
 
@@ -80,12 +82,15 @@ def dtype_name(dtype: torch.dtype) -> str:
     """Stable text name of a torch dtype (``torch.bfloat16`` -> ``"bfloat16"``)."""
     name = _DTYPE_NAMES.get(dtype)
     if name is None:
+        check_type(dtype, torch.dtype, "dtype_name: dtype", BucketError)
         name = _DTYPE_NAMES[dtype] = str(dtype).removeprefix("torch.")
     return name
 
 
 def dtype_from_name(name: str) -> torch.dtype:
     """Inverse of :func:`dtype_name`; raises :class:`BucketError` for unknown names."""
+    if not isinstance(name, str):
+        raise BucketError(f"dtype names are strings, got {name!r}")
     value = getattr(torch, name, None)
     if not isinstance(value, torch.dtype):
         raise BucketError(f"unknown dtype name {name!r}")
@@ -94,11 +99,21 @@ def dtype_from_name(name: str) -> torch.dtype:
 
 def checksum(payload: np.ndarray) -> int:
     """xxh3-64 of a contiguous uint8 array (the GIL is released for large inputs)."""
+    if not isinstance(payload, np.ndarray) or not payload.flags.c_contiguous:
+        raise BucketError(
+            f"checksum: payload must be a contiguous numpy array, got {type(payload).__name__}"
+        )
     return int(xxhash.xxh3_64_intdigest(memoryview(payload)))  # type: ignore[arg-type]
 
 
 def tensor_digest(t: torch.Tensor) -> int:
-    """xxh3-64 of a CPU tensor's raw bytes in row-major order (bit-for-bit identity)."""
+    """xxh3-64 of a CPU tensor's raw bytes in row-major order (bit-for-bit identity).
+
+    Raises :class:`BucketError` for anything but a dense CPU tensor of a packable dtype.
+    """
+    validate_tensor("tensor_digest: t", t)
+    if not t.is_cpu:
+        raise BucketError(f"tensor_digest: t must be a CPU tensor, got one on {t.device}")
     raw = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
     return checksum(raw)
 
@@ -113,6 +128,23 @@ class TensorMeta:
     offset: int
     nbytes: int
 
+    def __post_init__(self) -> None:
+        # Types only: whether the entry fits its bucket is check_index's (a receiver's) job.
+        if not isinstance(self.name, str):
+            raise BucketError(f"TensorMeta.name must be a str, got {self.name!r}")
+        if not isinstance(self.dtype, str):
+            raise BucketError(f"TensorMeta {self.name!r}: dtype must be a str, got {self.dtype!r}")
+        if not isinstance(self.shape, tuple) or not all(is_int(d) for d in self.shape):
+            raise BucketError(
+                f"TensorMeta {self.name!r}: shape must be a tuple of ints, got {self.shape!r}"
+            )
+        for field_name in ("offset", "nbytes"):
+            value = getattr(self, field_name)
+            if not is_int(value):
+                raise BucketError(
+                    f"TensorMeta {self.name!r}: {field_name} must be an int, got {value!r}"
+                )
+
     def to_json(self) -> dict[str, Any]:
         return {
             "name": self.name,
@@ -124,6 +156,20 @@ class TensorMeta:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> TensorMeta:
+        """Inverse of :meth:`to_json`; raises :class:`BucketError` naming what is wrong."""
+        if not isinstance(data, dict):
+            raise BucketError(f"TensorMeta.from_json: data must be a dict, got {data!r:.80}")
+        try:
+            return cls._from_json(data)
+        except (KeyError, TypeError, ValueError) as exc:
+            if isinstance(exc, BucketError):
+                raise
+            raise BucketError(
+                f"TensorMeta.from_json: malformed entry {data!r:.120} ({type(exc).__name__}: {exc})"
+            ) from None
+
+    @classmethod
+    def _from_json(cls, data: dict[str, Any]) -> TensorMeta:
         return cls(
             name=str(data["name"]),
             dtype=str(data["dtype"]),
@@ -141,6 +187,11 @@ class BucketManifest:
     nbytes: int
     checksum: int
 
+    def __post_init__(self) -> None:
+        _check_record("BucketManifest", self.index, self.checksum)
+        if not is_int(self.nbytes):
+            raise BucketError(f"BucketManifest.nbytes must be an int, got {self.nbytes!r}")
+
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(m.name for m in self.index)
@@ -157,12 +208,23 @@ class BucketManifest:
 
     @classmethod
     def from_json(cls, text: str) -> BucketManifest:
-        data = json.loads(text)
-        return cls(
-            index=tuple(TensorMeta.from_json(m) for m in data["index"]),
-            nbytes=int(data["nbytes"]),
-            checksum=int(data["checksum"]),
-        )
+        """Inverse of :meth:`to_json`; raises :class:`BucketError` naming what is wrong."""
+        if not isinstance(text, str | bytes):
+            raise BucketError(f"BucketManifest.from_json: text must be a str, got {text!r:.80}")
+        try:
+            data = json.loads(text)
+            return cls(
+                index=tuple(TensorMeta.from_json(m) for m in data["index"]),
+                nbytes=int(data["nbytes"]),
+                checksum=int(data["checksum"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            if isinstance(exc, BucketError):
+                raise
+            raise BucketError(
+                f"BucketManifest.from_json: malformed manifest {text!r:.120} "
+                f"({type(exc).__name__}: {exc})"
+            ) from None
 
 
 @dataclass(frozen=True, eq=False)
@@ -183,6 +245,14 @@ class Bucket:
     index: tuple[TensorMeta, ...]
     checksum: int
     region: SharedRegion | None = None
+
+    def __post_init__(self) -> None:
+        # Types only; whether the payload is flat and matches its index is verify()'s job.
+        _check_record("Bucket", self.index, self.checksum)
+        if not isinstance(self.buffer, np.ndarray):
+            raise BucketError(
+                f"Bucket.buffer must be a numpy array, got {type(self.buffer).__name__}"
+            )
 
     @property
     def nbytes(self) -> int:
@@ -219,6 +289,10 @@ class Bucket:
         field, or :class:`ChecksumMismatchError` if the bytes do not hash to the
         expected checksum. Blocking (hashes the payload): call it off the loop.
         """
+        if expected is not None and not isinstance(expected, BucketManifest):
+            raise BucketError(
+                f"verify: expected must be a BucketManifest or None, got {expected!r:.80}"
+            )
         want = expected or self.manifest
         first = self.index[0].name if self.index else "<empty>"
         buf = self.buffer
@@ -237,6 +311,13 @@ class Bucket:
                 f"bucket starting at tensor {first!r} ({self.nbytes} bytes): checksum "
                 f"{actual:#018x} != expected {want.checksum:#018x}"
             )
+
+
+def _check_record(what: str, index: object, digest: object) -> None:
+    if not isinstance(index, tuple) or not all(isinstance(m, TensorMeta) for m in index):
+        raise BucketError(f"{what}.index must be a tuple of TensorMeta, got {index!r:.80}")
+    if not is_int(digest):
+        raise BucketError(f"{what}.checksum must be an int, got {digest!r}")
 
 
 def check_manifest(got: BucketManifest, want: BucketManifest) -> None:
@@ -417,8 +498,10 @@ class TensorStream:
         bucket_bytes: int,
         seen: set[str] | None = None,
     ) -> None:
-        if bucket_bytes <= 0:
-            raise BucketError(f"bucket_bytes must be positive, got {bucket_bytes}")
+        check_iterable(items, "named_tensors", BucketError)
+        check_int(bucket_bytes, "bucket_bytes", BucketError, low=1)
+        if seen is not None and not isinstance(seen, set):
+            raise BucketError(f"seen must be a set or None, got {seen!r:.80}")
         # iter() is deferred to the first next_group() call, in the worker thread:
         # creating the iterator may already do blocking work.
         self._items = items
@@ -529,6 +612,12 @@ def _check_fill(
         or not payload.flags.writeable
     ):
         raise BucketError("payload must be a writable, contiguous 1-D uint8 numpy array")
+    for what, items in (("index", index), ("tensors", tensors)):
+        if not isinstance(items, list | tuple):
+            raise BucketError(f"{what} must be a list or tuple, got {type(items).__name__}")
+    wrong = [m for m in index if not isinstance(m, TensorMeta)]
+    if wrong:
+        raise BucketError(f"index entries must be TensorMeta, got {wrong[0]!r:.80}")
     if len(index) != len(tensors):
         raise BucketError(f"{len(index)} index entries for {len(tensors)} tensors")
     end = 0

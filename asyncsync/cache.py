@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._checks import is_int, is_number
+from ._checks import check_optional_number, is_int, is_number
 from ._primitives import Signal
 from .buckets import Bucket, BucketManifest, TensorMeta, TensorStream, fill_and_hash, layout
 from .errors import (
@@ -154,6 +154,11 @@ class _BuildState:
     # Every tensor copied, with its version counter when the build first saw it.
     versions: list[tuple[str, torch.Tensor, int | None]] = field(default_factory=list)
     adding: bool = False
+    # add() calls whose coroutine has not started yet, each described by what it was
+    # given: one never awaited (a forgotten ``await``) would leave its tensors out of
+    # the snapshot, so the build must not publish while any is left.
+    pending_adds: dict[int, str] = field(default_factory=dict)
+    adds_made: int = 0
     done: bool = False
     # Why an add() of this build failed: such a build can only be discarded, never
     # published (its snapshot would lack that add's tensors).
@@ -181,7 +186,7 @@ class BuildHandle:
     def num_buckets(self) -> int:
         return len(self._state.buckets)
 
-    async def add(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def add(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> Coroutine[Any, Any, None]:
         """Copy ``(name, tensor)`` pairs into buckets of this build, off the event loop.
 
         The iterable is consumed in a worker thread (it may gather across ranks or
@@ -201,10 +206,24 @@ class BuildHandle:
         discarded when the ``async with`` block exits with that error. A build whose
         ``add()`` raised (or was cancelled) is never published: leaving the block
         normally anyway raises :class:`~asyncsync.CacheError` and discards it.
+
+        Call it as ``await build.add(...)``: the call is recorded when it is made,
+        and a build left while an ``add()`` it was given was never awaited (or was
+        cancelled before it started) is not published either: leaving the block
+        raises :class:`~asyncsync.CacheError` naming that add's tensors and
+        discards the build, instead of publishing a snapshot without them.
         """
+        state = self._state
+        state.adds_made += 1
+        if not state.done:
+            state.pending_adds[state.adds_made] = _describe(named_tensors)
+        return self._add(named_tensors, state.adds_made)
+
+    async def _add(self, named_tensors: Iterable[tuple[str, torch.Tensor]], number: int) -> None:
         state = self._state
         cache = self._cache
         cache._check_loop()
+        state.pending_adds.pop(number, None)
         if state.done:
             raise CacheError(f"build of step {state.step} has already ended")
         if state.adding:
@@ -232,6 +251,23 @@ class BuildHandle:
             raise
         finally:
             state.adding = False
+
+
+def _describe(named_tensors: object) -> str:
+    """What an add() was given, for a message: the first names where they can be seen
+    without consuming anything (a generator's cannot)."""
+    names: list[object] = []
+    if isinstance(named_tensors, dict):
+        names = list(named_tensors)[:4]
+    elif isinstance(named_tensors, list | tuple):
+        names = [
+            item[0] if isinstance(item, tuple) and item else item for item in named_tensors[:4]
+        ]
+    else:
+        return f"a {type(named_tensors).__name__}"
+    size = len(named_tensors)
+    more = f", ... ({size} in all)" if size > len(names) else ""
+    return f"tensors {', '.join(repr(n) for n in names)}{more}" if names else "no tensors"
 
 
 def _next_group(
@@ -489,6 +525,9 @@ class BucketCache:
         """
         self._check_loop()
         _check_step(step, "build")
+        check_optional_number(timeout, "build: timeout", ConfigError, low=0)
+        if guard is not None and not callable(guard):
+            raise ConfigError(f"build: guard must be a callable or None, got {guard!r:.80}")
         guard_value = guard() if guard is not None else None
         async with self._locked():
             if self._closed:
@@ -512,7 +551,7 @@ class BucketCache:
         published = False
         try:
             yield BuildHandle(self, state, timeout)
-            if not state.adding and state.failed is None:
+            if not state.adding and state.failed is None and not state.pending_adds:
                 self._check_not_torn(state)
             async with self._locked():
                 top_up = self._publish(state)
@@ -550,6 +589,13 @@ class BucketCache:
             raise CacheError(
                 f"build of step {state.step} cannot be published: an add() of it failed "
                 f"({state.failed})"
+            )
+        if state.pending_adds:
+            raise CacheError(
+                f"build of step {state.step} cannot be published: {len(state.pending_adds)} "
+                f"add() call(s) never ran (not awaited, or cancelled before starting), with "
+                f"{'; '.join(state.pending_adds.values())}; write `await build.add(...)`. "
+                "Nothing was published"
             )
         if self._closed:
             raise CacheClosedError(
@@ -812,6 +858,7 @@ class BucketCache:
         self._check_loop()
         if min_step is not None:
             _check_step(min_step, "read")
+        check_optional_number(timeout, "read: timeout", ConfigError, low=0)
         entry = await self._pin(min_step, timeout)
         try:
             yield entry.snapshot

@@ -37,7 +37,7 @@ import uuid
 from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from ._primitives import uninterrupted
 from .buckets import Bucket, BucketManifest, check_manifests
@@ -84,7 +84,17 @@ class _Staging:
 
 
 class StagingReceiver:
-    """Engine-side session protocol with staging and all-or-nothing commit."""
+    """Engine-side session protocol with staging and all-or-nothing commit.
+
+    ``begin`` refuses an update that holds no tensor at all (an empty snapshot,
+    such as a forgotten ``await`` on the train side publishes) with
+    :class:`ManifestMismatchError`, so an engine never commits a version it got no
+    weights for. An engine that does want such versions (say, one that holds no
+    weights of its own and only tracks versions) sets :attr:`accepts_empty_updates`.
+    """
+
+    accepts_empty_updates: ClassVar[bool] = False
+    """Whether ``begin`` accepts a manifest without any tensor (default: refused)."""
 
     def __init__(self) -> None:
         self.version: int | None = None
@@ -99,7 +109,13 @@ class StagingReceiver:
         self._rejected = 0
         self._dropped: Counter[str] = Counter()
         self._timing = _Timing()
-        self._reaper: asyncio.Task[None] | None = None
+        # The reaper runs as timer callbacks on the engine's loop, never as a task: a
+        # task would sleep between rounds for as long as anything is kept, and be
+        # destroyed pending ("Task was destroyed but it is pending!") when the loop
+        # goes away with the engine. A pending timer or executor future logs nothing.
+        self._reaper: asyncio.TimerHandle | None = None
+        self._pruning: asyncio.Future[None] | None = None
+        self._pruned_at = 0.0
         # Serializes commits: the staleness check and the switch of version must be
         # one critical section, or two sessions committing at once could apply the
         # older version over the newer one.
@@ -149,7 +165,9 @@ class StagingReceiver:
         :class:`SessionIdReusedError`, :class:`~asyncsync.StaleStepError` (a step
         older than the committed version) or :class:`ManifestMismatchError` (a
         malformed index, a name twice, or what :meth:`check_manifest` refuses);
-        nothing is opened then and the id stays unused.
+        nothing is opened then and the id stays unused. A manifest without any tensor
+        is refused with :class:`ManifestMismatchError` unless the engine sets
+        :attr:`accepts_empty_updates`.
         """
         if not isinstance(session_id, str) or not session_id:
             raise ConfigError(f"begin: session ids are non-empty strings, got {session_id!r}")
@@ -179,6 +197,13 @@ class StagingReceiver:
                 f"{type(manifest[wrong[0]]).__name__}, not a BucketManifest"
             )
         check_manifests(manifest)
+        if not self.accepts_empty_updates and not any(b.index for b in manifest):
+            raise ManifestMismatchError(
+                f"session {session_id!r}: step {step} carries no tensor ({len(manifest)} "
+                f"empty buckets); an engine that serves weights refuses an empty update "
+                f"(was the build's add() awaited, and does this rank own the weights?). An "
+                f"engine meant to take one sets accepts_empty_updates = True"
+            )
         self.check_manifest(manifest)
         self._remember(session_id)
         self._sessions[session_id] = _Staging(step, tuple(manifest), time.monotonic() + ttl)
@@ -362,27 +387,57 @@ class StagingReceiver:
             self._seen.popitem(last=False)
 
     def _ensure_reaper(self) -> None:
-        if self._reaper is None or self._reaper.done():
-            self._reaper = asyncio.get_running_loop().create_task(self._reap())
+        if self._pruning is not None:
+            return  # the next round is scheduled when the pruning ends
+        if self._reaper is None:
+            self._pruned_at = time.monotonic()
+        self._schedule_reap()
 
-    async def _reap(self) -> None:
-        """Drop staging whose time to live passed, and prune what transports keep.
+    def _schedule_reap(self) -> None:
+        """Schedule the next round: at the soonest expiry, at most a second from now.
 
-        Runs while a session is open or a transport keeps anything between sessions.
+        A round already scheduled earlier stays; one scheduled later (a session with
+        a shorter time to live began since) is moved up.
         """
-        pruned = time.monotonic()
-        while self._sessions or self._kept_bytes():
-            now = time.monotonic()
-            for session_id, staging in list(self._sessions.items()):
-                if staging.expires_at <= now:
-                    self._drop(session_id, "expired")
-            soonest = min(
-                (s.expires_at for s in self._sessions.values()), default=now + _REAP_INTERVAL_S
-            )
-            await asyncio.sleep(min(max(soonest - now, 0.01), _REAP_INTERVAL_S))
-            if time.monotonic() - pruned >= _REAP_INTERVAL_S:
-                await asyncio.to_thread(self._prune_kept)
-                pruned = time.monotonic()
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        soonest = min(
+            (s.expires_at for s in self._sessions.values()), default=now + _REAP_INTERVAL_S
+        )
+        when = loop.time() + min(max(soonest - now, 0.01), _REAP_INTERVAL_S)
+        if self._reaper is not None:
+            if self._reaper.when() <= when:
+                return
+            self._reaper.cancel()
+        self._reaper = loop.call_at(when, self._reap)
+
+    def _reap(self) -> None:
+        """Drop staging whose time to live passed; prune what transports keep once a second.
+
+        Runs while a session is open or a transport keeps anything between sessions,
+        each round a timer callback; the pruning (blocking) runs in a worker thread
+        and schedules the next round when it is done.
+        """
+        self._reaper = None
+        if not (self._sessions or self._kept_bytes()):
+            return
+        now = time.monotonic()
+        for session_id, staging in list(self._sessions.items()):
+            if staging.expires_at <= now:
+                self._drop(session_id, "expired")
+        if now - self._pruned_at < _REAP_INTERVAL_S:
+            self._schedule_reap()
+            return
+        self._pruned_at = now
+        self._pruning = asyncio.get_running_loop().run_in_executor(None, self._prune_kept)
+        self._pruning.add_done_callback(self._pruned)
+
+    def _pruned(self, pruning: asyncio.Future[None]) -> None:
+        self._pruning = None
+        self._pruned_at = time.monotonic()
+        self._schedule_reap()
+        if not pruning.cancelled():
+            pruning.result()  # a failed prune is reported (by the loop), the reaper goes on
 
     def _kept(self) -> list[KeptState]:
         return [s for s in list(self.transport_state.values()) if isinstance(s, KeptState)]

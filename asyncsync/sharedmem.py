@@ -23,12 +23,14 @@ import ctypes
 import mmap
 import os
 import secrets
+import sys
 import threading
 from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import SharedMemoryError
+from ._checks import check_bool, check_int, check_str, check_type, is_int
+from .errors import ConfigError, SharedMemoryError
 
 __all__ = ["SharedBuffer", "SharedMappings", "SharedRegion", "map_region"]
 
@@ -79,6 +81,15 @@ class SharedRegion:
     offset: int
     nbytes: int
     token: str
+
+    def __post_init__(self) -> None:
+        for field_name in ("pid", "fd", "offset", "nbytes"):
+            value = getattr(self, field_name)
+            if not is_int(value) or value < 0:
+                raise SharedMemoryError(
+                    f"SharedRegion.{field_name} must be an int >= 0, got {value!r}"
+                )
+        check_str(self.token, "SharedRegion.token", SharedMemoryError)
 
     @property
     def name(self) -> str:
@@ -178,10 +189,15 @@ class SharedBuffer:
         with CUDA host registration (which also faults every page in), so
         device-to-host copies into it are asynchronous DMA. Blocking (the kernel
         zeroes every page when prefaulting): call it in a worker thread. Raises
-        :class:`~asyncsync.SharedMemoryError` if the memory cannot be had.
+        :class:`~asyncsync.SharedMemoryError` if the memory cannot be had or
+        ``nbytes`` is not an int in ``[0, sys.maxsize]``, :class:`~asyncsync.ConfigError`
+        if a flag is not a bool.
         """
-        if nbytes < 0:
-            raise SharedMemoryError(f"cannot allocate a shared buffer of {nbytes} bytes")
+        check_int(
+            nbytes, "SharedBuffer.allocate: nbytes", SharedMemoryError, low=0, high=sys.maxsize
+        )
+        check_bool(pin_memory, "SharedBuffer.allocate: pin_memory", ConfigError)
+        check_bool(prefault, "SharedBuffer.allocate: prefault", ConfigError)
         token = secrets.token_hex(8)
         try:
             fd = os.memfd_create(NAME_PREFIX + token, os.MFD_CLOEXEC)
@@ -217,7 +233,14 @@ class SharedBuffer:
         return self._mapping is not None and self._mapping.registered
 
     def region(self, offset: int = 0, nbytes: int | None = None) -> SharedRegion:
-        """The :class:`SharedRegion` of ``[offset, offset + nbytes)`` (default: to the end)."""
+        """The :class:`SharedRegion` of ``[offset, offset + nbytes)`` (default: to the end).
+
+        Raises :class:`~asyncsync.SharedMemoryError` naming the range unless both are
+        ints and the range lies inside the buffer.
+        """
+        check_int(offset, "SharedBuffer.region: offset", SharedMemoryError, low=0)
+        if nbytes is not None:
+            check_int(nbytes, "SharedBuffer.region: nbytes", SharedMemoryError, low=0)
         size = self.nbytes - offset if nbytes is None else nbytes
         if offset < 0 or size < 0 or offset + size > self.nbytes:
             raise SharedMemoryError(
@@ -273,8 +296,9 @@ def map_region(region: SharedRegion) -> np.ndarray:
 
     Raises :class:`~asyncsync.SharedMemoryError` naming the region when the
     process or fd is gone, the fd names another file, the range is out of
-    bounds, or the mapping fails.
+    bounds, or the mapping fails, or ``region`` is not a :class:`SharedRegion`.
     """
+    check_type(region, SharedRegion, "map_region: region", SharedMemoryError)
     return _map(region, whole=False)
 
 
@@ -348,6 +372,7 @@ class SharedMappings:
 
     def map(self, region: SharedRegion) -> np.ndarray:
         """``region`` read-only, as :func:`map_region` maps it; blocking on first use."""
+        check_type(region, SharedRegion, "SharedMappings.map: region", SharedMemoryError)
         key = SharedRegion(region.pid, region.fd, 0, 0, region.token)
         with self._lock:
             whole = self._maps.get(key)

@@ -45,7 +45,9 @@ def test_the_docstring_tree_is_the_hierarchy() -> None:
     classes = _classes()
     assert set(tree) == set(classes)
     for name, parent in tree.items():
-        bases = [b.__name__ for b in classes[name].__bases__ if issubclass(b, errors.AsyncSyncError)]
+        bases = [
+            b.__name__ for b in classes[name].__bases__ if issubclass(b, errors.AsyncSyncError)
+        ]
         assert bases == ([parent] if parent else []), (name, bases, parent)
 
 

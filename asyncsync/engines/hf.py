@@ -18,9 +18,11 @@ from typing import Any
 
 import torch
 
+from .._checks import check_int, check_str
 from ..buckets import Bucket, BucketManifest, tensor_digest
+from ..errors import ConfigError
 from ..receiver import StagingReceiver
-from .tensors import check_fits, copy_into
+from .tensors import check_fits, check_update, copy_into, remote_options
 
 __all__ = ["Generation", "HFEngine", "engine_actor"]
 
@@ -79,6 +81,10 @@ class HFEngine(StagingReceiver):
         config: keyword arguments of that model's config (sizes, vocab, ...).
         seed: seed of the initial (random) weights.
         num_threads: torch intra-op threads for this engine (``None``: torch's default).
+
+    Raises :class:`~asyncsync.ConfigError` naming the argument for a model type
+    transformers does not know, a config it cannot build, or an argument of the
+    wrong type, before any global torch setting (threads, seed) is changed.
     """
 
     def __init__(
@@ -89,15 +95,43 @@ class HFEngine(StagingReceiver):
         seed: int = 0,
         num_threads: int | None = None,
     ) -> None:
-        super().__init__()
         from transformers import AutoConfig, AutoModelForCausalLM
 
+        check_str(model_type, "HFEngine: model_type", ConfigError)
+        if not isinstance(config, dict) or not all(isinstance(k, str) for k in config):
+            raise ConfigError(
+                f"HFEngine: config must be a dict of config keyword arguments, got {config!r:.80}"
+            )
+        check_int(seed, "HFEngine: seed", ConfigError, low=0, high=2**64 - 1)
+        if num_threads is not None:
+            check_int(num_threads, "HFEngine: num_threads", ConfigError, low=1, high=4096)
+        try:
+            model_config = AutoConfig.for_model(model_type, **config)
+        except Exception as exc:  # transformers' own validation errors have no common base
+            raise ConfigError(
+                f"HFEngine: cannot make a config of model_type {model_type!r}: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        super().__init__()
+        # A config transformers accepts may still fail to build: put torch's global
+        # settings back then, so a refused engine changes nothing.
+        threads, rng = torch.get_num_threads(), torch.get_rng_state()
         if num_threads is not None:
             torch.set_num_threads(num_threads)
         torch.manual_seed(seed)
-        self.model = AutoModelForCausalLM.from_config(  # type: ignore[no-untyped-call]
-            AutoConfig.for_model(model_type, **config)
-        )
+        try:
+            self.model = AutoModelForCausalLM.from_config(  # type: ignore[no-untyped-call]
+                model_config
+            )
+        except Exception as exc:
+            torch.set_num_threads(threads)
+            torch.set_rng_state(rng)
+            raise ConfigError(
+                f"HFEngine: cannot build a {model_type!r} model from config {config!r:.200}: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        self._vocab_size = int(getattr(model_config, "vocab_size", 0) or 0)
+        self._max_positions = int(getattr(model_config, "max_position_embeddings", 0) or 0)
         self.model.eval()
         # Every tensor an update may write, by HF name (tied weights appear under both names).
         self._params: dict[str, torch.Tensor] = dict(self.model.state_dict())
@@ -125,6 +159,7 @@ class HFEngine(StagingReceiver):
         )
 
     async def apply(self, buckets: Sequence[Bucket], version: int) -> None:
+        check_update(buckets, version, "HFEngine.apply")
         async with self._weights.write():
             await asyncio.to_thread(self._copy_in, buckets)
             self._served_version = version
@@ -133,9 +168,16 @@ class HFEngine(StagingReceiver):
         copy_into(self._params, buckets)
 
     async def generate(self, prompts: list[list[int]], max_new_tokens: int = 8) -> Generation:
-        """Greedy-decode ``max_new_tokens`` after each prompt (prompts of equal length)."""
-        if not prompts or len({len(p) for p in prompts}) != 1:
-            raise ValueError("prompts must be a non-empty list of equal-length token lists")
+        """Greedy-decode ``max_new_tokens`` after each prompt (prompts of equal length).
+
+        Raises :class:`~asyncsync.ConfigError` naming the argument unless
+        ``prompts`` is a non-empty list of equal-length, non-empty lists of token
+        ids in the vocabulary and ``max_new_tokens`` an int >= 0 that keeps every
+        sequence within the model's positions.
+        """
+        self._check_tokens(prompts, "generate: prompts")
+        limit = self._max_positions - len(prompts[0]) if self._max_positions else None
+        check_int(max_new_tokens, "generate: max_new_tokens", ConfigError, low=0, high=limit)
         async with self._weights.read():
             version = self._served_version
             tokens = await asyncio.to_thread(self._greedy, prompts, max_new_tokens)
@@ -151,9 +193,36 @@ class HFEngine(StagingReceiver):
         return [row[len(prompts[0]) :] for row in ids.tolist()]
 
     async def logits(self, tokens: list[list[int]]) -> torch.Tensor:
-        """Logits of the served weights on ``tokens`` (for checks against a trainer)."""
+        """Logits of the served weights on ``tokens`` (for checks against a trainer).
+
+        ``tokens`` as :meth:`generate`'s ``prompts`` (else :class:`~asyncsync.ConfigError`).
+        """
+        self._check_tokens(tokens, "logits: tokens")
         async with self._weights.read():
             return await asyncio.to_thread(self._logits, tokens)
+
+    def _check_tokens(self, rows: object, what: str) -> None:
+        if not isinstance(rows, list) or not rows:
+            raise ConfigError(f"{what} must be a non-empty list of token lists, got {rows!r:.80}")
+        for i, row in enumerate(rows):
+            if not isinstance(row, list) or not row:
+                raise ConfigError(f"{what}[{i}] must be a non-empty list of ints, got {row!r:.80}")
+            for token in row:
+                if isinstance(token, bool) or not isinstance(token, int):
+                    raise ConfigError(f"{what}[{i}] holds {token!r}, not a token id (an int)")
+                if token < 0 or (self._vocab_size and token >= self._vocab_size):
+                    raise ConfigError(
+                        f"{what}[{i}] holds token {token}, outside the vocabulary "
+                        f"[0, {self._vocab_size})"
+                    )
+        lengths = sorted({len(row) for row in rows})
+        if len(lengths) > 1:
+            raise ConfigError(f"{what} must all have one length, got lengths {lengths}")
+        if self._max_positions and lengths[0] > self._max_positions:
+            raise ConfigError(
+                f"{what} are {lengths[0]} tokens long, more than the model's "
+                f"{self._max_positions} positions"
+            )
 
     def _logits(self, tokens: list[list[int]]) -> torch.Tensor:
         with torch.no_grad():
@@ -176,7 +245,13 @@ class HFEngine(StagingReceiver):
 
 
 def engine_actor(*, max_concurrency: int = 16, **ray_options: Any) -> Any:
-    """``ray.remote(HFEngine)`` with explicit concurrency (generations overlap updates)."""
+    """``ray.remote(HFEngine)`` with explicit concurrency (generations overlap updates).
+
+    Raises :class:`~asyncsync.ConfigError` for a ``max_concurrency`` that is not an
+    int >= 1, or Ray options Ray refuses (naming them).
+    """
     import ray
 
-    return ray.remote(HFEngine).options(max_concurrency=max_concurrency, **ray_options)
+    return remote_options(
+        ray.remote(HFEngine), {"max_concurrency": max_concurrency, **ray_options}, "engine_actor"
+    )

@@ -19,8 +19,9 @@ from typing import Any
 
 import torch
 
+from .._checks import check_int, check_iterable, check_str, check_type
 from ..buckets import Bucket, BucketManifest, dtype_name
-from ..errors import ManifestMismatchError
+from ..errors import ConfigError, InvalidStepError, ManifestMismatchError
 from ..receiver import StagingReceiver
 
 __all__ = [
@@ -45,8 +46,21 @@ def check_fits(
     Every tensor of the manifest must name a parameter with the same shape and
     dtype. ``complete``: groups of names (tied weights share one tensor under
     several names) of which the update must write at least one each; ``None``
-    accepts partial updates. ``owner`` names the model in the messages.
+    accepts partial updates. ``owner`` names the model in the messages. Arguments
+    of the wrong type raise :class:`~asyncsync.ConfigError` (``params``, ``owner``,
+    ``complete``) or :class:`~asyncsync.ManifestMismatchError` (``manifest``).
     """
+    check_params(params, "check_fits: params")
+    check_str(owner, "check_fits: owner", ConfigError)
+    check_manifest_type(manifest, "check_fits")
+    if complete is not None:
+        check_iterable(complete, "check_fits: complete", ConfigError)
+        complete = list(complete)
+        bad = [g for g in complete if isinstance(g, str) or not isinstance(g, Sequence)]
+        if bad:
+            raise ConfigError(
+                f"check_fits: complete must hold sequences of names, got {bad[0]!r:.80}"
+            )
     for bucket in manifest:
         for meta in bucket.index:
             param = params.get(meta.name)
@@ -69,8 +83,53 @@ def check_fits(
         )
 
 
+def check_params(params: object, what: str) -> None:
+    """Raise :class:`~asyncsync.ConfigError` unless ``params`` maps names to tensors."""
+    if not isinstance(params, Mapping):
+        raise ConfigError(
+            f"{what} must be a mapping of name -> torch.Tensor, got {type(params).__name__}: "
+            f"{params!r:.80}"
+        )
+    for name, tensor in params.items():
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"{what}: names must be non-empty strings, got {name!r}")
+        if not isinstance(tensor, torch.Tensor):
+            raise ConfigError(f"{what}: {name!r} is a {type(tensor).__name__}, not a torch.Tensor")
+
+
+def check_manifest_type(manifest: object, what: str) -> None:
+    """Raise :class:`~asyncsync.ManifestMismatchError` unless ``manifest`` is a sequence of
+    :class:`~asyncsync.BucketManifest`."""
+    if isinstance(manifest, str | bytes) or not isinstance(manifest, Sequence):
+        raise ManifestMismatchError(
+            f"{what}: manifest must be a sequence of BucketManifest, got "
+            f"{type(manifest).__name__}: {manifest!r:.80}"
+        )
+    for i, bucket in enumerate(manifest):
+        if not isinstance(bucket, BucketManifest):
+            raise ManifestMismatchError(
+                f"{what}: manifest entry {i} is a {type(bucket).__name__}, not a BucketManifest"
+            )
+
+
+def check_update(buckets: object, version: object, what: str) -> None:
+    """Raise a typed error unless ``buckets`` is a sequence of :class:`~asyncsync.Bucket` and
+    ``version`` a step (an int >= -1): the arguments of an engine's ``apply``."""
+    if isinstance(buckets, str | bytes) or not isinstance(buckets, Sequence):
+        raise ManifestMismatchError(
+            f"{what}: buckets must be a sequence of Bucket, got {type(buckets).__name__}: "
+            f"{buckets!r:.80}"
+        )
+    for i, bucket in enumerate(buckets):
+        check_type(bucket, Bucket, f"{what}: bucket {i}", ManifestMismatchError)
+    check_int(version, f"{what}: version", InvalidStepError, low=-1)
+
+
 _PARALLEL_MIN_BYTES = 8 << 20
 """Below this many bytes a copy runs in one thread (starting threads costs more)."""
+
+_MAX_THREADS = 1024
+"""Most threads a copy may be split over (a copy is bound by memory bandwidth long before)."""
 
 
 def copy_threads() -> int:
@@ -93,19 +152,38 @@ def copy_named(
 ) -> int:
     """Copy each ``(name, tensor)`` into the parameter of that name; return the bytes copied.
 
-    Every name is looked up first: a ``KeyError`` naming a tensor the parameters
-    do not have is raised before anything is written (check names before any
-    bucket moves with :func:`check_fits`). ``threads`` > 1 splits the bytes into
+    Every pair is checked first: a name the parameters do not have, a value that
+    is not a tensor, or a shape or dtype other than its parameter's raises
+    :class:`~asyncsync.ManifestMismatchError` naming the tensor before anything is
+    written (check names before any bucket moves with :func:`check_fits`).
+    ``threads`` (an int >= 1, else :class:`~asyncsync.ConfigError`) > 1 splits the bytes into
     that many equal shares (cutting large tensors between rows of their flat
     view) copied at once; torch releases the GIL while copying. Blocking: run it
     in a worker thread.
     """
+    check_params(params, "copy_named: params")
+    check_iterable(named, "copy_named: named", ManifestMismatchError)
+    check_int(threads, "copy_named: threads", ConfigError, low=1, high=_MAX_THREADS)
     pairs = []
-    for name, tensor in named:
-        try:
-            pairs.append((params[name], tensor))
-        except KeyError:
-            raise KeyError(f"no parameter named {name!r}") from None
+    for item in named:
+        if not isinstance(item, tuple) or len(item) != 2:
+            raise ManifestMismatchError(
+                f"copy_named: expected (name, tensor) pairs, got {item!r:.80}"
+            )
+        name, tensor = item
+        dst = params.get(name) if isinstance(name, str) else None
+        if dst is None:
+            raise ManifestMismatchError(f"copy_named: no parameter named {name!r}")
+        if not isinstance(tensor, torch.Tensor):
+            raise ManifestMismatchError(
+                f"copy_named: {name!r} is a {type(tensor).__name__}, not a torch.Tensor"
+            )
+        if tensor.shape != dst.shape or tensor.dtype != dst.dtype:
+            raise ManifestMismatchError(
+                f"copy_named: tensor {name!r}: {dtype_name(tensor.dtype)}{list(tensor.shape)} "
+                f"does not fit the parameter's {dtype_name(dst.dtype)}{list(dst.shape)}"
+            )
+        pairs.append((dst, tensor))
     total = sum(src.numel() * src.element_size() for _, src in pairs)
     with torch.no_grad():
         if threads <= 1 or total < _PARALLEL_MIN_BYTES:
@@ -170,8 +248,16 @@ def copy_into(
 ) -> int:
     """:func:`copy_named` of every tensor of ``buckets`` (zero-copy views of their payloads).
 
-    ``threads``: how many copy at once (``None``: :func:`copy_threads`).
+    ``threads``: how many copy at once (``None``: :func:`copy_threads`). Raises
+    :class:`~asyncsync.ManifestMismatchError` for an item of ``buckets`` that is not
+    a :class:`~asyncsync.Bucket`, and what :func:`copy_named` raises.
     """
+    check_iterable(buckets, "copy_into: buckets", ManifestMismatchError)
+    buckets = list(buckets)
+    for i, bucket in enumerate(buckets):
+        check_type(bucket, Bucket, f"copy_into: bucket {i}", ManifestMismatchError)
+    if threads is not None:
+        check_int(threads, "copy_into: threads", ConfigError, low=1, high=_MAX_THREADS)
     named = [pair for bucket in buckets for pair in bucket.named_tensors()]
     return copy_named(params, named, threads=copy_threads() if threads is None else threads)
 
@@ -180,8 +266,10 @@ class TensorEngine(StagingReceiver):
     """An engine whose weights are ``params`` (name -> tensor), updated in place at commit.
 
     Args:
-        params: the weights; the engine owns them from now on. Every update must
-            write all of them (a partial one would serve a mix of two versions).
+        params: the weights (at least one), name -> dense tensor; the engine owns
+            them from now on. Every update must write all of them (a partial one
+            would serve a mix of two versions). Anything else raises
+            :class:`~asyncsync.ConfigError`.
 
     Readers of :attr:`params` see a commit's copy in progress; an engine that
     serves requests while it updates guards them as :class:`~asyncsync.engines.HFEngine`
@@ -189,6 +277,15 @@ class TensorEngine(StagingReceiver):
     """
 
     def __init__(self, params: Mapping[str, torch.Tensor]) -> None:
+        check_params(params, "TensorEngine: params")
+        if not params:
+            raise ConfigError("TensorEngine: params must name at least one tensor, got {}")
+        for name, tensor in params.items():
+            if tensor.layout != torch.strided or tensor.is_meta or tensor.is_quantized:
+                raise ConfigError(
+                    f"TensorEngine: params {name!r} must be a dense tensor with data, got "
+                    f"{'a meta' if tensor.is_meta else tensor.layout} tensor"
+                )
         super().__init__()
         self.params: dict[str, torch.Tensor] = dict(params)
 
@@ -196,12 +293,30 @@ class TensorEngine(StagingReceiver):
         check_fits(self.params, manifest, complete=[(name,) for name in self.params])
 
     async def apply(self, buckets: Sequence[Bucket], version: int) -> None:
+        check_update(buckets, version, "TensorEngine.apply")
         await asyncio.to_thread(copy_into, self.params, buckets)
 
 
 def tensor_engine_actor(cls: type[TensorEngine] = TensorEngine, **ray_options: Any) -> Any:
-    """``ray.remote(cls)`` as an async actor (``max_concurrency=16`` unless given)."""
+    """``ray.remote(cls)`` as an async actor (``max_concurrency=16`` unless given).
+
+    Raises :class:`~asyncsync.ConfigError` for a ``cls`` that is not a
+    :class:`TensorEngine` class, or Ray options Ray refuses (naming them).
+    """
     import ray
 
+    if not isinstance(cls, type) or not issubclass(cls, TensorEngine):
+        raise ConfigError(f"tensor_engine_actor: cls must be a TensorEngine class, got {cls!r}")
+
     ray_options.setdefault("max_concurrency", 16)
-    return ray.remote(cls).options(**ray_options)
+    return remote_options(ray.remote(cls), ray_options, "tensor_engine_actor")
+
+
+def remote_options(actor_class: Any, ray_options: dict[str, Any], what: str) -> Any:
+    """``actor_class.options(**ray_options)``, Ray's refusal raised as ConfigError naming them."""
+    max_concurrency = ray_options.get("max_concurrency")
+    check_int(max_concurrency, f"{what}: max_concurrency", ConfigError, low=1)
+    try:
+        return actor_class.options(**ray_options)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{what}: Ray refuses the options {ray_options!r}: {exc}") from None
