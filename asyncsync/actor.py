@@ -41,7 +41,7 @@ import torch
 from .buckets import tensor_digest
 from .cache import DEFAULT_BUCKET_BYTES, BucketCache, CacheStats
 from .client import Deadlines
-from .errors import ActorDefinitionError, AdmissionError, CacheClosedError, ConfigError
+from .errors import ActorDefinitionError, AdmissionError, ClosedError, ConfigError
 from .fleet import EngineFleet, EngineState, FleetView, Health
 from .keeper import FleetKeeper
 from .plan import PER_ENGINE, SyncPlan, SyncReport
@@ -235,7 +235,7 @@ class WeightSyncActor:
         ``plan.policy`` (see :mod:`asyncsync.session`); the report's ``step`` is the
         step actually sent. Raises :class:`~asyncsync.AdmissionError` at once when
         the actor already runs as many sessions as it admits (see
-        :class:`ActorSlots`), and :class:`~asyncsync.CacheClosedError` after
+        :class:`ActorSlots`), and :class:`~asyncsync.ClosedError` after
         :meth:`close`.
         """
         if not isinstance(plan, SyncPlan):
@@ -307,7 +307,7 @@ class WeightSyncActor:
         Returns ``None`` when it holds the claim now (also when it already did), else
         the ``holder`` description given by the coordinator that holds it: two
         coordinators would run redundant sessions on one fleet, so the caller refuses
-        to run. Raises :class:`~asyncsync.CacheClosedError` after :meth:`close`.
+        to run. Raises :class:`~asyncsync.ClosedError` after :meth:`close`.
         """
         self._check_open()
         if self._coordinator is not None and self._coordinator[0] != token:
@@ -325,7 +325,7 @@ class WeightSyncActor:
 
         Stops the fleet's keeper and catch-ups, ends the sessions in flight (each
         aborts on every engine it had begun; its caller gets
-        :class:`~asyncsync.CacheClosedError`, as does a session waiting for its
+        :class:`~asyncsync.ClosedError`, as does a session waiting for its
         step), waits for sessions' background work (commits in flight finish;
         stragglers are aborted), closes every transport and the cache. Idempotent.
         """
@@ -374,7 +374,7 @@ class WeightSyncActor:
     @contextlib.contextmanager
     def _closable(self) -> Iterator[None]:
         """Let :meth:`close` end the session running in this task; its caller then
-        gets :class:`~asyncsync.CacheClosedError`, not a bare cancellation."""
+        gets :class:`~asyncsync.ClosedError`, not a bare cancellation."""
         task = asyncio.current_task()
         assert task is not None
         self._session_tasks.add(task)
@@ -383,7 +383,7 @@ class WeightSyncActor:
         except asyncio.CancelledError:
             if not self._closed:
                 raise
-            raise CacheClosedError(
+            raise ClosedError(
                 "the train actor was closed while this session ran: engines that had not "
                 "committed were aborted, a commit already applying was let finish (each "
                 "engine's served version is in fleet_view())"
@@ -393,7 +393,7 @@ class WeightSyncActor:
 
     def _check_open(self) -> None:
         if self._closed:
-            raise CacheClosedError("the train actor was closed; it runs no more sessions")
+            raise ClosedError("the train actor was closed; it runs no more sessions")
 
     async def _catch_up(self, name: str) -> None:
         """Bring one engine of the fleet to the newest ready step (run by the fleet's keeper)."""

@@ -34,7 +34,7 @@ import torch
 import xxhash
 
 from ._checks import check_int, check_iterable, check_type, is_int
-from .errors import BucketError, ChecksumMismatchError, ManifestMismatchError
+from .errors import BucketError, ChecksumMismatchError, ProtocolError
 
 if TYPE_CHECKING:
     from .sharedmem import SharedRegion
@@ -285,7 +285,7 @@ class Bucket:
     def verify(self, expected: BucketManifest | None = None) -> None:
         """Check the payload against ``expected`` (or this bucket's own manifest).
 
-        Raises :class:`ManifestMismatchError` naming the first differing tensor or
+        Raises :class:`ProtocolError` naming the first differing tensor or
         field, or :class:`ChecksumMismatchError` if the bytes do not hash to the
         expected checksum. Blocking (hashes the payload): call it off the loop.
         """
@@ -298,7 +298,7 @@ class Bucket:
         buf = self.buffer
         if buf.dtype != np.uint8 or buf.ndim != 1 or not buf.flags.c_contiguous:
             # Offsets are byte offsets: any other array would be sliced by elements.
-            raise ManifestMismatchError(
+            raise ProtocolError(
                 f"bucket starting at tensor {first!r}: payload must be a flat contiguous "
                 f"uint8 array, got {buf.dtype} of shape {list(buf.shape)}"
             )
@@ -321,32 +321,32 @@ def _check_record(what: str, index: object, digest: object) -> None:
 
 
 def check_manifest(got: BucketManifest, want: BucketManifest) -> None:
-    """Raise :class:`ManifestMismatchError` naming the first difference of two manifests."""
+    """Raise :class:`ProtocolError` naming the first difference of two manifests."""
     if len(got.index) != len(want.index):
         got_first = repr(got.names[0]) if got.index else "<empty>"
         want_first = repr(want.names[0]) if want.index else "<empty>"
-        raise ManifestMismatchError(
+        raise ProtocolError(
             f"bucket starting at tensor {got_first} holds {len(got.index)} tensors; the "
             f"manifest expects {len(want.index)} starting at {want_first}"
         )
     for g, w in zip(got.index, want.index, strict=True):
         if g.name != w.name:
-            raise ManifestMismatchError(f"tensor name {g.name!r} where manifest has {w.name!r}")
+            raise ProtocolError(f"tensor name {g.name!r} where manifest has {w.name!r}")
         for field in ("dtype", "shape", "offset", "nbytes"):
             if getattr(g, field) != getattr(w, field):
-                raise ManifestMismatchError(
+                raise ProtocolError(
                     f"tensor {g.name!r}: {field} {getattr(g, field)!r} != manifest "
                     f"{getattr(w, field)!r}"
                 )
     if got.nbytes != want.nbytes:
         first = want.names[0] if want.index else "<empty>"
-        raise ManifestMismatchError(
+        raise ProtocolError(
             f"bucket starting at tensor {first!r}: size {got.nbytes} != manifest size {want.nbytes}"
         )
 
 
 def check_index(manifest: BucketManifest) -> None:
-    """Raise :class:`ManifestMismatchError` unless the index describes a well-formed bucket.
+    """Raise :class:`ProtocolError` unless the index describes a well-formed bucket.
 
     Every tensor needs a known dtype, non-negative dimensions, ``nbytes`` equal to
     its element count times its element size, an offset that is a multiple of its
@@ -361,30 +361,28 @@ def check_index(manifest: BucketManifest) -> None:
         try:
             itemsize = dtype_from_name(meta.dtype).itemsize
         except BucketError:
-            raise ManifestMismatchError(f"tensor {name!r}: unknown dtype {meta.dtype!r}") from None
+            raise ProtocolError(f"tensor {name!r}: unknown dtype {meta.dtype!r}") from None
         if any(d < 0 for d in meta.shape):
-            raise ManifestMismatchError(
-                f"tensor {name!r}: negative dimension in {list(meta.shape)}"
-            )
+            raise ProtocolError(f"tensor {name!r}: negative dimension in {list(meta.shape)}")
         numel = math.prod(meta.shape)
         if meta.nbytes != numel * itemsize:
-            raise ManifestMismatchError(
+            raise ProtocolError(
                 f"tensor {name!r}: nbytes {meta.nbytes} != {numel} elements x {itemsize} bytes "
                 f"({meta.dtype}{list(meta.shape)})"
             )
         if meta.offset < end:
-            raise ManifestMismatchError(
+            raise ProtocolError(
                 f"tensor {name!r}: offset {meta.offset} overlaps the tensor before it, which "
                 f"ends at byte {end}"
             )
         if meta.offset % itemsize:
-            raise ManifestMismatchError(
+            raise ProtocolError(
                 f"tensor {name!r}: offset {meta.offset} is not a multiple of its element size "
                 f"{itemsize}"
             )
         end = meta.offset + meta.nbytes
         if end > manifest.nbytes:
-            raise ManifestMismatchError(
+            raise ProtocolError(
                 f"tensor {name!r} ends at byte {end}, past the bucket's {manifest.nbytes} bytes"
             )
 
@@ -396,7 +394,7 @@ def check_manifests(manifest: Sequence[BucketManifest]) -> None:
         check_index(bucket)
         for name in bucket.names:
             if name in seen:
-                raise ManifestMismatchError(f"tensor {name!r} appears twice in the manifest")
+                raise ProtocolError(f"tensor {name!r} appears twice in the manifest")
             seen.add(name)
 
 

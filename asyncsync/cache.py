@@ -43,8 +43,8 @@ from ._primitives import Signal
 from .buckets import Bucket, BucketManifest, TensorMeta, TensorStream, fill_and_hash, layout
 from .errors import (
     BuildInProgressError,
-    CacheClosedError,
     CacheError,
+    ClosedError,
     ConfigError,
     InvalidStepError,
     NothingBuiltError,
@@ -199,7 +199,7 @@ class BuildHandle:
         temporaries therefore live until then).
 
         Raises :class:`~asyncsync.BucketError` naming a bad item (checked before
-        any of its bucket is copied), :class:`~asyncsync.CacheClosedError` if the
+        any of its bucket is copied), :class:`~asyncsync.ClosedError` if the
         cache is closed, :class:`~asyncsync.ResidentLimitError` if no memory can
         be had under ``max_resident_bytes``, :class:`~asyncsync.SharedMemoryError`
         if a shared buffer cannot be created or page-locked; the build is then
@@ -231,9 +231,7 @@ class BuildHandle:
         state.adding = True
         try:
             if cache._closed:
-                raise CacheClosedError(
-                    f"cache is closed; cannot add to the build of step {state.step}"
-                )
+                raise ClosedError(f"cache is closed; cannot add to the build of step {state.step}")
             stream = TensorStream(named_tensors, cache.bucket_bytes, seen=state.names)
             while True:
                 index, total, seen = await asyncio.to_thread(_next_group, stream)
@@ -506,7 +504,7 @@ class BucketCache:
         ``-1`` is the base weights). Raises :class:`~asyncsync.StaleStepError`
         otherwise, :class:`~asyncsync.BuildInProgressError` if another build holds
         the slot, :class:`~asyncsync.InvalidStepError` for a non-int or a step
-        below -1, :class:`~asyncsync.CacheClosedError` once the cache is closed.
+        below -1, :class:`~asyncsync.ClosedError` once the cache is closed.
         Leaving the block normally publishes the snapshot atomically (an empty
         one if nothing was added); an exception or cancellation discards it and
         leaves the ready step unchanged. ``timeout`` bounds waiting for memory
@@ -521,7 +519,7 @@ class BucketCache:
         and again before it publishes. A moved counter or a changed guard value
         raises :class:`~asyncsync.TornSnapshotError` naming the step and the first
         changed tensor, and the build is discarded. Leaving the block after
-        :meth:`close` raises :class:`~asyncsync.CacheClosedError` and discards.
+        :meth:`close` raises :class:`~asyncsync.ClosedError` and discards.
         """
         self._check_loop()
         _check_step(step, "build")
@@ -531,7 +529,7 @@ class BucketCache:
         guard_value = guard() if guard is not None else None
         async with self._locked():
             if self._closed:
-                raise CacheClosedError(f"cache is closed; cannot build step {step}")
+                raise ClosedError(f"cache is closed; cannot build step {step}")
             ready = self._ready.snapshot.step if self._ready else None
             if self._building is not None:
                 if step <= self._building.step:
@@ -598,7 +596,7 @@ class BucketCache:
                 "Nothing was published"
             )
         if self._closed:
-            raise CacheClosedError(
+            raise ClosedError(
                 f"cache was closed while step {state.step} was being built; it is not published"
             )
         state.done = True
@@ -767,7 +765,7 @@ class BucketCache:
         while True:
             async with self._locked():
                 if self._closed:
-                    raise CacheClosedError(
+                    raise ClosedError(
                         f"cache was closed while the build of step {state.step} was running"
                     )
                 if state.done:
@@ -851,7 +849,7 @@ class BucketCache:
         pinning it is one atomic step, so the snapshot yielded is exactly the one
         read. Waits up to ``timeout`` seconds (``None``: no bound) and then raises
         :class:`~asyncsync.ReadTimeoutError`; raises
-        :class:`~asyncsync.CacheClosedError` if the cache is or gets closed.
+        :class:`~asyncsync.ClosedError` if the cache is or gets closed.
         The pin is released when the block exits, also on error or cancellation;
         the snapshot's buffers must not be used after that.
         """
@@ -871,7 +869,7 @@ class BucketCache:
         while True:
             async with self._locked():
                 if self._closed:
-                    raise CacheClosedError(f"cache is closed; cannot read step >= {min_step}")
+                    raise ClosedError(f"cache is closed; cannot read step >= {min_step}")
                 entry = self._ready
                 if entry is not None and (min_step is None or entry.snapshot.step >= min_step):
                     entry.pins += 1
@@ -908,10 +906,10 @@ class BucketCache:
     # ----------------------------------------------------------------- shutdown
 
     async def close(self) -> None:
-        """Close the cache: wake every waiter with CacheClosedError and free what is unused.
+        """Close the cache: wake every waiter with ClosedError and free what is unused.
 
         Builds waiting for memory and reads waiting for a step raise
-        :class:`~asyncsync.CacheClosedError`; a build in flight can no longer
+        :class:`~asyncsync.ClosedError`; a build in flight can no longer
         publish (leaving its block raises the same and discards it); later
         ``build()``, ``add()`` and ``read()`` calls raise it too. Pooled buffers
         and an unpinned ready snapshot are freed before this returns; snapshots

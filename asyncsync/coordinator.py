@@ -26,7 +26,7 @@ ended (bounded by ``cancel_wait_s``).
 
 Closing means closed: after :meth:`SyncCoordinator.close` returns no session of
 this coordinator is in flight and none starts; a train loop waiting in
-``after_build`` or ``drain`` wakes with :class:`~asyncsync.CoordinatorClosedError`,
+``after_build`` or ``drain`` wakes with :class:`~asyncsync.ClosedError`,
 and every later call raises it.
 
 One coordinator per train actor: a coordinator claims its train actor at its first
@@ -53,8 +53,8 @@ from . import aio
 from ._primitives import Signal
 from .cache import CacheStats
 from .errors import (
+    ClosedError,
     ConfigError,
-    CoordinatorClosedError,
     InvalidStepError,
     NothingBuiltError,
     SessionError,
@@ -143,7 +143,7 @@ class SyncCoordinator:
         self._pump: asyncio.Task[None] | None = None
         # Tasks in sync() now, each with an event set once its remote call ended.
         self._calls: dict[asyncio.Task[Any], asyncio.Event] = {}
-        # Callers' tasks that close() cancelled (their sync raises CoordinatorClosedError).
+        # Callers' tasks that close() cancelled (their sync raises ClosedError).
         self._cancelled_by_close: set[asyncio.Task[Any]] = set()
         self._error: BaseException | None = None
         self._progress = Signal()
@@ -203,7 +203,7 @@ class SyncCoordinator:
 
         Cancelling the awaiting task cancels the remote session too (see the module
         docstring); ``CancelledError`` propagates once it has ended. Raises
-        :class:`~asyncsync.CoordinatorClosedError` after :meth:`close`, and
+        :class:`~asyncsync.ClosedError` after :meth:`close`, and
         :class:`~asyncsync.NothingBuiltError` at once when ``min_step`` is ``None``
         and the train actor never published a step and builds none.
         """
@@ -231,7 +231,7 @@ class SyncCoordinator:
             # was not cancelled by its owner, so it gets the typed error instead.
             self._cancelled_by_close.discard(task)
             task.uncancel()
-            raise CoordinatorClosedError(
+            raise ClosedError(
                 "the SyncCoordinator was closed while this sync ran; its session was "
                 "cancelled and aborted on every engine"
             ) from None
@@ -248,7 +248,7 @@ class SyncCoordinator:
 
         Starts a background session if none is running. Returns the seconds spent
         waiting for the bound. Raises the error of a failed background session, and
-        :class:`~asyncsync.CoordinatorClosedError` if the coordinator is (or gets)
+        :class:`~asyncsync.ClosedError` if the coordinator is (or gets)
         closed.
 
         ``step`` must be built: at most the train actor's ready step, or the step
@@ -296,7 +296,7 @@ class SyncCoordinator:
 
         Waits at most ``cancel_wait_s`` per session for the remote side to end. Waiters
         in ``after_build``/``drain`` wake with
-        :class:`~asyncsync.CoordinatorClosedError`. Then releases the claim on the
+        :class:`~asyncsync.ClosedError`. Then releases the claim on the
         train actor, so that another coordinator can drive its fleet. Idempotent.
         """
         self._closed = True
@@ -311,7 +311,7 @@ class SyncCoordinator:
             pump.cancel()
         try:
             # Wait for the sessions to end, not for the callers' tasks: a train loop
-            # whose sync() raised CoordinatorClosedError goes on running.
+            # whose sync() raised ClosedError goes on running.
             waits: list[asyncio.Future[Any]] = [
                 asyncio.ensure_future(e.wait()) for e in calls.values()
             ]
@@ -438,9 +438,7 @@ class SyncCoordinator:
 
     def _check_open(self) -> None:
         if self._closed:
-            raise CoordinatorClosedError(
-                "the SyncCoordinator was closed; it starts no more sessions"
-            )
+            raise ClosedError("the SyncCoordinator was closed; it starts no more sessions")
 
 
 def _release_unclosed(trainer: Any, token: str) -> None:

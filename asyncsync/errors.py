@@ -8,14 +8,14 @@ valid call succeeds.
 AsyncSyncError
 ├── ConfigError (ValueError)             an option out of range (cache, plan, fleet, transport)
 ├── BucketError (ValueError)             bad tensors or names given to a bucket / build
+├── ClosedError                          the cache, the train actor or the coordinator was closed
 ├── CacheError
 │   ├── InvalidStepError (ValueError)    a step that is not an int >= -1
 │   ├── StaleStepError (ValueError)      step not newer than the ready or in-flight step
 │   ├── BuildInProgressError             a second build while one is in flight
 │   ├── ReadTimeoutError (TimeoutError)  no ready step >= min_step within the timeout
 │   ├── ResidentLimitError               max_resident_bytes cannot be honoured
-│   ├── CacheClosedError                 the cache was closed
-│   ├── NothingBuiltError (LookupError)  read() of the newest snapshot before anything was built
+│   ├── NothingBuiltError (LookupError)  the newest snapshot asked for before anything was built
 │   ├── TornSnapshotError                weights changed while a build copied them; not published
 │   └── WrongLoopError (RuntimeError)    called from another event loop or thread
 ├── SharedMemoryError                    a shared snapshot buffer cannot be created or mapped
@@ -24,23 +24,22 @@ AsyncSyncError
 │   ├── AdmissionError                   more sessions than the train actor admits at once
 │   ├── TopologyError                    a same-node-only transport asked for an engine elsewhere
 │   └── QuorumError                      fewer engines than min_engines could commit
-├── FleetError (KeyError)                fleet call outside a session: unknown or unreachable member
-├── CoordinatorClosedError               the coordinator was closed
-├── ReceiverError                        engine-side protocol violations
-│   ├── ManifestMismatchError (ValueError)
-│   ├── ChecksumMismatchError (ValueError)
-│   ├── UnknownSessionError (KeyError)
-│   ├── IncompleteSessionError
-│   ├── SessionIdReusedError (ValueError)
+├── FleetError (LookupError)             fleet call outside a session: unknown or unreachable engine
+├── ProtocolError                        an engine refused a call of the protocol
+│   ├── ChecksumMismatchError (ValueError)  a bucket's bytes do not hash to its checksum
 │   └── TransportError                   a transport's engine side could not set up or deliver
-│       └── PayloadError (TypeError)     a payload no transport produces
 ├── ActorDefinitionError (TypeError)     a train-actor class that would break the one-loop contract
-├── ConversionError (KeyError)           a Megatron parameter or state dict that cannot be converted
-│   ├── CoverageError                    the parameters do not cover the model or stage exactly
-│   └── ShardError (ValueError)          a parameter's tensor-parallel shards do not fit its layout
+├── ConversionError (LookupError)        a Megatron parameter or state dict that cannot be converted
+│   └── CoverageError                    the parameters do not cover the model or stage exactly
 └── TrainGroupError (RuntimeError)       a rank failed its setup or build, or ranks disagree
     └── TrainGroupTimeoutError (TimeoutError)
 ```
+
+Classes are grouped by what a caller does about them: one :class:`ClosedError`
+for everything closed, one :class:`ProtocolError` for every call an engine
+refused (the message says which rule it broke), a class of its own only where a
+caller reacts differently (a checksum mismatch is corruption; a timeout may be
+retried).
 """
 
 from __future__ import annotations
@@ -53,37 +52,31 @@ __all__ = [
     "AsyncSyncError",
     "BucketError",
     "BuildInProgressError",
-    "CacheClosedError",
     "CacheError",
     "ChecksumMismatchError",
+    "ClosedError",
     "ConfigError",
     "ConversionError",
-    "CoordinatorClosedError",
-    "FleetError",
     "CoverageError",
-    "IncompleteSessionError",
+    "FleetError",
     "InvalidStepError",
-    "ManifestMismatchError",
-    "PayloadError",
-    "QuorumError",
     "NothingBuiltError",
+    "ProtocolError",
+    "QuorumError",
     "ReadTimeoutError",
-    "ReceiverError",
     "ResidentLimitError",
     "SessionError",
-    "SessionIdReusedError",
     "SessionTimeoutError",
-    "ShardError",
+    "SharedMemoryError",
     "StaleStepError",
     "TopologyError",
+    "TornSnapshotError",
     "TrainGroupError",
     "TrainGroupTimeoutError",
     "TransportError",
-    "SharedMemoryError",
-    "TornSnapshotError",
-    "UnknownSessionError",
     "WrongLoopError",
 ]
+"""Every error class: the one list of their names (the package re-exports it)."""
 
 
 class AsyncSyncError(Exception):
@@ -99,6 +92,14 @@ class ConfigError(AsyncSyncError, ValueError):
 
 class BucketError(AsyncSyncError, ValueError):
     """A value given to a bucket or a build is not a packable tensor, or its name is bad."""
+
+
+class ClosedError(AsyncSyncError):
+    """What was called was closed: a cache, a train actor's weight sync, or a coordinator.
+
+    Nothing new starts on it; waiters wake with this error. The message names what
+    was closed.
+    """
 
 
 class CacheError(AsyncSyncError):
@@ -123,10 +124,6 @@ class ReadTimeoutError(CacheError, TimeoutError):
 
 class ResidentLimitError(CacheError):
     """A build cannot fit under ``max_resident_bytes`` (now, or after pins drained)."""
-
-
-class CacheClosedError(CacheError):
-    """The cache was closed; no new builds or reads are accepted."""
 
 
 class NothingBuiltError(CacheError, LookupError):
@@ -246,49 +243,31 @@ class QuorumError(SessionError):
     """
 
 
-class FleetError(AsyncSyncError, KeyError):
+class FleetError(AsyncSyncError, LookupError):
     """A fleet operation outside a session failed, naming the engine.
 
     A name that is not a member, a name added twice (with another handle), or an
-    engine that cannot be reached or is not a receiver (``fleet_add``, a probe).
+    engine that cannot be reached or is not an engine (``fleet_add``, a probe).
     """
 
-    def __str__(self) -> str:  # KeyError quotes its argument; keep the message readable
-        return str(self.args[0]) if self.args else ""
+
+class ProtocolError(AsyncSyncError):
+    """An engine refused a call of the protocol; nothing was staged or applied by it.
+
+    For example a manifest it cannot take (a malformed index, a name twice, a
+    tensor its model does not have, an empty update it did not opt in to), a bucket
+    that does not match the manifest announced at ``begin``, a session id it has
+    already seen, a call for a session it has not begun (or already ended), or a
+    ``commit`` before every bucket arrived. The message names the session and the
+    rule broken.
+    """
 
 
-class CoordinatorClosedError(AsyncSyncError):
-    """The :class:`~asyncsync.SyncCoordinator` was closed; it starts no more sessions."""
+class ChecksumMismatchError(ProtocolError, ValueError):
+    """A received bucket's payload does not hash to its manifest checksum (corruption)."""
 
 
-class ReceiverError(AsyncSyncError):
-    """Base class of engine-side protocol errors."""
-
-
-class ManifestMismatchError(ReceiverError, ValueError):
-    """A received bucket does not match the manifest announced at ``begin``."""
-
-
-class ChecksumMismatchError(ReceiverError, ValueError):
-    """A received bucket's payload does not hash to its manifest checksum."""
-
-
-class UnknownSessionError(ReceiverError, KeyError):
-    """A call names a session the receiver has not begun (or already ended)."""
-
-    def __str__(self) -> str:  # KeyError quotes its argument; keep the message readable
-        return str(self.args[0]) if self.args else ""
-
-
-class IncompleteSessionError(ReceiverError):
-    """``commit`` before every bucket of the manifest was received."""
-
-
-class SessionIdReusedError(ReceiverError, ValueError):
-    """``begin`` with a session id the receiver has already seen."""
-
-
-class TransportError(ReceiverError):
+class TransportError(ProtocolError):
     """The engine side of a transport could not set up or deliver a bucket.
 
     For example: a set-up message the transport does not know, a process group the
@@ -296,7 +275,8 @@ class TransportError(ReceiverError):
     arrived within the transport's timeout. The engine keeps the version it had.
     ``transport`` names the transport; ``session_id`` and ``index`` the session and
     bucket when the failure concerns one (``None`` otherwise). The message also
-    names the transport's own item (the collective transport's group id).
+    names the transport's own item (the collective transport's group id), or a
+    payload that no transport produces.
     """
 
     def __init__(
@@ -313,24 +293,20 @@ class TransportError(ReceiverError):
         self.index = index
 
 
-class PayloadError(TransportError, TypeError):
-    """An engine got a payload that no transport produces, or one its transport cannot load."""
-
-
 class ActorDefinitionError(AsyncSyncError, TypeError):
     """A train-actor class whose cache methods would not share one event loop."""
 
 
-class ConversionError(AsyncSyncError, KeyError):
+class ConversionError(AsyncSyncError, LookupError):
     """A Megatron parameter that cannot be converted to Hugging Face.
 
-    Raised itself for a parameter name that the assumed model family's conversion
-    table does not know (or that two of its rules match); its subclasses name
-    other ways a conversion's input can be wrong.
+    A parameter name that the assumed model family's conversion table does not
+    know (or that two of its rules match), or a parameter's value or
+    tensor-parallel shards that do not fit its layout or the model's sizes (a fused
+    q/k/v shard whose row count does not match the attention heads, shards of
+    unequal shapes, a value that is not a tensor). :class:`CoverageError` says
+    which names are missing or extra.
     """
-
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else ""
 
 
 class CoverageError(ConversionError):
@@ -359,14 +335,6 @@ def _rebuild_coverage_error(
     cls: type[CoverageError], message: str, missing: tuple[str, ...], extra: tuple[str, ...]
 ) -> CoverageError:
     return cls(message, missing=missing, extra=extra)
-
-
-class ShardError(ConversionError, ValueError):
-    """A parameter's value or tensor-parallel shards do not fit its layout or the model's sizes.
-
-    For example a fused q/k/v shard whose row count does not match the attention
-    heads, shards of unequal shapes, or a value that is not a tensor.
-    """
 
 
 class TrainGroupError(AsyncSyncError, RuntimeError):

@@ -43,12 +43,9 @@ from ._primitives import uninterrupted
 from .buckets import Bucket, BucketManifest, check_manifests
 from .errors import (
     ConfigError,
-    IncompleteSessionError,
     InvalidStepError,
-    ManifestMismatchError,
-    SessionIdReusedError,
+    ProtocolError,
     StaleStepError,
-    UnknownSessionError,
 )
 from .protocol import EngineInfo, ReceiverStats
 from .transport import KeptState, backend, load_payload
@@ -88,7 +85,7 @@ class StagingReceiver:
 
     ``begin`` refuses an update that holds no tensor at all (an empty snapshot,
     such as a forgotten ``await`` on the train side publishes) with
-    :class:`ManifestMismatchError`, so an engine never commits a version it got no
+    :class:`ProtocolError`, so an engine never commits a version it got no
     weights for. An engine that does want such versions (say, one that holds no
     weights of its own and only tracks versions) sets :attr:`accepts_empty_updates`.
     """
@@ -124,7 +121,7 @@ class StagingReceiver:
     # ----------------------------------------------------------------- for engines
 
     def check_manifest(self, manifest: Sequence[BucketManifest]) -> None:
-        """Raise :class:`ManifestMismatchError` if the model cannot take these tensors.
+        """Raise :class:`ProtocolError` if the model cannot take these tensors.
 
         Called at ``begin``; the default accepts everything.
         """
@@ -162,11 +159,11 @@ class StagingReceiver:
 
         The staging is dropped if the session has not committed ``ttl_s`` seconds
         after this call (``None``: :data:`DEFAULT_STAGING_TTL_S`). Raises
-        :class:`SessionIdReusedError`, :class:`~asyncsync.StaleStepError` (a step
-        older than the committed version) or :class:`ManifestMismatchError` (a
+        :class:`ProtocolError`, :class:`~asyncsync.StaleStepError` (a step
+        older than the committed version) or :class:`ProtocolError` (a
         malformed index, a name twice, or what :meth:`check_manifest` refuses);
         nothing is opened then and the id stays unused. A manifest without any tensor
-        is refused with :class:`ManifestMismatchError` unless the engine sets
+        is refused with :class:`ProtocolError` unless the engine sets
         :attr:`accepts_empty_updates`.
         """
         if not isinstance(session_id, str) or not session_id:
@@ -176,7 +173,7 @@ class StagingReceiver:
                 f"session {session_id!r}: step must be an int >= -1, got {step!r}"
             )
         if session_id in self._seen:
-            raise SessionIdReusedError(f"session id {session_id!r} was already used")
+            raise ProtocolError(f"session id {session_id!r} was already used")
         if self.version is not None and step < self.version:
             raise StaleStepError(
                 f"session {session_id!r} carries step {step}, older than the "
@@ -186,19 +183,19 @@ class StagingReceiver:
         if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not ttl > 0:
             raise ConfigError(f"session {session_id!r}: ttl_s must be positive, got {ttl_s!r}")
         if isinstance(manifest, str | bytes) or not isinstance(manifest, Sequence):
-            raise ManifestMismatchError(
+            raise ProtocolError(
                 f"session {session_id!r}: the manifest must be a sequence of BucketManifest, "
                 f"got {type(manifest).__name__}"
             )
         wrong = [i for i, b in enumerate(manifest) if not isinstance(b, BucketManifest)]
         if wrong:
-            raise ManifestMismatchError(
+            raise ProtocolError(
                 f"session {session_id!r}: manifest entry {wrong[0]} is a "
                 f"{type(manifest[wrong[0]]).__name__}, not a BucketManifest"
             )
         check_manifests(manifest)
         if not self.accepts_empty_updates and not any(b.index for b in manifest):
-            raise ManifestMismatchError(
+            raise ProtocolError(
                 f"session {session_id!r}: step {step} carries no tensor ({len(manifest)} "
                 f"empty buckets); an engine that serves weights refuses an empty update "
                 f"(was the build's add() awaited, and does this rank own the weights?). An "
@@ -213,9 +210,9 @@ class StagingReceiver:
     async def receive(self, session_id: str, index: int, payload: Any) -> int:
         """Load bucket ``index`` from ``payload``, validate it and stage it; return its size.
 
-        Raises :class:`UnknownSessionError`, :class:`ManifestMismatchError`,
+        Raises :class:`ProtocolError`, :class:`ProtocolError`,
         :class:`~asyncsync.ChecksumMismatchError` or a
-        :class:`~asyncsync.ReceiverError` of the transport; nothing is staged then.
+        :class:`~asyncsync.ProtocolError` of the transport; nothing is staged then.
         """
         staging = self._staging(session_id)
         if (
@@ -224,13 +221,13 @@ class StagingReceiver:
             or not 0 <= index < len(staging.manifest)
         ):
             self._rejected += 1
-            raise ManifestMismatchError(
+            raise ProtocolError(
                 f"session {session_id!r}: bucket index {index!r} outside the manifest "
                 f"(0..{len(staging.manifest) - 1})"
             )
         if index in staging.buckets or index in staging.receiving:
             self._rejected += 1
-            raise ManifestMismatchError(f"session {session_id!r}: bucket {index} received twice")
+            raise ProtocolError(f"session {session_id!r}: bucket {index} received twice")
         staging.receiving.add(index)
         try:
             expected = staging.manifest[index]
@@ -255,7 +252,7 @@ class StagingReceiver:
     async def commit(self, session_id: str) -> int:
         """Make the session's weights visible; return the version now served.
 
-        Raises :class:`IncompleteSessionError` (session stays open, nothing applied)
+        Raises :class:`ProtocolError` (session stays open, nothing applied)
         if a bucket is missing, and :class:`~asyncsync.StaleStepError` (session
         dropped, nothing applied) if a newer version was committed meanwhile. Once
         the copy into the model started it runs to the end, even if this call is
@@ -265,7 +262,7 @@ class StagingReceiver:
         staging = self._staging(session_id)
         missing = [i for i in range(len(staging.manifest)) if i not in staging.buckets]
         if missing:
-            raise IncompleteSessionError(
+            raise ProtocolError(
                 f"session {session_id!r}: commit before buckets {missing[:8]} arrived "
                 f"({len(staging.buckets)}/{len(staging.manifest)} received)"
             )
@@ -279,7 +276,7 @@ class StagingReceiver:
             if self._sessions.get(session_id) is not staging:
                 # Dropped while this commit waited for the lock: say why.
                 self._staging(session_id)
-                raise UnknownSessionError(f"session {session_id!r} ended before its commit ran")
+                raise ProtocolError(f"session {session_id!r} ended before its commit ran")
             if self.version is not None and staging.step < self.version:
                 self._drop(session_id, "stale")
                 raise StaleStepError(
@@ -316,7 +313,7 @@ class StagingReceiver:
         """Drop the session's staging; idempotent, unknown ids are ignored.
 
         A commit already applying is not interrupted (see :meth:`commit`). Raises
-        :class:`UnknownSessionError` for an id that is not a string.
+        :class:`ProtocolError` for an id that is not a string.
         """
         if not isinstance(session_id, str):
             self._staging(session_id)  # raises, naming it
@@ -359,7 +356,7 @@ class StagingReceiver:
 
     def _staging(self, session_id: str) -> _Staging:
         if not isinstance(session_id, str):
-            raise UnknownSessionError(
+            raise ProtocolError(
                 f"no open session {session_id!r}: session ids are strings, got "
                 f"{type(session_id).__name__}"
             )
@@ -370,7 +367,7 @@ class StagingReceiver:
         if ended is not None and ended.startswith("superseded"):
             raise StaleStepError(f"session {session_id!r} was dropped: {ended}")
         why = ended or "never begun, or already committed"
-        raise UnknownSessionError(f"no open session {session_id!r} ({why})")
+        raise ProtocolError(f"no open session {session_id!r} ({why})")
 
     def _drop(self, session_id: str, reason: str, detail: str = "") -> None:
         staging = self._sessions.get(session_id)

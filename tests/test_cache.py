@@ -16,8 +16,8 @@ from asyncsync.buckets import checksum
 from asyncsync.errors import (
     BucketError,
     BuildInProgressError,
-    CacheClosedError,
     CacheError,
+    ClosedError,
     InvalidStepError,
     NothingBuiltError,
     ReadTimeoutError,
@@ -304,9 +304,9 @@ async def test_close_wakes_waiters_and_refuses_new_work() -> None:
     waiter = asyncio.create_task(_read_step(cache, min_step=0, timeout=None))
     await asyncio.sleep(0.01)
     await cache.close()
-    with pytest.raises(CacheClosedError):
+    with pytest.raises(ClosedError):
         await waiter
-    with pytest.raises(CacheClosedError):
+    with pytest.raises(ClosedError):
         async with cache.build(0):
             pass
 
@@ -629,7 +629,7 @@ async def test_close_wakes_a_build_waiting_for_memory_and_it_never_publishes() -
             await asyncio.sleep(0)
         assert not builder.done()
         await cache.close()
-        with pytest.raises(CacheClosedError, match="closed while the build of step 3"):
+        with pytest.raises(ClosedError, match="closed while the build of step 3"):
             await builder
     stats = cache.stats()
     assert (stats.ready_step, stats.building_step, stats.publishes) == (2, None, 3)
@@ -638,17 +638,17 @@ async def test_close_wakes_a_build_waiting_for_memory_and_it_never_publishes() -
 async def test_a_build_in_flight_at_close_cannot_publish() -> None:
     cache = BucketCache(bucket_bytes=8 * KIB)
     await publish(cache, 0)
-    with pytest.raises(CacheClosedError, match="closed while step 1 was being built"):
+    with pytest.raises(ClosedError, match="closed while step 1 was being built"):
         async with cache.build(1) as build:
             await build.add(weights(1))
             await cache.close()
     assert cache.ready_step == 0
     assert cache.stats().discards == 1
     # An add() after close is refused too, and so is every later call.
-    with pytest.raises(CacheClosedError):
+    with pytest.raises(ClosedError):
         async with cache.build(2):
             pass
-    with pytest.raises(CacheClosedError):
+    with pytest.raises(ClosedError):
         async with cache.read():
             pass
     await cache.close()  # idempotent
@@ -656,7 +656,7 @@ async def test_a_build_in_flight_at_close_cannot_publish() -> None:
 
 async def test_add_after_close_is_refused_and_the_build_discarded() -> None:
     cache = BucketCache(bucket_bytes=8 * KIB)
-    with pytest.raises(CacheClosedError, match="cannot add to the build of step 0"):
+    with pytest.raises(ClosedError, match="cannot add to the build of step 0"):
         async with cache.build(0) as build:
             await cache.close()
             await build.add(weights(0))
@@ -666,7 +666,7 @@ async def test_add_after_close_is_refused_and_the_build_discarded() -> None:
 
 async def test_close_wakes_reads_waiting_for_a_step_and_for_the_first_build() -> None:
     cache = BucketCache(bucket_bytes=8 * KIB)
-    with pytest.raises(CacheClosedError, match="closed while step 0 was being built"):
+    with pytest.raises(ClosedError, match="closed while step 0 was being built"):
         async with cache.build(0):
             first = asyncio.create_task(_read_step(cache, min_step=None, timeout=None))
             later = asyncio.create_task(_read_step(cache, min_step=5, timeout=None))
@@ -675,7 +675,7 @@ async def test_close_wakes_reads_waiting_for_a_step_and_for_the_first_build() ->
             assert not first.done() and not later.done()
             await cache.close()
             for reader in (first, later):
-                with pytest.raises(CacheClosedError):
+                with pytest.raises(ClosedError):
                     await reader
     assert "closed" in repr(cache)
 

@@ -1,14 +1,14 @@
 """Closing means closed, on a real local Ray.
 
 ``SyncCoordinator.close()``: a train loop waiting in ``after_build`` or ``drain``
-wakes with :class:`~asyncsync.CoordinatorClosedError`, every later call raises it,
+wakes with :class:`~asyncsync.ClosedError`, every later call raises it,
 and once ``close()`` returned no session of the coordinator is in flight (no
 engine holds its staging) and none starts (the trainer records no session span
 after it, the engines no commit).
 
 ``WeightSyncActor.close()``: the fleet keeper and its catch-up sessions stop (an
 engine left behind is not caught up any more), sessions waiting for a step wake
-with :class:`~asyncsync.CacheClosedError`, and later sessions, builds and fleet
+with :class:`~asyncsync.ClosedError`, and later sessions, builds and fleet
 changes raise it.
 """
 
@@ -25,8 +25,7 @@ from _fleet_actors import engine_class, trainer_class
 from _waits import eventually, within
 
 from asyncsync import (
-    CacheClosedError,
-    CoordinatorClosedError,
+    ClosedError,
     Deadlines,
     Health,
     SyncCoordinator,
@@ -108,7 +107,7 @@ async def test_coordinator_close_wakes_waiters_and_nothing_runs_after(rig: Rig) 
         stats = await rig.engine_stats()
         assert all(s.open_sessions == () for s in stats.values()), stats
         for waiter in (waiting, draining):
-            with pytest.raises(CoordinatorClosedError):
+            with pytest.raises(ClosedError):
                 await within(waiter)
     finally:
         await rig.faults()
@@ -121,7 +120,7 @@ async def test_coordinator_close_wakes_waiters_and_nothing_runs_after(rig: Rig) 
         lambda: coordinator.remove_engine("c0"),
     ]
     for call in calls:
-        with pytest.raises(CoordinatorClosedError, match="closed"):
+        with pytest.raises(ClosedError, match="closed"):
             await within(call())
     await within(coordinator.close())  # idempotent
     await asyncio.sleep(QUIET_S)
@@ -137,7 +136,7 @@ async def test_coordinator_close_wakes_waiters_and_nothing_runs_after(rig: Rig) 
 
 async def test_coordinator_close_during_sync_raises_in_the_loop_not_cancels_it(rig: Rig) -> None:
     """A train loop awaiting ``sync()`` when another task closes the coordinator gets
-    ``CoordinatorClosedError`` and goes on running (its own task was not cancelled by
+    ``ClosedError`` and goes on running (its own task was not cancelled by
     its owner); ``close()`` returns once the session ended, without waiting for the loop."""
     trainer = await rig.trainer()
     coordinator = SyncCoordinator(trainer, rig.engines, plan=SyncPlan(timeout_s=30.0))
@@ -153,7 +152,7 @@ async def test_coordinator_close_during_sync_raises_in_the_loop_not_cancels_it(r
         error: BaseException | None = None
         try:
             await coordinator.sync()
-        except CoordinatorClosedError as exc:
+        except ClosedError as exc:
             error = exc
         loop_went_on.set()
         await release_loop.wait()  # the loop keeps running after close() returned
@@ -175,9 +174,9 @@ async def test_coordinator_close_during_sync_raises_in_the_loop_not_cancels_it(r
         error = await within(loop)
     finally:
         await rig.faults()
-    assert isinstance(error, CoordinatorClosedError), repr(error)
+    assert isinstance(error, ClosedError), repr(error)
     assert "closed while this sync ran" in str(error)
-    with pytest.raises(CoordinatorClosedError):
+    with pytest.raises(ClosedError):
         await within(coordinator.sync())
     await within(trainer.close.remote())
 
@@ -208,7 +207,7 @@ async def test_train_actor_close_stops_keeper_and_catch_ups(rig: Rig) -> None:
     await asyncio.sleep(0.2)
     await within(trainer.close.remote())
     closed_at = time.time()
-    with pytest.raises(CacheClosedError):
+    with pytest.raises(ClosedError):
         await within(waiting)
     # The catch-up was stopped and aborted on the engine; nothing catches it up later.
     stats = await within(late.receiver_stats.remote())
@@ -219,7 +218,7 @@ async def test_train_actor_close_stops_keeper_and_catch_ups(rig: Rig) -> None:
     assert (await within(late.receiver_stats.remote())).commits == 0
     assert await sessions_started_after(trainer, closed_at) == []
     assert (await within(trainer.fleet_view.remote())).engines["late"].health is not Health.SERVING
-    # Later sessions, builds and fleet changes raise CacheClosedError.
+    # Later sessions, builds and fleet changes raise ClosedError.
     refused = [
         trainer.run_sync_session.remote(SyncPlan()),
         trainer.run_sync_session.remote(SyncPlan(dict(rig.engines))),
@@ -227,7 +226,7 @@ async def test_train_actor_close_stops_keeper_and_catch_ups(rig: Rig) -> None:
         trainer.fleet_add.remote("again", late),
     ]
     for ref in refused:
-        with pytest.raises(CacheClosedError, match="closed"):
+        with pytest.raises(ClosedError, match="closed"):
             await within(ref)
     await within(trainer.close.remote())  # idempotent
     await within(trainer.fleet_remove.remote("late"))
@@ -236,7 +235,7 @@ async def test_train_actor_close_stops_keeper_and_catch_ups(rig: Rig) -> None:
 async def test_train_actor_close_ends_a_session_in_flight(rig: Rig) -> None:
     """The session streaming when the actor closes is aborted everywhere before
     ``close()`` returns (its transports are closed only then); its caller gets
-    ``CacheClosedError``, not a transport failing under it."""
+    ``ClosedError``, not a transport failing under it."""
     trainer = await rig.trainer()
     await within(trainer.publish.remote(rig.next_step()))
     before = await rig.engine_stats()
@@ -250,7 +249,7 @@ async def test_train_actor_close_ends_a_session_in_flight(rig: Rig) -> None:
         await eventually(streaming, "the session never reached the engines")
         await within(trainer.close.remote())
         after = await rig.engine_stats()
-        with pytest.raises(CacheClosedError, match="closed while this session ran"):
+        with pytest.raises(ClosedError, match="closed while this session ran"):
             await within(session)
     finally:
         await rig.faults()

@@ -37,7 +37,7 @@ import asyncsync.transport.collective as collective_package
 from asyncsync import (
     AsyncSyncError,
     ConfigError,
-    ReceiverError,
+    ProtocolError,
     SessionError,
     TransportError,
 )
@@ -383,7 +383,7 @@ async def test_restarted_engine_fails_the_session_naming_it_and_the_group(blob: 
 async def test_engine_refuses_a_foreign_set_up_message_across_ray(blob: Rig) -> None:
     with pytest.raises(TransportError, match="not a collective set-up message: a str") as info:
         await blob.engines["s1"].transport_setup.remote("collective", "join me")
-    assert isinstance(info.value, ReceiverError)
+    assert isinstance(info.value, ProtocolError)
     assert (info.value.transport, info.value.session_id) == ("collective", None)
 
 
@@ -634,7 +634,7 @@ def test_engine_side_errors_are_transport_errors_naming_group_session_bucket(
     with pytest.raises(TransportError) as info:
         trigger(local)
     error = info.value
-    assert isinstance(error, ReceiverError) and isinstance(error, AsyncSyncError)
+    assert isinstance(error, ProtocolError) and isinstance(error, AsyncSyncError)
     assert fragment.format(group=local.group_id) in str(error)
     assert (error.transport, error.session_id, error.index) == ("collective", session_id, index)
 

@@ -8,7 +8,7 @@ import torch
 
 from asyncsync.buckets import pack
 from asyncsync.engines import TensorEngine, check_fits, copy_into, copy_named
-from asyncsync.errors import ManifestMismatchError
+from asyncsync.errors import ProtocolError
 
 
 def weights(fill: float) -> dict[str, torch.Tensor]:
@@ -44,21 +44,21 @@ def test_check_fits_names_what_does_not_fit() -> None:
 
     other = {"a.weight": torch.zeros(64, 32, dtype=torch.float16)}
     wrong = [b.manifest for b in pack(other.items())]
-    with pytest.raises(ManifestMismatchError, match=r"'a.weight': float16\[64, 32\] does not fit"):
+    with pytest.raises(ProtocolError, match=r"'a.weight': float16\[64, 32\] does not fit"):
         check_fits(params, wrong)
     unknown = [b.manifest for b in pack({"c.weight": torch.zeros(2)}.items())]
-    with pytest.raises(ManifestMismatchError, match=r"'c\.weight' is not a parameter of my model"):
+    with pytest.raises(ProtocolError, match=r"'c\.weight' is not a parameter of my model"):
         check_fits(params, unknown, owner="my model")
     partial = [b.manifest for b in pack({"b.weight": params["b.weight"]}.items())]
     check_fits(params, partial)  # partial updates pass unless asked otherwise
-    with pytest.raises(ManifestMismatchError, match=r"leaves 1 of 2 parameters .*'a.weight'"):
+    with pytest.raises(ProtocolError, match=r"leaves 1 of 2 parameters .*'a.weight'"):
         check_fits(params, partial, complete=[(n,) for n in params])
 
 
 async def test_tensor_engine_refuses_a_partial_update_at_begin() -> None:
     engine = TensorEngine(weights(0.0))
     partial = pack({"b.weight": torch.ones(16)}.items())
-    with pytest.raises(ManifestMismatchError, match="unwritten"):
+    with pytest.raises(ProtocolError, match="unwritten"):
         await engine.begin("s1", 0, [b.manifest for b in partial])
     assert (await engine.receiver_stats()).open_sessions == ()
 
@@ -68,7 +68,7 @@ def test_copy_into_copies_every_tensor_and_counts_bytes() -> None:
     buckets = pack(weights(2.0).items(), bucket_bytes=1024)
     assert copy_into(params, buckets) == sum(t.numel() * t.element_size() for t in params.values())
     assert all(torch.equal(t, weights(2.0)[n]) for n, t in params.items())
-    with pytest.raises(ManifestMismatchError, match=r"no parameter named 'c\.weight'"):
+    with pytest.raises(ProtocolError, match=r"no parameter named 'c\.weight'"):
         copy_into(params, pack({"c.weight": torch.zeros(2)}.items()))
 
 
@@ -90,6 +90,6 @@ def test_copy_in_threads_writes_the_same_bytes_as_one_thread(threads: int) -> No
 def test_copy_names_every_tensor_before_writing_any() -> None:
     params = weights(0.0)
     named = [("a.weight", torch.ones(64, 32, dtype=torch.bfloat16)), ("c.weight", torch.ones(2))]
-    with pytest.raises(ManifestMismatchError, match=r"c\.weight"):
+    with pytest.raises(ProtocolError, match=r"c\.weight"):
         copy_named(params, named, threads=2)
     assert not params["a.weight"].any()  # nothing written

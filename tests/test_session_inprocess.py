@@ -18,7 +18,7 @@ import torch
 from asyncsync import (
     Bucket,
     BucketCache,
-    CacheClosedError,
+    ClosedError,
     EngineFleet,
     Health,
     StagingReceiver,
@@ -88,7 +88,7 @@ async def test_closing_the_train_actor_lets_a_shared_snapshot_commit_finish() ->
     )
     await asyncio.wait_for(engine.applying.wait(), 10)
     await actor.close()
-    with pytest.raises(CacheClosedError, match="a commit already applying was let finish"):
+    with pytest.raises(ClosedError, match="a commit already applying was let finish"):
         await session
     assert engine.version == 0
     assert engine.sums == [ONES] * 4

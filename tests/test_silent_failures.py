@@ -25,7 +25,7 @@ from asyncsync import (
     BucketCache,
     BucketManifest,
     CacheError,
-    ManifestMismatchError,
+    ProtocolError,
     StagingReceiver,
     pack,
 )
@@ -136,7 +136,7 @@ async def empty_manifest() -> list[BucketManifest]:
 async def test_an_engine_refuses_an_empty_update_by_default(shape: str) -> None:
     manifest = [] if shape == "no-buckets" else await empty_manifest()
     engine = Recorder()
-    with pytest.raises(ManifestMismatchError, match=r"'s1'.*step 3 carries no tensor"):
+    with pytest.raises(ProtocolError, match=r"'s1'.*step 3 carries no tensor"):
         await engine.begin("s1", 3, manifest)
     stats = await engine.receiver_stats()
     assert (stats.version, stats.open_sessions, engine.applied) == (None, (), [])

@@ -47,14 +47,12 @@ from asyncsync import (
     ConfigError,
     FleetError,
     InvalidStepError,
-    ManifestMismatchError,
-    PayloadError,
+    ProtocolError,
     SessionError,
-    SessionIdReusedError,
     SharedMemoryError,
     SyncCoordinator,
     SyncPlan,
-    UnknownSessionError,
+    TransportError,
     pack,
 )
 from asyncsync.actor import train_actor
@@ -287,7 +285,7 @@ async def test_receiver_protocol_misuse_is_typed_and_changes_nothing() -> None:
         (
             "id-reused",
             lambda: engine.begin("s0", 2, manifest, 10.0),
-            SessionIdReusedError,
+            ProtocolError,
             ("'s0'",),
         ),
         ("id-list", lambda: engine.begin(["x"], 2, manifest, 10.0), ConfigError, ("['x']",)),
@@ -299,38 +297,38 @@ async def test_receiver_protocol_misuse_is_typed_and_changes_nothing() -> None:
         (
             "manifest-None",
             lambda: engine.begin("e", 2, None, 10.0),
-            ManifestMismatchError,
+            ProtocolError,
             ("NoneType",),
         ),
         (
             "manifest-entry",
             lambda: engine.begin("f", 2, [7], 10.0),
-            ManifestMismatchError,
+            ProtocolError,
             ("entry 0",),
         ),
         (
             "index-str",
             lambda: engine.receive("open", "0", buckets[0]),
-            ManifestMismatchError,
+            ProtocolError,
             ("'0'",),
         ),
-        ("index-out", lambda: engine.receive("open", 4, buckets[0]), ManifestMismatchError, ("4",)),
-        ("payload", lambda: engine.receive("open", 0, "bytes"), PayloadError, ("str",)),
+        ("index-out", lambda: engine.receive("open", 4, buckets[0]), ProtocolError, ("4",)),
+        ("payload", lambda: engine.receive("open", 0, "bytes"), TransportError, ("str",)),
         (
             "receive-unknown",
             lambda: engine.receive("nope", 0, buckets[0]),
-            UnknownSessionError,
+            ProtocolError,
             ("'nope'",),
         ),
         (
             "receive-id-list",
             lambda: engine.receive(["open"], 0, buckets[0]),
-            UnknownSessionError,
+            ProtocolError,
             ("['open']",),
         ),
-        ("commit-unknown", lambda: engine.commit("nope"), UnknownSessionError, ("'nope'",)),
-        ("commit-id-list", lambda: engine.commit(["open"]), UnknownSessionError, ("['open']",)),
-        ("abort-id-list", lambda: engine.abort(["open"]), UnknownSessionError, ("['open']",)),
+        ("commit-unknown", lambda: engine.commit("nope"), ProtocolError, ("'nope'",)),
+        ("commit-id-list", lambda: engine.commit(["open"]), ProtocolError, ("['open']",)),
+        ("abort-id-list", lambda: engine.abort(["open"]), ProtocolError, ("['open']",)),
         ("setup", lambda: engine.transport_setup("pigeon", None), ConfigError, ("'pigeon'",)),
     ]
     for case, call, kind, names in bad:
@@ -600,7 +598,7 @@ NAN, INF = math.nan, math.inf
 B = BucketError
 S = SharedMemoryError
 C = ConfigError
-M = ManifestMismatchError
+M = ProtocolError
 I = InvalidStepError  # noqa: E741
 
 LowCase = tuple[str, str, Callable[[World], Any], type[AsyncSyncError], tuple[str, ...]]

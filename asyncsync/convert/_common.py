@@ -28,7 +28,7 @@ from typing import Any, Literal
 import torch
 
 from .._checks import is_int
-from ..errors import ConfigError, ConversionError, ShardError
+from ..errors import ConfigError, ConversionError
 
 __all__ = [
     "COLUMN",
@@ -250,7 +250,7 @@ class Layout:
     records on the parameter, and ``partition_stride`` must be one of
     ``tp_strides``. ``merge`` turns the shards into ``outputs`` HF tensors; it
     may assume the shards share one shape, dtype and device, with more than
-    ``tp_dim`` dimensions, and raises :class:`~asyncsync.errors.ShardError` for
+    ``tp_dim`` dimensions, and raises :class:`~asyncsync.errors.ConversionError` for
     shards that do not fit the model's sizes.
     """
 
@@ -276,7 +276,7 @@ def _cat(dim: int) -> Merge:
 def _vocab(name: str, shards: Sequence[torch.Tensor], dims: ModelDims) -> tuple[torch.Tensor]:
     full = shards[0] if len(shards) == 1 else torch.cat(list(shards), dim=0)
     if full.shape[0] < dims.vocab_size:
-        raise ShardError(
+        raise ConversionError(
             f"{name}: {full.shape[0]} vocabulary rows is fewer than vocab_size={dims.vocab_size}"
         )
     # Megatron pads the vocabulary so it divides evenly across TP ranks; drop the pad rows.
@@ -290,7 +290,7 @@ def _qkv(name: str, shards: Sequence[torch.Tensor], dims: ModelDims) -> tuple[to
     qpg, hd = dims.heads_per_group, dims.head_dim
     rows_per_group = (qpg + 2) * hd
     if dims.num_query_groups % len(shards):
-        raise ShardError(
+        raise ConversionError(
             f"{name}: {dims.num_query_groups} query groups do not divide across "
             f"{len(shards)} tensor-parallel shards"
         )
@@ -298,7 +298,7 @@ def _qkv(name: str, shards: Sequence[torch.Tensor], dims: ModelDims) -> tuple[to
     qs, ks, vs = [], [], []
     for shard in shards:
         if shard.shape[0] != groups * rows_per_group:
-            raise ShardError(
+            raise ConversionError(
                 f"{name}: shard has {shard.shape[0]} rows, expected {groups} query groups x "
                 f"({qpg} q + 1 k + 1 v heads) x head_dim {hd} = {groups * rows_per_group}"
             )
@@ -317,7 +317,9 @@ def _gate_up(
     gates, ups = [], []
     for shard in shards:
         if shard.shape[0] % 2:
-            raise ShardError(f"{name}: fused gate/up shard has an odd row count {shard.shape[0]}")
+            raise ConversionError(
+                f"{name}: fused gate/up shard has an odd row count {shard.shape[0]}"
+            )
         gate, up = shard.chunk(2, dim=0)
         gates.append(gate)
         ups.append(up)

@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..errors import ConfigError, ConversionError, CoverageError, ShardError
+from ..errors import ConfigError, ConversionError, CoverageError
 from ._common import Layout, ModelDims, Rule, Stage
 
 __all__ = ["ConversionTable", "Planned", "StateDict"]
@@ -51,7 +51,7 @@ class Planned(NamedTuple):
     ) -> list[tuple[str, torch.Tensor]]:
         """The HF ``(name, tensor)`` pairs of this parameter given its TP shards in rank order.
 
-        Raises :class:`~asyncsync.errors.ShardError` naming the parameter when
+        Raises :class:`~asyncsync.errors.ConversionError` naming the parameter when
         the shards do not fit its layout or ``dims``.
         """
         tensors = _merge(self.name, self.rule.layout, shards, dims)
@@ -71,25 +71,25 @@ def _merge(
 ) -> tuple[torch.Tensor, ...]:
     if isinstance(shards, torch.Tensor) or not isinstance(shards, Sequence):
         # A bare tensor would be read as a sequence of its rows.
-        raise ShardError(
+        raise ConversionError(
             f"{name}: shards must be a sequence of tensors ([tensor] for one), "
             f"got {type(shards).__name__}"
         )
     if not shards:
-        raise ShardError(f"{name}: no shards given")
+        raise ConversionError(f"{name}: no shards given")
     first = shards[0]
     for i, shard in enumerate(shards):
         if not isinstance(shard, torch.Tensor):
-            raise ShardError(f"{name}: shard {i} is a {type(shard).__name__}, not a tensor")
+            raise ConversionError(f"{name}: shard {i} is a {type(shard).__name__}, not a tensor")
         if (shard.shape, shard.dtype, shard.device) != (first.shape, first.dtype, first.device):
             # Megatron's shards of one parameter are equal in shape; torch.cat would
             # also promote mixed dtypes silently.
-            raise ShardError(
+            raise ConversionError(
                 f"{name}: shard {i} is {tuple(shard.shape)} {shard.dtype} on {shard.device}, "
                 f"shard 0 is {tuple(first.shape)} {first.dtype} on {first.device}"
             )
     if layout.tp_dim is not None and first.dim() <= layout.tp_dim:
-        raise ShardError(
+        raise ConversionError(
             f"{name}: a {first.dim()}-d shard cannot be split along dim {layout.tp_dim} "
             f"(layout {layout.name})"
         )
@@ -106,7 +106,7 @@ def _shards(key: str, value: object) -> Sequence[torch.Tensor]:
         return (value,)
     if isinstance(value, Sequence) and not isinstance(value, str):
         return value  # each element is checked by _merge
-    raise ShardError(
+    raise ConversionError(
         f"{key}: expected a tensor or a sequence of TP shards, got {type(value).__name__}"
     )
 
@@ -218,7 +218,7 @@ class ConversionTable:
         one parameter and checks no coverage (use :meth:`to_hf` for a state dict).
         Raises :class:`~asyncsync.errors.ConversionError` for an unknown name,
         :class:`~asyncsync.errors.CoverageError` for a layer or expert beyond
-        ``dims``, :class:`~asyncsync.errors.ShardError` when the shards do not fit.
+        ``dims``, :class:`~asyncsync.errors.ConversionError` when the shards do not fit.
         """
         _check_dims(dims)
         r, m = self._match(name)
@@ -442,7 +442,7 @@ class ConversionTable:
         first (see :meth:`plan`): an input that does not make exactly
         :meth:`hf_names` raises :class:`~asyncsync.errors.CoverageError` naming what
         is missing and what must not be there; a value that is not a tensor or
-        does not fit its layout raises :class:`~asyncsync.errors.ShardError`.
+        does not fit its layout raises :class:`~asyncsync.errors.ConversionError`.
         Nothing is returned partially and the input is not modified.
 
         A stage converts to the HF weights of its own layers (named with the

@@ -21,7 +21,7 @@ import torch
 
 from .._checks import check_int, check_iterable, check_str, check_type
 from ..buckets import Bucket, BucketManifest, dtype_name
-from ..errors import ConfigError, InvalidStepError, ManifestMismatchError
+from ..errors import ConfigError, InvalidStepError, ProtocolError
 from ..receiver import StagingReceiver
 
 __all__ = [
@@ -41,14 +41,14 @@ def check_fits(
     owner: str = "this engine",
     complete: Iterable[Sequence[str]] | None = None,
 ) -> None:
-    """Raise :class:`~asyncsync.ManifestMismatchError` unless ``params`` can take ``manifest``.
+    """Raise :class:`~asyncsync.ProtocolError` unless ``params`` can take ``manifest``.
 
     Every tensor of the manifest must name a parameter with the same shape and
     dtype. ``complete``: groups of names (tied weights share one tensor under
     several names) of which the update must write at least one each; ``None``
     accepts partial updates. ``owner`` names the model in the messages. Arguments
     of the wrong type raise :class:`~asyncsync.ConfigError` (``params``, ``owner``,
-    ``complete``) or :class:`~asyncsync.ManifestMismatchError` (``manifest``).
+    ``complete``) or :class:`~asyncsync.ProtocolError` (``manifest``).
     """
     check_params(params, "check_fits: params")
     check_str(owner, "check_fits: owner", ConfigError)
@@ -65,9 +65,9 @@ def check_fits(
         for meta in bucket.index:
             param = params.get(meta.name)
             if param is None:
-                raise ManifestMismatchError(f"tensor {meta.name!r} is not a parameter of {owner}")
+                raise ProtocolError(f"tensor {meta.name!r} is not a parameter of {owner}")
             if tuple(param.shape) != meta.shape or dtype_name(param.dtype) != meta.dtype:
-                raise ManifestMismatchError(
+                raise ProtocolError(
                     f"tensor {meta.name!r}: {meta.dtype}{list(meta.shape)} does not fit the "
                     f"model's {dtype_name(param.dtype)}{list(param.shape)}"
                 )
@@ -77,7 +77,7 @@ def check_fits(
     sent = {name for bucket in manifest for name in bucket.names}
     missing = [g[0] for g in groups if sent.isdisjoint(g)]
     if missing:
-        raise ManifestMismatchError(
+        raise ProtocolError(
             f"the update leaves {len(missing)} of {len(groups)} parameters of {owner} "
             f"unwritten, e.g. {missing[:3]}"
         )
@@ -98,16 +98,16 @@ def check_params(params: object, what: str) -> None:
 
 
 def check_manifest_type(manifest: object, what: str) -> None:
-    """Raise :class:`~asyncsync.ManifestMismatchError` unless ``manifest`` is a sequence of
+    """Raise :class:`~asyncsync.ProtocolError` unless ``manifest`` is a sequence of
     :class:`~asyncsync.BucketManifest`."""
     if isinstance(manifest, str | bytes) or not isinstance(manifest, Sequence):
-        raise ManifestMismatchError(
+        raise ProtocolError(
             f"{what}: manifest must be a sequence of BucketManifest, got "
             f"{type(manifest).__name__}: {manifest!r:.80}"
         )
     for i, bucket in enumerate(manifest):
         if not isinstance(bucket, BucketManifest):
-            raise ManifestMismatchError(
+            raise ProtocolError(
                 f"{what}: manifest entry {i} is a {type(bucket).__name__}, not a BucketManifest"
             )
 
@@ -116,12 +116,12 @@ def check_update(buckets: object, version: object, what: str) -> None:
     """Raise a typed error unless ``buckets`` is a sequence of :class:`~asyncsync.Bucket` and
     ``version`` a step (an int >= -1): the arguments of an engine's ``apply``."""
     if isinstance(buckets, str | bytes) or not isinstance(buckets, Sequence):
-        raise ManifestMismatchError(
+        raise ProtocolError(
             f"{what}: buckets must be a sequence of Bucket, got {type(buckets).__name__}: "
             f"{buckets!r:.80}"
         )
     for i, bucket in enumerate(buckets):
-        check_type(bucket, Bucket, f"{what}: bucket {i}", ManifestMismatchError)
+        check_type(bucket, Bucket, f"{what}: bucket {i}", ProtocolError)
     check_int(version, f"{what}: version", InvalidStepError, low=-1)
 
 
@@ -154,7 +154,7 @@ def copy_named(
 
     Every pair is checked first: a name the parameters do not have, a value that
     is not a tensor, or a shape or dtype other than its parameter's raises
-    :class:`~asyncsync.ManifestMismatchError` naming the tensor before anything is
+    :class:`~asyncsync.ProtocolError` naming the tensor before anything is
     written (check names before any bucket moves with :func:`check_fits`).
     ``threads`` (an int >= 1, else :class:`~asyncsync.ConfigError`) > 1 splits the bytes into
     that many equal shares (cutting large tensors between rows of their flat
@@ -162,24 +162,22 @@ def copy_named(
     in a worker thread.
     """
     check_params(params, "copy_named: params")
-    check_iterable(named, "copy_named: named", ManifestMismatchError)
+    check_iterable(named, "copy_named: named", ProtocolError)
     check_int(threads, "copy_named: threads", ConfigError, low=1, high=_MAX_THREADS)
     pairs = []
     for item in named:
         if not isinstance(item, tuple) or len(item) != 2:
-            raise ManifestMismatchError(
-                f"copy_named: expected (name, tensor) pairs, got {item!r:.80}"
-            )
+            raise ProtocolError(f"copy_named: expected (name, tensor) pairs, got {item!r:.80}")
         name, tensor = item
         dst = params.get(name) if isinstance(name, str) else None
         if dst is None:
-            raise ManifestMismatchError(f"copy_named: no parameter named {name!r}")
+            raise ProtocolError(f"copy_named: no parameter named {name!r}")
         if not isinstance(tensor, torch.Tensor):
-            raise ManifestMismatchError(
+            raise ProtocolError(
                 f"copy_named: {name!r} is a {type(tensor).__name__}, not a torch.Tensor"
             )
         if tensor.shape != dst.shape or tensor.dtype != dst.dtype:
-            raise ManifestMismatchError(
+            raise ProtocolError(
                 f"copy_named: tensor {name!r}: {dtype_name(tensor.dtype)}{list(tensor.shape)} "
                 f"does not fit the parameter's {dtype_name(dst.dtype)}{list(dst.shape)}"
             )
@@ -249,13 +247,13 @@ def copy_into(
     """:func:`copy_named` of every tensor of ``buckets`` (zero-copy views of their payloads).
 
     ``threads``: how many copy at once (``None``: :func:`copy_threads`). Raises
-    :class:`~asyncsync.ManifestMismatchError` for an item of ``buckets`` that is not
+    :class:`~asyncsync.ProtocolError` for an item of ``buckets`` that is not
     a :class:`~asyncsync.Bucket`, and what :func:`copy_named` raises.
     """
-    check_iterable(buckets, "copy_into: buckets", ManifestMismatchError)
+    check_iterable(buckets, "copy_into: buckets", ProtocolError)
     buckets = list(buckets)
     for i, bucket in enumerate(buckets):
-        check_type(bucket, Bucket, f"copy_into: bucket {i}", ManifestMismatchError)
+        check_type(bucket, Bucket, f"copy_into: bucket {i}", ProtocolError)
     if threads is not None:
         check_int(threads, "copy_into: threads", ConfigError, low=1, high=_MAX_THREADS)
     named = [pair for bucket in buckets for pair in bucket.named_tensors()]

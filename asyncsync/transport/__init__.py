@@ -29,7 +29,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from ..buckets import Bucket, BucketManifest
 from ..client import EngineClient, SessionTag
-from ..errors import ConfigError, PayloadError
+from ..errors import ConfigError, TransportError
 
 __all__ = [
     "AUTO",
@@ -205,6 +205,6 @@ def load_payload(payload: Any, state: dict[str, Any]) -> Bucket:
         return payload
     if isinstance(payload, BucketPayload):
         return payload.load(state)
-    raise PayloadError(
+    raise TransportError(
         f"cannot load a bucket from a {type(payload).__name__}: not a payload of any transport"
     )

@@ -7,7 +7,7 @@ import torch
 
 from asyncsync.convert import FAMILIES, REPLICATED, ModelDims, Rule, conversion_table
 from asyncsync.convert._common import QKV, rule
-from asyncsync.errors import ConfigError, ConversionError, ShardError
+from asyncsync.errors import ConfigError, ConversionError
 
 # 4 query heads in 2 groups, head_dim 3, hidden 5, vocabulary 10 padded to 12, 16 layers.
 DIMS = ModelDims(
@@ -54,7 +54,7 @@ def test_unknown_parameter_names_the_parameter_and_the_family(family: str) -> No
         table.convert(name, [torch.zeros(2, 2)], DIMS)
     assert name in str(info.value)
     assert repr(family) in str(info.value)
-    assert isinstance(info.value, KeyError)
+    assert isinstance(info.value, LookupError) and not isinstance(info.value, KeyError)
 
 
 def test_a_parameter_of_another_family_is_unknown() -> None:
@@ -107,7 +107,7 @@ def test_qkv_bias_splits_like_the_weight_rows() -> None:
 
 
 def test_qkv_shape_mismatch_names_the_parameter() -> None:
-    with pytest.raises(ShardError, match=r"linear_qkv.weight: shard has 7 rows"):
+    with pytest.raises(ConversionError, match=r"linear_qkv.weight: shard has 7 rows"):
         conversion_table("llama").convert(
             "decoder.layers.0.self_attention.linear_qkv.weight", [torch.zeros(7, 5)], DIMS
         )
@@ -156,7 +156,7 @@ def test_vocab_padding_is_dropped_after_joining_shards() -> None:
         ((got_name, got),) = conversion_table("qwen3").convert(name, list(padded.chunk(2)), DIMS)
         assert got_name == hf
         assert torch.equal(got, padded[:10])
-    with pytest.raises(ShardError, match="fewer than vocab_size=10"):
+    with pytest.raises(ConversionError, match="fewer than vocab_size=10"):
         conversion_table("qwen3").convert("output_layer.weight", [torch.zeros(8, HIDDEN)], DIMS)
 
 
@@ -257,7 +257,7 @@ def test_to_hf_converts_a_state_dict_of_tensors_and_shard_lists() -> None:
     assert sorted(out) == sorted(table.hf_names(dims, tied=True))
     assert "lm_head.weight" not in out
     assert torch.equal(out["model.layers.0.self_attn.k_proj.weight"], k)
-    with pytest.raises(ShardError, match="final_layernorm"):
+    with pytest.raises(ConversionError, match="final_layernorm"):
         table.to_hf({**state, "decoder.final_layernorm.weight": 3}, dims, tied=True)
 
 
