@@ -171,6 +171,7 @@ class FleetRouter:
         self.stats = RouterStats()
         self._handles: dict[str, Any] = {}
         self._outstanding: dict[str, int] = {}
+        self._turn = 0
         # Engines whose call got no answer, and the epoch then: skipped until the
         # fleet moves past that epoch (it will have probed them by then).
         self._suspect: dict[str, int] = {}
@@ -236,7 +237,8 @@ class FleetRouter:
     # ----------------------------------------------------------------- routing
 
     def eligible(self, rule: Rule | None = None) -> list[str]:
-        """The engines a call under ``rule`` may go to now, least loaded first."""
+        """The engines a call under ``rule`` may go to now, least loaded first (by the
+        calls this router has outstanding on each)."""
         rule = rule or self.rule
         floor = rule.floor(self.view, self.ready_step)
         names = [
@@ -301,7 +303,11 @@ class FleetRouter:
             while True:
                 names = self.eligible(rule)
                 if names:
-                    return names[0]
+                    # The least loaded; among equals, take turns.
+                    least = self._outstanding.get(names[0], 0)
+                    equal = [n for n in names if self._outstanding.get(n, 0) == least]
+                    self._turn += 1
+                    return equal[self._turn % len(equal)]
                 changed = self._changed
                 await changed.wait()
         self.stats.failed += 1
