@@ -15,8 +15,9 @@ if TYPE_CHECKING:
     from .coordinator import SyncCoordinator
     from .fleet import EngineFleet, EngineState, FleetView, Health
     from .plan import EngineReport, Outcome, SyncPlan, SyncReport
-    from .protocol import EngineInfo, Receiver, ReceiverStats
+    from .protocol import EngineInfo, Receiver, ReceiverStats, Stamp
     from .receiver import StagingReceiver
+    from .router import FleetRouter, Routed, Rule, StalenessFilter, staleness
 
 # Everything but the errors is imported on first use: the buckets, the cache, shared
 # memory and the errors work in a process without Ray, and `import asyncsync` (as the
@@ -43,6 +44,12 @@ _LAZY = {
     "Receiver": "protocol",
     "ReceiverStats": "protocol",
     "StagingReceiver": "receiver",
+    "Stamp": "protocol",
+    "FleetRouter": "router",
+    "Routed": "router",
+    "Rule": "router",
+    "StalenessFilter": "router",
+    "staleness": "router",
     "EngineReport": "plan",
     "Outcome": "plan",
     "SyncPlan": "plan",
@@ -99,5 +106,12 @@ __all__ = [
     "EngineInfo",
     "ReceiverStats",
     "StagingReceiver",
+    "Stamp",
+    # routing: rollouts by version, and their staleness at the trainer
+    "FleetRouter",
+    "Routed",
+    "Rule",
+    "StalenessFilter",
+    "staleness",
 ]
 __all__ += errors.__all__  # errors: one hierarchy, listed once

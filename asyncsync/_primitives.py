@@ -4,15 +4,17 @@
 ``shielded``  run an awaitable to its end even if the waiter is cancelled
 ``uninterrupted``  wait for an awaitable to end even if cancelled; re-raise the cancellation then
 ``Signal``    wake every current waiter at once (an event that re-arms itself)
+``ReadWriteLock``  many readers or one writer; a waiting writer holds back new readers
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import asynccontextmanager
 from typing import TypeVar
 
-__all__ = ["Signal", "detached", "shielded", "uninterrupted"]
+__all__ = ["ReadWriteLock", "Signal", "detached", "shielded", "uninterrupted"]
 
 T = TypeVar("T")
 
@@ -83,3 +85,41 @@ class Signal:
     def notify(self) -> None:
         self._event.set()
         self._event = asyncio.Event()
+
+
+class ReadWriteLock:
+    """Many readers or one writer; a waiting writer holds back new readers."""
+
+    def __init__(self) -> None:
+        self._cond = asyncio.Condition()
+        self._readers = 0
+        self._writer = False
+        self._writers_waiting = 0
+
+    @asynccontextmanager
+    async def read(self) -> AsyncIterator[None]:
+        async with self._cond:
+            await self._cond.wait_for(lambda: not self._writer and self._writers_waiting == 0)
+            self._readers += 1
+        try:
+            yield
+        finally:
+            async with self._cond:
+                self._readers -= 1
+                self._cond.notify_all()
+
+    @asynccontextmanager
+    async def write(self) -> AsyncIterator[None]:
+        async with self._cond:
+            self._writers_waiting += 1
+            try:
+                await self._cond.wait_for(lambda: not self._writer and self._readers == 0)
+            finally:
+                self._writers_waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            async with self._cond:
+                self._writer = False
+                self._cond.notify_all()

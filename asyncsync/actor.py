@@ -32,19 +32,29 @@ import asyncio
 import contextlib
 import dataclasses
 import inspect
-from collections.abc import Callable, Iterable, Iterator
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
 import torch
 
+from ._checks import check_int, check_number
 from .buckets import tensor_digest
 from .cache import DEFAULT_BUCKET_BYTES, BucketCache, CacheStats
 from .client import Deadlines
-from .errors import ActorDefinitionError, AdmissionError, ClosedError, ConfigError
+from .errors import (
+    ActorDefinitionError,
+    AdmissionError,
+    ClosedError,
+    ConfigError,
+    InvalidStepError,
+    NothingBuiltError,
+)
 from .fleet import EngineFleet, EngineState, FleetView, Health
 from .keeper import FleetKeeper
 from .plan import PER_ENGINE, SyncPlan, SyncReport
+from .protocol import weights_identity
 from .receiver import current_node
 from .session import run_session
 from .spans import Span, SpanLog
@@ -55,6 +65,7 @@ __all__ = [
     "DEFAULT_MAX_CONCURRENCY",
     "RESERVED_SLOTS",
     "ActorSlots",
+    "FleetUpdate",
     "WeightSyncActor",
     "cache_method",
     "train_actor",
@@ -79,10 +90,32 @@ CACHE_METHODS = (
     "fleet_remove",
     "fleet_view",
     "fleet_refresh",
+    "fleet_watch",
+    "snapshot_identity",
     "coordinator_claim",
     "coordinator_release",
     "close",
 )
+
+_IDENTITIES_KEPT = 4096
+"""How many built steps' weights identities a train actor remembers."""
+
+
+@dataclass(frozen=True)
+class FleetUpdate:
+    """What :meth:`WeightSyncActor.fleet_watch` answers: the fleet at ``epoch``.
+
+    ``handles`` are the engines' actor handles by name (a router calls them
+    directly); ``ready_step`` the newest published step (``None``: none yet).
+    """
+
+    epoch: int
+    view: FleetView
+    ready_step: int | None
+    handles: Mapping[str, Any]
+    changed_at: float | None = None
+    """When the fleet changed to this epoch (wall clock on the train actor)."""
+
 
 _MARK = "__asyncsync_cache_method__"
 F = TypeVar("F", bound=Callable[..., Any])
@@ -188,6 +221,8 @@ class WeightSyncActor:
                 ) from exc
         self._sessions_in_flight = 0
         self._sessions_refused = 0
+        # Step -> weights identity of the snapshot built as that step (bounded).
+        self._identities: OrderedDict[int, str] = OrderedDict()
         # Sessions' work that outlives their call (stragglers, commits still applying).
         self._background: set[asyncio.Task[None]] = set()
         # Tasks running run_sync_session now: close() ends them before it closes
@@ -225,6 +260,13 @@ class WeightSyncActor:
         with self.sync_span_log.span("build", step):
             async with self.weight_cache.build(step) as build:
                 await build.add(_Deferred(self.named_weights, step))
+        # The identity engines will stamp answers with once they serve this step.
+        with contextlib.suppress(ClosedError):
+            async with self.weight_cache.read(min_step=step) as snap:
+                if snap.step == step:
+                    self._identities[step] = weights_identity(snap.manifest)
+                    while len(self._identities) > _IDENTITIES_KEPT:
+                        self._identities.popitem(last=False)
         return step
 
     async def run_sync_session(self, plan: SyncPlan) -> SyncReport:
@@ -300,6 +342,44 @@ class WeightSyncActor:
     async def fleet_refresh(self) -> FleetView:
         """Probe every engine now and return the view."""
         return await self.fleet.refresh()
+
+    async def fleet_watch(self, after: int = -1, timeout_s: float = 10.0) -> FleetUpdate:
+        """The fleet as soon as it changed after epoch ``after`` (long poll).
+
+        Returns at once when the fleet's epoch is newer than ``after`` (``-1``:
+        always), else when it changes, else after ``timeout_s`` (then with the same
+        epoch). Every change of an engine's health, version or weights, and every
+        engine added or removed, is a new epoch. A watch waits holding one of the
+        actor's session slots (:class:`ActorSlots`), so builds and control calls
+        always run; past the bound it raises :class:`~asyncsync.AdmissionError`.
+        This is how :class:`~asyncsync.FleetRouter` learns of changes.
+        """
+        check_number(timeout_s, "fleet_watch: timeout_s", ConfigError, low=0.0)
+        check_int(after, "fleet_watch: after", ConfigError, low=-1)
+        with self._admitted():
+            epoch = await self.fleet.watch(after, timeout_s)
+        return FleetUpdate(
+            epoch=epoch,
+            view=self.fleet.view(),
+            ready_step=self.weight_cache.ready_step,
+            handles=self.fleet.handles(self.fleet.view().engines),
+            changed_at=self.fleet.changed_at,
+        )
+
+    async def snapshot_identity(self, step: int) -> str:
+        """The weights identity of the snapshot built as ``step`` (what engines stamp).
+
+        Kept for the last 4096 steps built. Raises
+        :class:`~asyncsync.NothingBuiltError` for a step this actor did not build.
+        """
+        check_int(step, "snapshot_identity: step", InvalidStepError, low=-1)
+        try:
+            return self._identities[step]
+        except KeyError:
+            raise NothingBuiltError(
+                f"step {step} was not built by this train actor (or is older than the "
+                f"last {_IDENTITIES_KEPT} built)"
+            ) from None
 
     async def coordinator_claim(self, token: str, holder: str) -> str | None:
         """Make the :class:`~asyncsync.SyncCoordinator` ``token`` the one that drives the fleet.

@@ -25,6 +25,7 @@ AsyncSyncError
 │   ├── TopologyError                    a same-node-only transport asked for an engine elsewhere
 │   └── QuorumError                      fewer engines than min_engines could commit
 ├── FleetError (LookupError)             fleet call outside a session: unknown or unreachable engine
+├── RoutingError                         no engine eligible for a routed call, or none answered
 ├── ProtocolError                        an engine refused a call of the protocol
 │   ├── ChecksumMismatchError (ValueError)  a bucket's bytes do not hash to its checksum
 │   └── TransportError                   a transport's engine side could not set up or deliver
@@ -65,6 +66,7 @@ __all__ = [
     "QuorumError",
     "ReadTimeoutError",
     "ResidentLimitError",
+    "RoutingError",
     "SessionError",
     "SessionTimeoutError",
     "SharedMemoryError",
@@ -248,6 +250,14 @@ class FleetError(AsyncSyncError, LookupError):
 
     A name that is not a member, a name added twice (with another handle), or an
     engine that cannot be reached or is not an engine (``fleet_add``, a probe).
+    """
+
+
+class RoutingError(AsyncSyncError):
+    """A :class:`~asyncsync.FleetRouter` call found no eligible engine within its wait,
+    or every engine it tried failed to answer (or answered below its rule).
+
+    The message names the rule, the engines tried and why each was left.
     """
 
 

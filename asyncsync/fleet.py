@@ -41,6 +41,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ._primitives import Signal
 from .client import Deadlines, EngineClient
 from .errors import ConfigError, FleetError, last_line
 from .protocol import EngineInfo
@@ -70,6 +71,8 @@ class EngineState:
     node_id: str | None
     reason: str | None
     since: float
+    weights: str | None = None
+    """The identity of the served weights (:func:`~asyncsync.protocol.weights_identity`)."""
 
 
 @dataclass(frozen=True)
@@ -133,6 +136,7 @@ class _Member:
             node_id=info.node_id if info else None,
             reason=self.reason,
             since=self.since,
+            weights=info.weights if info else None,
         )
 
 
@@ -178,6 +182,11 @@ class EngineFleet:
         # Set whenever an engine may need a catch-up (the keeper waits on it).
         self.wake = asyncio.Event()
         self.closed = False
+        # Every change of the view makes a new epoch; watchers wake on it.
+        self.epoch = 0
+        self.changed_at = time.time()
+        """When the view last changed (wall clock), for routers to measure their lag."""
+        self._change = Signal()
 
     def __repr__(self) -> str:
         return f"<EngineFleet {self.view()!r}>"
@@ -232,6 +241,7 @@ class EngineFleet:
         member = _Member(name, handle, Health.CATCHING_UP, time.time(), info=info)
         self._members[name] = member
         member.reason = "joined"
+        self._changed()
         # Give whoever added it a moment to include it in a session of their own
         # before the keeper catches it up.
         member.retry_at = time.monotonic() + self.deadlines.probe_interval_s
@@ -248,6 +258,7 @@ class EngineFleet:
         del self._members[name]
         member.removed.set()
         member.health, member.reason, member.since = Health.GONE, "removed", time.time()
+        self._changed()
         return member.state()
 
     def removed(self, name: str) -> asyncio.Event:
@@ -263,6 +274,13 @@ class EngineFleet:
             return
         old = member.info
         member.info = info
+        if info != old:
+            self._changed()
+        if not info.intact:
+            # Its apply failed partway: a mix of two versions, no version at all.
+            if member.health is not Health.QUARANTINED:
+                self.mark(name, Health.QUARANTINED, "apply failed partway: serves no version")
+            return
         if old is not None and old.incarnation != info.incarnation:
             # A new process: the back-off earned by the old one's failures does not
             # apply to it, so the keeper catches it up at its next round.
@@ -273,7 +291,7 @@ class EngineFleet:
                 "restarted: a new incarnation serves its initial weights",
             )
 
-    def committed(self, name: str, version: int) -> None:
+    def committed(self, name: str, version: int, weights: str | None = None) -> None:
         """Engine ``name`` answered a commit with ``version``: it serves that version now.
 
         It is serving unless it committed a step older than one the serving engines
@@ -285,7 +303,13 @@ class EngineFleet:
         if member is None:
             return
         if member.info is not None:
-            member.info = dataclasses.replace(member.info, version=version)
+            member.info = dataclasses.replace(
+                member.info,
+                version=version,
+                weights=weights if weights is not None else member.info.weights,
+                intact=True,
+            )
+            self._changed()
         newest = max(
             (
                 m.info.version
@@ -325,8 +349,32 @@ class EngineFleet:
             return  # dead for good stays dead
         if member.health is not health:
             member.since = time.time()
-        member.health = health
-        member.reason = reason
+        if (member.health, member.reason) != (health, reason):
+            member.health = health
+            member.reason = reason
+            self._changed()
+
+    def _changed(self) -> None:
+        self.epoch += 1
+        self.changed_at = time.time()
+        self._change.notify()
+
+    async def watch(self, after: int, timeout_s: float) -> int:
+        """Wait until the fleet changed after epoch ``after`` (or ``timeout_s`` passed).
+
+        Returns the epoch now. Every change of an engine's health, reported version
+        or weights, and every engine added or removed, makes a new epoch; a caller
+        that holds the view of epoch ``e`` is up to date until ``watch(e)`` returns.
+        """
+        if self.epoch > after or self.closed:
+            return self.epoch
+        changed = self._change.waiter()
+        try:
+            async with asyncio.timeout(timeout_s):
+                await changed.wait()
+        except TimeoutError:
+            pass
+        return self.epoch
 
     def claim(self, names: Iterable[str], owner: str, kind: str = "session") -> list[str]:
         """Claim the engines no other session drives; return those claimed (in order).
@@ -438,9 +486,10 @@ class EngineFleet:
         return self.view()
 
     def close(self) -> None:
-        """No engine joins any more (the train actor is closing)."""
+        """No engine joins any more (the train actor is closing); watchers wake."""
         self.closed = True
         self.wake.set()
+        self._change.notify()
 
     def _member(self, name: str) -> _Member:
         _check_name(name)

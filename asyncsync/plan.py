@@ -216,6 +216,9 @@ class SyncReport:
     engines: Mapping[str, EngineReport]
     view: FleetView
     busy: tuple[str, ...] = ()
+    weights: str | None = None
+    """The identity of the weights sent (:func:`~asyncsync.protocol.weights_identity`):
+    what every engine that committed now stamps its answers with."""
 
     @property
     def committed(self) -> tuple[str, ...]:

@@ -18,6 +18,15 @@ plus ``engine_info()`` (what it is and serves, any time), ``transport_setup()``
 (a transport's engine-side set-up, e.g. joining a process group) and
 ``receiver_stats()``.
 
+**Stamps.** Every answer an engine gives from its weights (a generation) carries
+a :class:`Stamp`: the version it was served with and the identity of those exact
+weights (:func:`weights_identity` of the snapshot's manifest, which the engine
+verified bucket by bucket before committing). Both are read under the lease that
+makes commits atomic for generations, so a stamp never describes weights other
+than those the answer ran on. An engine whose ``apply`` failed partway holds a
+mix of two versions: it stamps ``Stamp(None, None, intact=False)`` and reports
+``intact=False`` until a full session repairs it.
+
 This module imports :mod:`asyncsync.buckets` only.
 """
 
@@ -27,9 +36,43 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import xxhash
+
 from .buckets import BucketManifest
 
-__all__ = ["EngineInfo", "Receiver", "ReceiverStats"]
+__all__ = ["EngineInfo", "Receiver", "ReceiverStats", "Stamp", "weights_identity"]
+
+
+def weights_identity(manifest: Sequence[BucketManifest]) -> str:
+    """The identity of a snapshot's exact weights: a digest of its manifest.
+
+    The manifest holds every tensor's name, dtype, shape and place, and each
+    bucket's checksum of its bytes; an engine verifies every bucket against it
+    before it commits, so the weights it then serves have this identity by
+    construction. The trainer computes the same from its snapshot
+    (``WeightSyncActor.snapshot_identity``). 16 hex digits.
+    """
+    digest = xxhash.xxh3_64()
+    for bucket in manifest:
+        digest.update(bucket.to_json().encode())
+        digest.update(b"\n")
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Stamp:
+    """The weights one answer of an engine was served with.
+
+    ``version``: the step (``None``: the engine's initial weights, or none at all
+    when not ``intact``); ``weights``: :func:`weights_identity` of that step's
+    snapshot (``None`` for initial weights); ``intact``: ``False`` while the
+    engine holds a mix of two versions (an ``apply`` failed partway): such an
+    answer ran on no version at all.
+    """
+
+    version: int | None
+    weights: str | None
+    intact: bool = True
 
 
 @dataclass(frozen=True)
@@ -49,6 +92,10 @@ class EngineInfo:
     version: int | None
     open_sessions: int
     staged_bytes: int
+    weights: str | None = None
+    """:func:`weights_identity` of the served version (``None``: initial weights)."""
+    intact: bool = True
+    """``False`` after an ``apply`` failed partway: the engine serves no whole version."""
 
 
 @dataclass(frozen=True)

@@ -35,11 +35,12 @@ import os
 import time
 import uuid
 from collections import Counter, OrderedDict
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from ._primitives import uninterrupted
+from ._primitives import ReadWriteLock, uninterrupted
 from .buckets import Bucket, BucketManifest, check_manifests
 from .errors import (
     ConfigError,
@@ -47,7 +48,7 @@ from .errors import (
     ProtocolError,
     StaleStepError,
 )
-from .protocol import EngineInfo, ReceiverStats
+from .protocol import EngineInfo, ReceiverStats, Stamp, weights_identity
 from .transport import KeptState, backend, load_payload
 
 __all__ = [
@@ -88,6 +89,18 @@ class StagingReceiver:
     :class:`ProtocolError`, so an engine never commits a version it got no
     weights for. An engine that does want such versions (say, one that holds no
     weights of its own and only tracks versions) sets :attr:`accepts_empty_updates`.
+
+    **Serving and stamps.** An engine answers from its weights inside
+    ``async with self.serving() as stamp:`` and returns ``stamp`` with the answer.
+    ``serving`` holds a shared lease on the weights; ``commit`` takes it
+    exclusively (it waits for the answers in flight and holds new ones back) for
+    ``apply``, :meth:`on_commit` and the switch of the served version, so no answer
+    ever runs on a mix of two versions, and its stamp (the version and
+    :func:`~asyncsync.protocol.weights_identity` of those weights) is read under
+    the same lease. An ``apply`` or ``on_commit`` that raises may have written part
+    of the new weights: the engine then serves no version (``version`` ``None``,
+    ``intact`` false, stamps ``Stamp(None, None, intact=False)``) until a full
+    session commits; the fleet keeps it out of routing meanwhile.
     """
 
     accepts_empty_updates: ClassVar[bool] = False
@@ -95,7 +108,14 @@ class StagingReceiver:
 
     def __init__(self) -> None:
         self.version: int | None = None
+        """The version served (``None``: the initial weights, or none when not intact)."""
+        self.identity: str | None = None
+        """:func:`~asyncsync.protocol.weights_identity` of the served version."""
+        self.intact = True
+        """``False`` after an ``apply`` or ``on_commit`` raised: a mix of two versions."""
         self.incarnation = uuid.uuid4().hex
+        # Shared by answers (serving), exclusive for a commit's apply and switch.
+        self._lease = ReadWriteLock()
         # Per-transport state (e.g. a process group kept between sessions).
         self.transport_state: dict[str, Any] = {}
         self._sessions: dict[str, _Staging] = {}
@@ -131,9 +151,34 @@ class StagingReceiver:
 
         Called by ``commit`` once every bucket was received and validated. The
         buckets may map the train actor's shared memory: read them here, do not
-        keep references to them after returning.
+        keep references to them after returning. It runs under the exclusive lease
+        (no answer is being served); do not take :meth:`serving` inside it.
         """
         raise NotImplementedError
+
+    async def on_commit(self, version: int) -> None:
+        """Called at every commit, after :meth:`apply` and before ``version`` serves.
+
+        Under the exclusive lease: no answer runs until it returns. Drop whatever
+        was derived from the old weights here (a prefix or KV cache, compiled
+        graphs holding old values). The default does nothing. Raising leaves the
+        engine serving no version, like a failed :meth:`apply`.
+        """
+
+    @asynccontextmanager
+    async def serving(self) -> AsyncIterator[Stamp]:
+        """Hold the served weights for one answer; yields the answer's :class:`Stamp`.
+
+        Commits wait for every answer in flight and hold new ones back while they
+        apply, so the weights stay exactly those the stamp names until the block
+        ends.
+        """
+        async with self._lease.read():
+            yield self.stamp()
+
+    def stamp(self) -> Stamp:
+        """The stamp of the weights served now (take it inside :meth:`serving`)."""
+        return Stamp(self.version, self.identity, self.intact)
 
     # ----------------------------------------------------------------- protocol
 
@@ -146,6 +191,8 @@ class StagingReceiver:
             version=self.version,
             open_sessions=len(self._sessions),
             staged_bytes=sum(s.nbytes for s in self._sessions.values()),
+            weights=self.identity,
+            intact=self.intact,
         )
 
     async def begin(
@@ -286,9 +333,21 @@ class StagingReceiver:
             ordered = [staging.buckets[i] for i in range(len(staging.manifest))]
             staging.applying = True
             applied = staging.nbytes
+            # Verified bucket by bucket against this manifest: the identity of the
+            # weights about to serve, by construction.
+            identity = weights_identity(staging.manifest)
             start = time.perf_counter()
             try:
-                await self.apply(ordered, staging.step)
+                async with self._lease.write():
+                    try:
+                        await self.apply(ordered, staging.step)
+                        await self.on_commit(staging.step)
+                    except BaseException:
+                        # Part of the new weights may be in: serve no version, stamp
+                        # none, until a full session commits.
+                        self.version, self.identity, self.intact = None, None, False
+                        raise
+                    self.version, self.identity, self.intact = staging.step, identity, True
             finally:
                 staging.applying = False
                 # Let go of the buckets now, not when a garbage collection finds the
@@ -297,7 +356,6 @@ class StagingReceiver:
             self._timing.apply_s += time.perf_counter() - start
             self._timing.applied_bytes += applied
             self._sessions.pop(session_id, None)
-            self.version = staging.step
             self._commits += 1
             for other, held in list(self._sessions.items()):
                 if held.step < staging.step:

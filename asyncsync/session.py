@@ -70,6 +70,7 @@ from .errors import (
 )
 from .fleet import EngineFleet, Health
 from .plan import ALL_OR_NOTHING, PER_ENGINE, EngineReport, Outcome, SyncPlan, SyncReport
+from .protocol import weights_identity
 from .spans import SpanLog
 from .transport import AUTO, SessionContext, Transport, backend
 from .transport.fanout import BucketFanOut
@@ -165,6 +166,7 @@ class _Session:
         self.background = background if background is not None else set()
         self.spans = spans
         self.step = -1
+        self.identity: str | None = None
         self.tag = SessionTag(self.id)
         self.runs: dict[str, _Run] = {}
         self.puts: dict[str, BucketFanOut] = {}
@@ -206,7 +208,7 @@ class _Session:
         if outcome in (Outcome.COMMITTED, Outcome.CURRENT):
             assert version is not None
             run.version = version
-            self.fleet.committed(name, version)
+            self.fleet.committed(name, version, self.identity)
         elif outcome is Outcome.QUARANTINED:
             assert error is not None
             run.error = last_line(error)
@@ -245,6 +247,7 @@ class _Session:
                 ) from None
             self.snap = snap
             self.step = snap.step
+            self.identity = weights_identity(snap.manifest)
             self.tag = SessionTag(self.id, snap.step)
             pinned = time.time()
             self.pinned_at = time.monotonic()
@@ -370,8 +373,9 @@ class _Session:
         info = await self.client.begin(name, self.tag, self.snap.manifest, ttl)
         run.begin_s = time.monotonic() - start
         self.fleet.observe(name, info)
-        if info.version == self.step:
-            # The engine itself says it serves this step already: send nothing.
+        if info.version == self.step and info.weights == self.identity:
+            # The engine itself says it serves this very snapshot already (its step
+            # and the identity of its weights): send nothing.
             self._settle(name, Outcome.CURRENT, version=self.step)
             await self._abort([name])
             await self._leave(name)
@@ -669,6 +673,7 @@ class _Session:
             engines=engines,
             view=view,
             busy=self.busy,
+            weights=self.identity,
         )
 
     # ----------------------------------------------------------------- endings

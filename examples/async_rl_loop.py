@@ -1,15 +1,16 @@
-"""An asyncio RL loop: rollouts on two engines, training, and weight sync with a staleness bound.
+"""An asyncio RL loop: rollouts routed by version, training, and weight sync with a staleness bound.
 
-Each iteration generates rollouts on the engines, trains one step on them, builds
-the step's snapshot, and hands it to a :class:`~asyncsync.SyncCoordinator`. The
-coordinator syncs in the background (one session at a time, always the newest
-built step), so the next rollouts and training step overlap the transfer. The
-loop waits only when the engines would fall more than ``--staleness`` steps
-behind the trainer.
-
-Every rollout carries the version of the weights it was generated with; the loop
-checks the bound on each of them. At the end the engines must hold bit for bit
-the trainer's last step.
+Rollouts run in a task alongside training: a :class:`~asyncsync.FleetRouter` sends
+each ``generate`` to a serving engine at most ``--staleness`` steps behind the
+trainer (balanced by load, retried elsewhere if an engine dies), and every
+rollout comes back stamped with the version and identity of the weights it ran
+on. The training loop takes rollouts from a queue, refuses (and counts) those
+beyond the bound with a :class:`~asyncsync.StalenessFilter`, trains one step,
+builds the step's snapshot and hands it to a :class:`~asyncsync.SyncCoordinator`,
+which syncs in the background (one session at a time, always the newest built
+step). The loop waits only when the engines would fall more than ``--staleness``
+steps behind the trainer. At the end the engines must hold bit for bit the
+trainer's last step.
 
 The policy is a tiny Hugging Face Llama built from a config (nothing is
 downloaded), and the "policy update" is a cross-entropy step on the model's own
@@ -30,7 +31,14 @@ from typing import Any
 
 import torch
 
-from asyncsync import SyncCoordinator, WeightSyncActor, train_actor
+from asyncsync import (
+    FleetRouter,
+    Rule,
+    StalenessFilter,
+    SyncCoordinator,
+    WeightSyncActor,
+    train_actor,
+)
 from asyncsync.engines import engine_actor
 from asyncsync.testing import connect_or_start_ray
 
@@ -79,6 +87,16 @@ class PolicyTrainer(WeightSyncActor):
         return loss.item()
 
 
+async def rollouts(router: FleetRouter, queue: asyncio.Queue[Any]) -> None:
+    """Generate forever (until cancelled), each rollout routed by version and stamped."""
+    prompts = [[1, 2, 3, 4], [5, 6, 7, 8]]
+    while True:
+        routed = await router.call("generate", prompts, max_new_tokens=12)
+        generation = routed.value
+        for prompt, tokens in zip(prompts, generation.tokens, strict=True):
+            await queue.put((routed.stamp, routed.engine, prompt + tokens))
+
+
 async def rl_loop(steps: int, staleness: int) -> int:
     trainer: Any = train_actor(PolicyTrainer, num_cpus=0).remote()
     engines: dict[str, Any] = {
@@ -89,35 +107,48 @@ async def rl_loop(steps: int, staleness: int) -> int:
     # from a version of the trainer's policy.
     await trainer.build_cpu_bucket_cache.remote(-1)
     coordinator = SyncCoordinator(trainer, engines, staleness=staleness)
+    # Before training step s the newest built step is s - 1; the engines serve at
+    # most `staleness` steps older than that.
+    keep = StalenessFilter(max_steps=staleness + 1)
+    queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=8)
     try:
         await coordinator.sync()
-        prompts = [[1, 2, 3, 4], [5, 6, 7, 8]]
-        for step in range(steps):
-            generations = await asyncio.gather(
-                *[e.generate.remote(prompts, max_new_tokens=12) for e in engines.values()]
-            )
-            # The rollouts for this step may come from weights at most `staleness`
-            # steps older than the last step trained.
-            oldest = min(g.version for g in generations)
-            if oldest < step - 1 - staleness:
-                print(f"step {step}: rollouts from version {oldest} break the bound")
-                return 1
-            rollouts = [p + t for g in generations for p, t in zip(prompts, g.tokens, strict=True)]
-            loss = await trainer.train_step.remote(rollouts)
-            # The build copies the weights before the next step changes them.
-            await trainer.build_cpu_bucket_cache.remote(step)
-            waited = await coordinator.after_build(step)
-            print(
-                f"step {step}: loss {loss:.3f}, rollouts from version {oldest}, "
-                f"engines at {coordinator.engine_version}, "
-                f"waited {waited * 1e3:.0f} ms for the bound"
-            )
+        async with FleetRouter(trainer, rule=Rule.within(staleness)) as router:
+            producer = asyncio.create_task(rollouts(router, queue))
+            try:
+                for step in range(steps):
+                    batch: list[list[int]] = []
+                    while len(batch) < 4:
+                        stamp, engine, rollout = await queue.get()
+                        ok = keep.admit(stamp, step)
+                        print(
+                            f"  rollout from {engine} on version {stamp.version} "
+                            f"(weights {stamp.weights}): {'kept' if ok else 'refused: too old'}"
+                        )
+                        if ok:
+                            batch.append(rollout)
+                    loss = await trainer.train_step.remote(batch)
+                    # The build copies the weights before the next step changes them.
+                    await trainer.build_cpu_bucket_cache.remote(step)
+                    waited = await coordinator.after_build(step)
+                    print(
+                        f"step {step}: loss {loss:.3f}, engines at {coordinator.engine_version}, "
+                        f"waited {waited * 1e3:.0f} ms for the bound"
+                    )
+            finally:
+                producer.cancel()
+                await asyncio.gather(producer, return_exceptions=True)
+            stats = router.stats
         start = time.monotonic()
         await coordinator.drain()
         print(f"drained in {(time.monotonic() - start) * 1e3:.0f} ms")
     finally:
         await coordinator.close()
 
+    print(
+        f"requests per version: {dict(sorted(stats.by_version.items()))}; rollouts kept "
+        f"{keep.admitted}, refused by the bound {keep.refused}"
+    )
     step, digests = await trainer.ready_snapshot_digests.remote()
     served = await asyncio.gather(*[e.state_digests.remote() for e in engines.values()])
     same = all(version == step and d == digests for version, d in served)

@@ -30,6 +30,7 @@ import torch
 
 from asyncsync.actor import WeightSyncActor, train_actor
 from asyncsync.buckets import Bucket, tensor_digest
+from asyncsync.protocol import Stamp
 from asyncsync.receiver import StagingReceiver
 
 T = TypeVar("T")
@@ -82,12 +83,22 @@ class Faults:
     apply_delay_s: float = 0.0
     begin_delay_s: float = 0.0
     die_in_begin: bool = False
+    hang_answer: bool = False
     fail_on_bucket: int | None = None
     hang_on_bucket: int | None = None
     die_on_bucket: int | None = None
     fail_apply: bool = False
     hang_apply: bool = False
     die_apply: bool = False
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A rollout's stand-in: the stamp it was served with and the weights it read."""
+
+    stamp: Stamp
+    digests: dict[str, int]
+    engine: str
 
 
 @dataclass(frozen=True)
@@ -158,6 +169,14 @@ class LightEngine(StagingReceiver):
             lambda: {n: t.clone() for b in buckets for n, t in b.named_tensors()}
         )
         self.spans.append(ApplySpan(version, start, time.time()))
+
+    async def answer(self) -> Answer:
+        """Read the served weights under the serving lease, as a generation would."""
+        if self.faults.hang_answer:
+            await asyncio.Event().wait()
+        async with self.serving() as stamp:
+            digests = {n: tensor_digest(t) for n, t in self.weights.items()}
+        return Answer(stamp, digests, self.name)
 
     async def state_digests(self) -> tuple[int | None, dict[str, int]]:
         """The served version and the xxh3 digest of each weight tensor."""

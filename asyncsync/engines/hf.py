@@ -4,15 +4,17 @@ The model is built from a config (nothing is downloaded). ``generate`` runs
 concurrently with weight updates: generations hold a shared lease on the weights,
 a commit takes them exclusively (waiting for generations in flight, holding new
 ones back), copies the staged tensors in, and switches the served version in the
-same exclusive section. Every generation is stamped with the version it ran on,
-and none ever runs on a mix of two versions.
+same exclusive section (the lease is the receiver's: see
+:meth:`~asyncsync.StagingReceiver.serving`). Every generation carries the
+:class:`~asyncsync.protocol.Stamp` of the weights it ran on (version and identity),
+and none ever runs on a mix of two versions. The model keeps no cache between
+generations (``use_cache=False`` per call), so its ``on_commit`` has nothing to drop.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +23,7 @@ import torch
 from .._checks import check_int, check_str
 from ..buckets import Bucket, BucketManifest, tensor_digest
 from ..errors import ConfigError
+from ..protocol import Stamp
 from ..receiver import StagingReceiver
 from .tensors import check_fits, check_update, copy_into, remote_options
 
@@ -29,48 +32,15 @@ __all__ = ["Generation", "HFEngine", "engine_actor"]
 
 @dataclass(frozen=True)
 class Generation:
-    """Greedy continuations of the prompts, and the weight version they ran on."""
+    """Greedy continuations of the prompts, and the weights they ran on (:class:`Stamp`)."""
 
-    version: int | None
+    stamp: Stamp
     tokens: list[list[int]]
 
-
-class _ReadWriteLock:
-    """Many readers or one writer; a waiting writer holds back new readers."""
-
-    def __init__(self) -> None:
-        self._cond = asyncio.Condition()
-        self._readers = 0
-        self._writer = False
-        self._writers_waiting = 0
-
-    @asynccontextmanager
-    async def read(self) -> AsyncIterator[None]:
-        async with self._cond:
-            await self._cond.wait_for(lambda: not self._writer and self._writers_waiting == 0)
-            self._readers += 1
-        try:
-            yield
-        finally:
-            async with self._cond:
-                self._readers -= 1
-                self._cond.notify_all()
-
-    @asynccontextmanager
-    async def write(self) -> AsyncIterator[None]:
-        async with self._cond:
-            self._writers_waiting += 1
-            try:
-                await self._cond.wait_for(lambda: not self._writer and self._readers == 0)
-            finally:
-                self._writers_waiting -= 1
-            self._writer = True
-        try:
-            yield
-        finally:
-            async with self._cond:
-                self._writer = False
-                self._cond.notify_all()
+    @property
+    def version(self) -> int | None:
+        """The version the generation ran on (``None``: initial weights, or none)."""
+        return self.stamp.version
 
 
 class HFEngine(StagingReceiver):
@@ -141,8 +111,6 @@ class HFEngine(StagingReceiver):
             where = (t.untyped_storage().data_ptr(), int(t.storage_offset()))
             groups.setdefault(where, []).append(name)
         self._param_groups = list(groups.values())
-        self._weights = _ReadWriteLock()
-        self._served_version: int | None = None
         self._generations = 0
 
     def check_manifest(self, manifest: Sequence[BucketManifest]) -> None:
@@ -160,9 +128,8 @@ class HFEngine(StagingReceiver):
 
     async def apply(self, buckets: Sequence[Bucket], version: int) -> None:
         check_update(buckets, version, "HFEngine.apply")
-        async with self._weights.write():
-            await asyncio.to_thread(self._copy_in, buckets)
-            self._served_version = version
+        # The receiver holds the exclusive lease: no generation runs meanwhile.
+        await asyncio.to_thread(self._copy_in, buckets)
 
     def _copy_in(self, buckets: Sequence[Bucket]) -> None:
         copy_into(self._params, buckets)
@@ -178,11 +145,10 @@ class HFEngine(StagingReceiver):
         self._check_tokens(prompts, "generate: prompts")
         limit = self._max_positions - len(prompts[0]) if self._max_positions else None
         check_int(max_new_tokens, "generate: max_new_tokens", ConfigError, low=0, high=limit)
-        async with self._weights.read():
-            version = self._served_version
+        async with self.serving() as stamp:
             tokens = await asyncio.to_thread(self._greedy, prompts, max_new_tokens)
         self._generations += 1
-        return Generation(version, tokens)
+        return Generation(stamp, tokens)
 
     def _greedy(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
         ids = torch.tensor(prompts, dtype=torch.long)
@@ -198,7 +164,7 @@ class HFEngine(StagingReceiver):
         ``tokens`` as :meth:`generate`'s ``prompts`` (else :class:`~asyncsync.ConfigError`).
         """
         self._check_tokens(tokens, "logits: tokens")
-        async with self._weights.read():
+        async with self.serving():
             return await asyncio.to_thread(self._logits, tokens)
 
     def _check_tokens(self, rows: object, what: str) -> None:
@@ -231,14 +197,22 @@ class HFEngine(StagingReceiver):
 
     async def state_digests(self) -> tuple[int | None, dict[str, int]]:
         """``(served version, {name: xxh3 of the parameter's bytes})``."""
-        async with self._weights.read():
+        async with self.serving() as stamp:
             digests = await asyncio.to_thread(
                 lambda: {name: tensor_digest(t) for name, t in self._params.items()}
             )
-            return self._served_version, digests
+            return stamp.version, digests
+
+    async def served_digests(self) -> tuple[Stamp, dict[str, int]]:
+        """The stamp of the served weights and the xxh3 digest of each, read under one lease."""
+        async with self.serving() as stamp:
+            digests = await asyncio.to_thread(
+                lambda: {name: tensor_digest(t) for name, t in self._params.items()}
+            )
+        return stamp, digests
 
     async def served_version(self) -> int | None:
-        return self._served_version
+        return self.version
 
     async def ping(self) -> None:
         return None

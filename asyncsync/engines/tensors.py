@@ -20,8 +20,9 @@ from typing import Any
 import torch
 
 from .._checks import check_int, check_iterable, check_str, check_type
-from ..buckets import Bucket, BucketManifest, dtype_name
+from ..buckets import Bucket, BucketManifest, dtype_name, tensor_digest
 from ..errors import ConfigError, InvalidStepError, ProtocolError
+from ..protocol import Stamp
 from ..receiver import StagingReceiver
 
 __all__ = [
@@ -269,9 +270,9 @@ class TensorEngine(StagingReceiver):
             would serve a mix of two versions). Anything else raises
             :class:`~asyncsync.ConfigError`.
 
-    Readers of :attr:`params` see a commit's copy in progress; an engine that
-    serves requests while it updates guards them as :class:`~asyncsync.engines.HFEngine`
-    does.
+    Read :attr:`params` inside ``async with self.serving() as stamp:`` (see
+    :class:`~asyncsync.StagingReceiver`): a commit's copy never runs meanwhile,
+    and ``stamp`` names the weights read. :meth:`served_digests` does so.
     """
 
     def __init__(self, params: Mapping[str, torch.Tensor]) -> None:
@@ -293,6 +294,14 @@ class TensorEngine(StagingReceiver):
     async def apply(self, buckets: Sequence[Bucket], version: int) -> None:
         check_update(buckets, version, "TensorEngine.apply")
         await asyncio.to_thread(copy_into, self.params, buckets)
+
+    async def served_digests(self) -> tuple[Stamp, dict[str, int]]:
+        """The stamp of the served weights and the xxh3 digest of each, read under one lease."""
+        async with self.serving() as stamp:
+            digests = await asyncio.to_thread(
+                lambda: {name: tensor_digest(t) for name, t in self.params.items()}
+            )
+        return stamp, digests
 
 
 def tensor_engine_actor(cls: type[TensorEngine] = TensorEngine, **ray_options: Any) -> Any:
