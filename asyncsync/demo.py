@@ -2,7 +2,9 @@
 
 One train actor (a Llama-style transformers model trained with AdamW to memorise
 a fixed token sequence) and two engine actors (the same architecture, different
-initial weights) that serve greedy generations the whole time. The engines first
+initial weights) that serve greedy generations the whole time, each routed by a
+:class:`~asyncsync.FleetRouter` to an engine at most `staleness` steps behind the
+trainer and stamped with the version it ran on. The engines first
 receive the trainer's initial weights (version -1, the base weights). Then, for
 each step, the driver trains, builds the step's snapshot, and hands it to a
 `SyncCoordinator`, which streams it to both engines in the background while the
@@ -36,6 +38,7 @@ from .buckets import Bucket
 from .coordinator import SyncCoordinator
 from .engines import HFEngine
 from .plan import SyncPlan
+from .router import FleetRouter, Rule, StalenessFilter
 from .spans import Lane, Span, SpanLog, write_chrome_trace
 
 __all__ = [
@@ -170,6 +173,8 @@ class DemoResult:
     generation_spans: dict[str, list[Span]]
     served: dict[str, int | None]
     origin: float
+    requests_by_version: dict[int | None, int] = field(default_factory=dict)
+    rollouts_refused: int = 0
     failures: list[str] = field(default_factory=list)
 
     @property
@@ -214,12 +219,21 @@ def _start(span: Span) -> float:
 
 
 async def _generate_forever(
-    engine: Any, prompt: list[int], spans: list[Span], stop: asyncio.Event
+    router: FleetRouter,
+    prompt: list[int],
+    spans: dict[str, list[Span]],
+    step: list[int],
+    keep: StalenessFilter,
+    stop: asyncio.Event,
 ) -> None:
+    """Rollouts routed by version until ``stop``; each is checked against the bound
+    for the step being trained (``step[0]``) and recorded on its engine's lane."""
     while not stop.is_set():
         start = time.time()
-        gen = await engine.generate.remote([prompt], max_new_tokens=GENERATION_TOKENS)
-        spans.append(Span("generate", gen.version, start, time.time()))
+        routed = await router.call("generate", [prompt], max_new_tokens=GENERATION_TOKENS)
+        stamp = routed.value.stamp
+        keep.admit(stamp, step[0])
+        spans[routed.engine].append(Span("generate", stamp.version, start, time.time()))
 
 
 async def run_demo(
@@ -293,9 +307,15 @@ async def _train_and_sync(
 
     stop = asyncio.Event()
     gen_spans: dict[str, list[Span]] = {name: [] for name in engines}
+    # Rollouts at most `staleness` steps behind the trainer, as the coordinator keeps
+    # the engines; before training step s the newest built step is s - 1.
+    router = FleetRouter(trainer, rule=Rule.within(staleness))
+    await router.__aenter__()
+    keep = StalenessFilter(max_steps=staleness + 1)
+    training = [0]
     load = [
-        asyncio.create_task(_generate_forever(e, prompt, gen_spans[name], stop))
-        for name, e in engines.items()
+        asyncio.create_task(_generate_forever(router, prompt, gen_spans, training, keep, stop))
+        for _ in engines
     ]
     losses: list[float] = []
     stalls: list[Span] = []
@@ -310,6 +330,7 @@ async def _train_and_sync(
         with Progress(*columns, console=console) as progress:
             task = progress.add_task("train", total=steps, status="")
             for step in range(steps):
+                training[0] = step
                 losses.append(await trainer.train_step.remote(step))
                 start = time.time()
                 await trainer.build_cpu_bucket_cache.remote(step)
@@ -336,6 +357,7 @@ async def _train_and_sync(
     finally:
         stop.set()
         await asyncio.gather(*load, return_exceptions=True)
+        await router.__aexit__(None, None, None)
         await coordinator.close()
 
     commits = await asyncio.gather(*(e.commit_spans.remote() for e in engines.values()))
@@ -352,6 +374,8 @@ async def _train_and_sync(
         generation_spans=gen_spans,
         served=served,
         origin=origin,
+        requests_by_version=dict(sorted(router.stats.by_version.items())),
+        rollouts_refused=keep.refused,
     )
     await _check(result, trainer, engines, steps - 1)
     return result
@@ -444,6 +468,11 @@ def print_report(result: DemoResult, console: Any) -> None:
             f"(one snapshot to all {engines} engines at once)",
         )
     table.add_row("overlap (recorded spans)", overlap_summary(result))
+    table.add_row(
+        "rollouts (routed by version)",
+        f"requests per version {result.requests_by_version}; refused by the staleness "
+        f"bound: {result.rollouts_refused}",
+    )
     for name, versions in result.generations.items():
         distinct = sorted({v for v in versions if v is not None})
         table.add_row(
