@@ -507,6 +507,8 @@ NOT_CASED = {
     "engines.copy_threads": "no arguments",
     "engines.HFEngine.state_digests": "no arguments",
     "engines.HFEngine.served_version": "no arguments",
+    "engines.HFEngine.served_digests": "no arguments",
+    "engines.TensorEngine.served_digests": "no arguments",
     "engines.HFEngine.ping": "no arguments",
     # Made by the library and handed out; callers never construct them.
     "sharedmem.SharedBuffer": "made by SharedBuffer.allocate",
