@@ -121,6 +121,7 @@ class LightEngine(StagingReceiver):
         self.spans: list[ApplySpan] = []
         self.applies_started: list[int] = []
         self.receives_running = 0
+        self.most_receives = 0  # the most receive calls ever running at once
 
     async def set_faults(self, **faults: Any) -> None:
         """Replace every fault (none given: a healthy engine again)."""
@@ -139,6 +140,7 @@ class LightEngine(StagingReceiver):
     async def receive(self, session_id: str, index: int, payload: Any) -> int:
         faults = self.faults
         self.receives_running += 1
+        self.most_receives = max(self.most_receives, self.receives_running)
         try:
             if faults.receive_delay_s:
                 await asyncio.sleep(faults.receive_delay_s)
@@ -191,6 +193,11 @@ class LightEngine(StagingReceiver):
 
     async def running_receives(self) -> int:
         return self.receives_running
+
+    async def take_most_receives(self) -> int:
+        """The most receives that ran at once since the last call (then reset)."""
+        most, self.most_receives = self.most_receives, 0
+        return most
 
     async def pid(self) -> int:
         return os.getpid()
