@@ -327,6 +327,14 @@ class EngineFleet:
         else:
             self.mark(name, Health.SERVING, f"committed step {version}")
 
+    def version_unknown(self, name: str) -> None:
+        """Engine ``name``'s commit failed: its apply may have written part of the new
+        weights, so the fleet knows no version for it until it reports one again."""
+        member = self._members.get(name)
+        if member is not None and member.info is not None:
+            member.info = dataclasses.replace(member.info, version=None, weights=None)
+            self._changed()
+
     def mark(self, name: str, health: Health, reason: str | None = None) -> None:
         """Set an engine's health (sessions do: committed -> serving, failed -> quarantined)."""
         member = self._members.get(name)

@@ -10,9 +10,11 @@ routing (killed, quarantined, removed) or a version that commits reaches the
 router within one round trip of the fleet knowing it; no call polls the view.
 
 A call that fails because its engine did not answer (died, restarting, hung past
-``timeout_s``) is retried on another eligible engine, at most ``attempts`` times
-in all; an answer stamped below the rule (an engine that lost its weights since
-the router last heard) is retried the same way. When no engine is eligible the
+``timeout_s``) is retried on another eligible engine, at most ``attempts`` engines
+in all (never the same one twice); an answer stamped below the rule (an engine
+that lost its weights since the router last heard) is retried the same way. Such
+an engine is skipped by later calls too, until the fleet's view shows it changed
+(restarted, caught up, a new version) or :data:`SUSPECT_S` passed. When no engine is eligible the
 call waits up to ``wait_s`` for the fleet to change, then raises
 :class:`~asyncsync.RoutingError`. An error the engine itself raised is the
 answer: it is raised to the caller, never retried.
@@ -44,10 +46,13 @@ from ray.exceptions import GetTimeoutError, RayActorError
 from . import aio
 from ._checks import check_int, check_number
 from .errors import ConfigError, RoutingError
-from .fleet import FleetView, Health
+from .fleet import EngineState, FleetView, Health
 from .protocol import Stamp
 
 __all__ = ["FleetRouter", "Routed", "RouterStats", "Rule", "StalenessFilter", "staleness"]
+
+SUSPECT_S = 30.0
+"""How long an engine that did not answer is skipped if the view shows no change of it."""
 
 
 @dataclass(frozen=True)
@@ -172,9 +177,10 @@ class FleetRouter:
         self._handles: dict[str, Any] = {}
         self._outstanding: dict[str, int] = {}
         self._turn = 0
-        # Engines whose call got no answer, and the epoch then: skipped until the
-        # fleet moves past that epoch (it will have probed them by then).
-        self._suspect: dict[str, int] = {}
+        # Engines whose call got no answer: their state in the view then, and when.
+        # Skipped until the view shows them changed (restarted, caught up, a new
+        # version) or SUSPECT_S passed.
+        self._suspect: dict[str, tuple[EngineState | None, float]] = {}
         self._changed = anyio.Event()
         self._watch_error: BaseException | None = None
         self._group: anyio.abc.TaskGroup | None = None
@@ -227,7 +233,12 @@ class FleetRouter:
         self.view = update.view
         self.ready_step = update.ready_step
         self._handles = dict(update.handles)
-        self._suspect = {n: e for n, e in self._suspect.items() if e >= update.epoch}
+        now = time.monotonic()
+        self._suspect = {
+            n: (state, at)
+            for n, (state, at) in self._suspect.items()
+            if update.view.engines.get(n) == state and now - at < SUSPECT_S
+        }
         self._wake()
 
     def _wake(self) -> None:
@@ -267,15 +278,17 @@ class FleetRouter:
         rule = rule or self.rule
         self.stats.calls += 1
         tried: list[str] = []
+        avoid: set[str] = set()  # engines this call already tried
         for attempt in range(1, self.attempts + 1):
-            name = await self._choose(rule, tried)
+            name = await self._choose(rule, tried, avoid)
             handle = self._handles[name]
             self._outstanding[name] = self._outstanding.get(name, 0) + 1
             try:
                 with anyio.fail_after(self.timeout_s):
                     value = await aio.get(getattr(handle, method).remote(*args, **kwargs))
             except (TimeoutError, RayActorError, GetTimeoutError) as exc:
-                self._suspect[name] = self.epoch
+                self._suspect_of(name)
+                avoid.add(name)
                 tried.append(f"{name} ({type(exc).__name__})")
                 self.stats.retries += 1
                 continue
@@ -286,7 +299,8 @@ class FleetRouter:
                 stamp.intact and rule.allows(stamp.version, rule.floor(self.view, self.ready_step))
             ):
                 # Its weights are not what the view said (it lost them since): elsewhere.
-                self._suspect[name] = self.epoch
+                self._suspect_of(name)
+                avoid.add(name)
                 tried.append(f"{name} (answered on {stamp.version})")
                 self.stats.retries += 1
                 continue
@@ -298,10 +312,13 @@ class FleetRouter:
             f"{method!r} under rule {rule}: {self.attempts} attempts, none answered: {tried}"
         )
 
-    async def _choose(self, rule: Rule, tried: list[str]) -> str:
+    def _suspect_of(self, name: str) -> None:
+        self._suspect[name] = (self.view.engines.get(name), time.monotonic())
+
+    async def _choose(self, rule: Rule, tried: list[str], avoid: set[str]) -> str:
         with anyio.move_on_after(self.wait_s):
             while True:
-                names = self.eligible(rule)
+                names = [n for n in self.eligible(rule) if n not in avoid]
                 if names:
                     # The least loaded; among equals, take turns.
                     least = self._outstanding.get(names[0], 0)

@@ -439,7 +439,13 @@ class _Session:
                 return
             start = time.monotonic()
             run.commit = detached(self.client.commit(name, self.tag))
-            version = await asyncio.shield(run.commit)
+            try:
+                version = await asyncio.shield(run.commit)
+            except SessionError:
+                # Its apply may have written part of the new weights: until it reports
+                # again, the fleet knows no version for it (never claims the old one).
+                self.fleet.version_unknown(name)
+                raise
         run.commit_s = time.monotonic() - start
         self._settle(name, Outcome.COMMITTED, version=int(version))
 
@@ -737,6 +743,7 @@ class _Session:
             reason = "commit outcome unknown (cancelled)"
             self._settle(run.name, Outcome.CATCHING_UP, reason=reason)
         else:
+            self.fleet.version_unknown(run.name)
             self._settle(run.name, Outcome.QUARANTINED, error=error)
 
     def _hand_off(self, pin: AsyncExitStack, claimed: list[str]) -> None:
