@@ -244,3 +244,28 @@ def test_a_user_suite_subclassing_the_kit(pytester: pytest.Pytester) -> None:
             "FAILED test_user_engine.py::TestBroken::test_staging_invisible - *",
         ]
     )
+
+
+class VersionsOnly(TensorEngine):
+    """Takes updates without any tensor (it documents so), and full ones as usual."""
+
+    accepts_empty_updates = True
+
+    def check_manifest(self, manifest: Any) -> None:
+        if any(b.index for b in manifest):
+            super().check_manifest(manifest)
+
+
+async def test_an_engine_that_opts_into_empty_updates() -> None:
+    def weights(step: int) -> dict[str, torch.Tensor]:
+        return weights_for(SPEC, step)
+
+    # Declared: the kit expects the empty update to commit and be reported.
+    kit = Kit(VersionsOnly(weights(-1)), weights, accepts_empty_updates=True)
+    await run_check("empty-refused", kit)
+    # Not declared: taking one breaks the promise.
+    with pytest.raises(PromiseBroken, match=r"^PROMISE empty-refused:.*\n  broken: begin\("):
+        await run_check("empty-refused", Kit(VersionsOnly(weights(-1)), weights))
+    # The pytest class reads the engine's own attribute.
+    assert EngineConformance().conformance_kit(VersionsOnly(weights(-1))).accepts_empty_updates
+    assert not EngineConformance().conformance_kit(tensor_engine()).accepts_empty_updates
