@@ -19,7 +19,8 @@ import ray
 import torch
 from _actors import TINY_LLAMA
 
-from asyncsync import Bucket
+from asyncsync import Bucket, Stamp
+from asyncsync.buckets import tensor_digest
 from asyncsync.engines import HFEngine, TensorEngine, check_fits, copy_into, copy_named
 from asyncsync.testing.conformance import (
     PROMISES,
@@ -152,11 +153,25 @@ class TakesPartialUpdates(TensorEngine):
         check_fits(self.params, manifest)
 
 
+class StampOutsideTheLease(TensorEngine):
+    """Broken: takes its answer's stamp before it holds the lease, so a commit can slip in
+    between the stamp and the weights the answer reads."""
+
+    async def served_digests(self) -> tuple[Stamp, dict[str, int]]:
+        stamp = self.stamp()
+        async with self.serving():
+            digests = await asyncio.to_thread(
+                lambda: {name: tensor_digest(t) for name, t in self.params.items()}
+            )
+        return stamp, digests
+
+
 BROKEN = [
     (AppliesAtReceive, "staging-invisible", "with buckets 0..0 of step 1 received"),
     (StampsBeforeApply, "commit-serves-update", "stamp as expected, 4 of 4 weights differ"),
     (KeepsStampAfterFailure, "failed-apply-not-intact", "an answer is stamped Stamp(version=0,"),
     (TakesPartialUpdates, "partial-refused", "begin('conformance-partial-"),
+    (StampOutsideTheLease, "commit-atomic", "while step 1 committed over 0: answers are stamped"),
 ]
 
 
