@@ -132,7 +132,8 @@ PROMISES: dict[str, Promise] = {
         ),
         Promise(
             "unknown-session",
-            "receive and commit of an unknown session id raise ProtocolError; abort ignores it",
+            "receive and commit of a session that is not open (never begun, or already "
+            "committed) raise ProtocolError; abort ignores it",
             _STEPS,
         ),
         Promise(
@@ -601,6 +602,14 @@ async def _unknown(kit: Kit) -> None:
     except Exception as exc:
         promise("unknown-session", False, f"abort of an unknown id raised {exc!r:.200}")
     await kit.expect(old.served, "after calls naming an unknown session", "unknown-session")
+    new = kit.update(await kit.next_step())
+    done = kit.sid("done")
+    await kit.call("begin", done, new.step, new.manifest, LONG_TTL_S)
+    await kit.send(new, done)
+    await kit.call("commit", done)
+    await kit.refused("unknown-session", ProtocolError, "receive", done, 0, new.buckets[0])
+    await kit.refused("unknown-session", ProtocolError, "commit", done)
+    await kit.expect(new.served, "after calls naming a committed session", "unknown-session")
 
 
 @_check("session-id-once")
