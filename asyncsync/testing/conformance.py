@@ -415,10 +415,13 @@ class Kit:
         match = [w for w in wants if _matches(w, got)]
         if not match:
             promise(promise_id, False, f"{where}: {_describe(got, wants)}")
-        await self.expect_report(match[0].stamp, where)
+        await self.expect_report(match[0].stamp, where, clean=promise_id)
         return match[0]
 
-    async def expect_report(self, stamp: Stamp, where: str, *, clean: bool = True) -> None:
+    async def expect_report(self, stamp: Stamp, where: str, *, clean: str | None) -> None:
+        """``engine_info()`` reports ``stamp``'s version, weights and intact flag, and,
+        unless ``clean`` is ``None``, no open session or staged byte (a leftover is
+        reported as a break of the promise ``clean`` names)."""
         info = await self.info()
         reported = Stamp(info.version, info.weights, info.intact)
         promise(
@@ -426,9 +429,9 @@ class Kit:
             reported == stamp,
             f"{where}: engine_info() reports {reported}, its answers are stamped {stamp}",
         )
-        if clean:
+        if clean is not None:
             promise(
-                "report-matches-serving",
+                clean,
                 info.open_sessions == 0 and info.staged_bytes == 0,
                 f"{where}: engine_info() reports {info.open_sessions} open sessions and "
                 f"{info.staged_bytes} staged bytes, expected none",
@@ -440,8 +443,13 @@ class Kit:
         errors: type[BaseException] | tuple[type[BaseException], ...],
         method: str,
         *args: Any,
+        what: str = "",
     ) -> BaseException:
-        """``engine.method(*args)`` must raise one of ``errors``; return what it raised."""
+        """``engine.method(*args)`` must raise one of ``errors``; return what it raised.
+
+        ``what`` describes the call in the message (e.g. which bad manifest it sent).
+        """
+        call = f"{what + ': ' if what else ''}{method}{_args(args)}"
         try:
             result = await self.call(method, *args)
         except errors as exc:
@@ -450,15 +458,10 @@ class Kit:
             promise(
                 promise_id,
                 False,
-                f"{method}{_args(args)} raised {type(exc).__name__}: {_first(exc)}, "
-                f"expected {_names(errors)}",
+                f"{call} raised {type(exc).__name__}: {_first(exc)}, expected {_names(errors)}",
             )
             raise  # unreachable: promise() raised
-        promise(
-            promise_id,
-            False,
-            f"{method}{_args(args)} returned {result!r:.80}, expected {_names(errors)}",
-        )
+        promise(promise_id, False, f"{call} returned {result!r:.80}, expected {_names(errors)}")
         raise AssertionError("unreachable")
 
 
@@ -522,7 +525,7 @@ def _check(promise_id: str) -> Callable[[Check], Check]:
 async def _report(kit: Kit) -> None:
     served = await kit.served()
     # Whatever it serves now (its initial weights on a fresh engine), the report agrees.
-    await kit.expect_report(served.stamp, "before any session of the kit")
+    await kit.expect_report(served.stamp, "before any session of the kit", clean=None)
     await kit.baseline()
 
 
@@ -698,6 +701,7 @@ async def _manifest(kit: Kit) -> None:
             step,
             kit.update(step, weights).manifest,
             60.0,
+            what=f"a manifest with {what}",
         )
         info = await kit.info()
         promise(
@@ -927,7 +931,7 @@ async def _failed_apply(kit: Kit) -> None:
         got.stamp == broken,
         f"after apply failed partway an answer is stamped {got.stamp}, expected {broken}",
     )
-    await kit.expect_report(broken, "after apply failed partway", clean=False)
+    await kit.expect_report(broken, "after apply failed partway", clean=None)
     repair = kit.update(await kit.next_step())
     await kit.session(repair, "repair")
     await kit.expect(repair.served, "after a full session repaired the failed apply")
