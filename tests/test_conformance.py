@@ -101,8 +101,8 @@ class TestTensorEngineActor(EngineConformance):
     def weight_spec(self) -> Any:
         return SPEC
 
-    def inject_apply_failure(self, kit: Kit) -> bool:
-        ray.get(kit.engine.fail_next_apply.remote())
+    async def inject_apply_failure(self, kit: Kit) -> bool:
+        await kit.call("fail_next_apply")
         return True
 
 
@@ -285,3 +285,12 @@ async def test_an_engine_that_opts_into_empty_updates() -> None:
     # The pytest class reads the engine's own attribute.
     assert EngineConformance().conformance_kit(VersionsOnly(weights(-1))).accepts_empty_updates
     assert not EngineConformance().conformance_kit(tensor_engine()).accepts_empty_updates
+
+
+async def test_a_broken_actor_fails_naming_the_promise(actor_factory: Any) -> None:
+    """Through Ray: the engine's refusals arrive as RayTaskErrors, its answers by value."""
+    broken = ray.remote(AppliesAtReceive).options(num_cpus=0, max_concurrency=16)
+    kit = Kit(actor_factory(broken, weights_for(SPEC, -1)), lambda s: weights_for(SPEC, s))
+    await run_check("unknown-session", kit)  # it keeps the promises it does not break
+    with pytest.raises(PromiseBroken, match=r"^PROMISE staging-invisible: .*\n  broken: with"):
+        await run_check("staging-invisible", kit)

@@ -307,7 +307,7 @@ class Kit:
     engine: Any
     make_weights: Callable[[int], Mapping[str, torch.Tensor]]
     read_served: Callable[[Kit], Awaitable[tuple[Stamp, Mapping[str, int]]]] | None = None
-    inject_apply_failure: Callable[[Kit], bool] | None = None
+    inject_apply_failure: Callable[[Kit], Awaitable[bool]] | None = None
     accepts_partial_updates: bool = False
     accepts_empty_updates: bool = False
     call_timeout_s: float = 60.0
@@ -906,7 +906,7 @@ async def _atomic(kit: Kit) -> None:
 async def _failed_apply(kit: Kit) -> None:
     await kit.baseline()
     inject = kit.inject_apply_failure or _inject_in_process
-    if not inject(kit):
+    if not await inject(kit):
         pytest.skip(
             "cannot make this engine's apply fail: give the kit an inject_apply_failure "
             "(EngineConformance.inject_apply_failure) that makes the next apply fail partway"
@@ -937,7 +937,7 @@ async def _failed_apply(kit: Kit) -> None:
     await kit.expect(repair.served, "after a full session repaired the failed apply")
 
 
-def _inject_in_process(kit: Kit) -> bool:
+async def _inject_in_process(kit: Kit) -> bool:
     """Make an in-process engine's next apply write its first bucket, then raise."""
     engine = kit.engine
     if _is_actor(engine) or not callable(getattr(engine, "apply", None)):
@@ -1084,13 +1084,13 @@ class EngineConformance:
         result: tuple[Stamp, Mapping[str, int]] = await kit.call("served_digests")
         return result
 
-    def inject_apply_failure(self, kit: Kit) -> bool:
+    async def inject_apply_failure(self, kit: Kit) -> bool:
         """Make the engine's next ``apply`` fail partway; ``False`` if it cannot.
 
         The default patches an in-process engine's ``apply`` to write the first
         bucket, then raise; an actor needs a method of its own for it.
         """
-        return _inject_in_process(kit)
+        return await _inject_in_process(kit)
 
     def conformance_kit(self, engine: Any) -> Kit:
         """The :class:`Kit` the tests run on ``engine``."""
