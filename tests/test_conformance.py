@@ -294,3 +294,19 @@ async def test_a_broken_actor_fails_naming_the_promise(actor_factory: Any) -> No
     await run_check("unknown-session", kit)  # it keeps the promises it does not break
     with pytest.raises(PromiseBroken, match=r"^PROMISE staging-invisible: .*\n  broken: with"):
         await run_check("staging-invisible", kit)
+
+
+async def test_tied_weights_are_sent_once() -> None:
+    """A model with tied embeddings: the spec names the shared tensor once, and the kit's
+    updates then read back as sent (a name per tie would overwrite the other)."""
+    tied = {**TINY_LLAMA, "tie_word_embeddings": True}
+    model = HFEngine("llama", tied, seed=0, num_threads=1).model.state_dict()
+    spec = spec_of(model)
+    assert "model.embed_tokens.weight" in spec and "lm_head.weight" not in spec
+    assert len(spec) == len(model) - 1
+
+    def weights(step: int) -> dict[str, torch.Tensor]:
+        return weights_for(spec, step)
+
+    for promise_id in ("commit-serves-update", "failed-apply-not-intact"):
+        await run_check(promise_id, Kit(HFEngine("llama", tied, seed=0, num_threads=1), weights))

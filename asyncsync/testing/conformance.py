@@ -68,6 +68,7 @@ __all__ = [
     "Promise",
     "PromiseBroken",
     "check_engine",
+    "promise",
     "run_check",
     "spec_of",
     "weights_for",
@@ -240,8 +241,27 @@ def promise(promise_id: str, kept: bool, detail: str) -> None:
 
 
 def spec_of(named: Mapping[str, torch.Tensor]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """The weight spec (``{name: (shape, dtype)}``) of a state dict."""
-    return {name: (tuple(t.shape), t.dtype) for name, t in named.items()}
+    """The weight spec (``{name: (shape, dtype)}``) of a state dict.
+
+    Tied weights (names that share one tensor, such as tied input and output
+    embeddings) keep their first name only: an update that wrote every name with
+    values of its own would leave the tensor holding the last, and the others
+    would read as not written. Engines take one name of each tied group.
+    """
+    spec: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+    seen: set[tuple[int, int, tuple[int, ...], tuple[int, ...]]] = set()
+    for name, t in named.items():
+        where = (
+            t.untyped_storage().data_ptr(),
+            int(t.storage_offset()),
+            tuple(t.shape),
+            t.stride(),
+        )
+        if t.numel() and where in seen:
+            continue
+        seen.add(where)
+        spec[name] = (tuple(t.shape), t.dtype)
+    return spec
 
 
 def weights_for(spec: WeightSpec, step: int) -> dict[str, torch.Tensor]:
