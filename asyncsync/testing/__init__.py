@@ -6,8 +6,9 @@ suite. :func:`local_ray` starts a private one-node Ray; :func:`connect_or_start_
 joins a cluster only when the user names one; :func:`local_cluster` runs a
 multi-node Ray on this machine (a :class:`LocalCluster`: placement by node,
 object-store bytes per node). :class:`LoopLagProbe` and :class:`LoopLagMixin`
-measure an actor's event loop from inside. Nothing in the library imports this
-package.
+measure an actor's event loop from inside. :mod:`asyncsync.testing.conformance`
+(imported on its own: it needs pytest) is the engine conformance kit. Nothing in
+the library imports this package.
 """
 
 from __future__ import annotations
