@@ -37,7 +37,7 @@ import asyncio
 import dataclasses
 import enum
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -178,6 +178,9 @@ class EngineFleet:
         # Set whenever an engine may need a catch-up (the keeper waits on it).
         self.wake = asyncio.Event()
         self.closed = False
+        self.on_change: Callable[[EngineState], None] | None = None
+        """Told each engine's state whenever a session, a probe or the keeper sets its
+        health (the train actor's metrics recorder); it must not raise or block."""
 
     def __repr__(self) -> str:
         return f"<EngineFleet {self.view()!r}>"
@@ -327,6 +330,8 @@ class EngineFleet:
             member.since = time.time()
         member.health = health
         member.reason = reason
+        if self.on_change is not None:
+            self.on_change(member.state())
 
     def claim(self, names: Iterable[str], owner: str, kind: str = "session") -> list[str]:
         """Claim the engines no other session drives; return those claimed (in order).
