@@ -8,7 +8,7 @@ owns it). It does two things:
 * unless the actor was made with ``metrics=False``, it records Ray metrics
   (``ray.util.metrics``), which Ray's metrics agent serves on each node's
   Prometheus endpoint (``ray_`` is prefixed to every name there; counters get
-  ``_total``). Serving them needs Ray's ``default`` extra (``asyncsync[metrics]``);
+  ``<name>_total``). Serving them needs Ray's ``default`` extra (``asyncsync[metrics]``);
   without it, recording costs the same and nothing is served.
 
 Where figures come from:
