@@ -176,9 +176,11 @@ class WeightSyncActor:
             )
         self.weight_cache = BucketCache(bucket_bytes, max_resident_bytes)
         self.sync_span_log = SpanLog()
+        if not isinstance(metrics, bool):
+            raise ConfigError(f"metrics must be True or False, got {metrics!r}"[:200])
         if not (is_number(metrics_interval_s) and metrics_interval_s > 0):
             raise ConfigError(f"metrics_interval_s must be positive, got {metrics_interval_s!r}")
-        self.metrics = MetricsRecorder(enabled=bool(metrics), interval_s=metrics_interval_s)
+        self.metrics = MetricsRecorder(enabled=metrics, interval_s=metrics_interval_s)
         self.deadlines = deadlines or Deadlines()
         self.fleet = EngineFleet(deadlines=self.deadlines)
         self.catch_up_plan = dataclasses.replace(catch_up_plan, policy=PER_ENGINE, min_engines=1)
@@ -274,7 +276,7 @@ class WeightSyncActor:
                 owner_node=current_node(),
                 background=self._background,
                 spans=self.sync_span_log,
-                metrics=self.metrics if names is None else None,
+                metrics=self.metrics,
             )
 
     async def cache_ready_step(self) -> int | None:

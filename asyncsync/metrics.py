@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -58,6 +59,8 @@ __all__ = [
     "PHASES",
     "SessionRecord",
 ]
+
+_log = logging.getLogger(__name__)
 
 PREFIX = "asyncsync_"
 LAG_TICK_S = 0.25
@@ -386,8 +389,12 @@ class MetricsRecorder:
                 next_gauges = loop.time() + self.interval_s
                 self._set("loop_lag_seconds", self._lag_max)
                 self._lag_max = 0.0
-                self._sample_cache()
-                await self._sample_engines()
+                try:
+                    self._sample_cache()
+                    await self._sample_engines()
+                except Exception:
+                    # Figures are never worth failing the actor for; say so and go on.
+                    _log.warning("asyncsync metrics: sampling failed", exc_info=True)
 
     def _sample_cache(self) -> None:
         if self._cache is None:

@@ -26,6 +26,7 @@ from _waits import eventually, within
 from asyncsync import ConfigError, Deadlines, EngineState, Health, SyncPlan
 from asyncsync.metrics import METRICS, PREFIX, MetricsRecorder, SessionRecord
 from asyncsync.plan import Outcome
+from asyncsync.protocol import ReceiverStats
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -79,11 +80,72 @@ def test_every_metric_is_documented_with_its_exported_name() -> None:
         assert f"`{exported}`" in text, f"{exported} is not in {OPERATING.name}"
 
 
-def test_metrics_interval_is_checked() -> None:
+def test_metrics_switch_and_interval_are_checked() -> None:
     from _fleet_actors import LightTrainer
 
     with pytest.raises(ConfigError, match="metrics_interval_s"):
         LightTrainer(metrics_interval_s=0)
+    with pytest.raises(ConfigError, match="metrics must be True or False"):
+        LightTrainer(metrics="off")
+
+
+class Sink:
+    """Stands in for one Ray metric: keeps what was recorded, by tags."""
+
+    def __init__(self) -> None:
+        self.values: dict[tuple[tuple[str, str], ...], float] = {}
+
+    def _key(self, tags: dict[str, str] | None) -> tuple[tuple[str, str], ...]:
+        return tuple(sorted((tags or {}).items()))
+
+    def inc(self, value: float, tags: dict[str, str] | None = None) -> None:
+        assert value > 0, "a counter only goes up"
+        key = self._key(tags)
+        self.values[key] = self.values.get(key, 0.0) + value
+
+    def set(self, value: float, tags: dict[str, str] | None = None) -> None:
+        self.values[self._key(tags)] = value
+
+
+def stats(incarnation: str, apply_s: float, aborted: int, staged: int) -> ReceiverStats:
+    return ReceiverStats(
+        version=1,
+        incarnation=incarnation,
+        open_sessions=(),
+        staged_bytes=staged,
+        commits=1,
+        aborts=aborted,
+        rejected_buckets=0,
+        dropped={"aborted": aborted},
+        apply_s=apply_s,
+    )
+
+
+def test_engine_totals_are_exported_as_increments_across_restarts() -> None:
+    recorder = MetricsRecorder()
+    recorder._ray = {n: Sink() for n in METRICS}
+    recorder._engine_figures("e0", stats("a", 1.0, 2, 100))
+    recorder._engine_figures("e0", stats("a", 1.5, 2, 0))
+    # Restarted: the new process counts from zero; its totals are all new.
+    recorder._engine_figures("e0", stats("b", 0.25, 1, 0))
+    apply, dropped = recorder._ray["engine_apply_seconds"], recorder._ray["engine_staging_dropped"]
+    assert apply.values == {(("engine", "e0"),): 1.75}
+    assert dropped.values == {(("engine", "e0"), ("reason", "aborted")): 3.0}
+    assert recorder._ray["engine_staged_bytes"].values == {(("engine", "e0"),): 0.0}
+
+
+async def test_metrics_false_records_no_ray_metric_but_keeps_the_summary() -> None:
+    from _fleet_actors import LightTrainer
+
+    for enabled in (False, True):
+        trainer = LightTrainer(metrics=enabled)
+        try:
+            await trainer.publish(0)
+            status = await trainer.fleet_status()
+            assert status.metrics is enabled and status.ready_step == 0
+            assert set(trainer.metrics._ray) == (set(METRICS) if enabled else set())
+        finally:
+            await trainer.close()
 
 
 # --------------------------------------------------------------------- Ray's endpoint
@@ -174,10 +236,16 @@ async def test_ray_endpoint_shows_a_killed_engine_quarantined_then_serving(ray_l
             await eventually(exported, "Ray's endpoint never showed the run's series", 60)
         except AssertionError:
             raise AssertionError(f"scraped {seen}, wanted {want}") from None
-        # The catch-up that brought e0 back is there too.
+        # The catch-up that brought e0 back is there too, and the train actor's own figures.
         text = await asyncio.to_thread(scrape, port)
         caught_up = series(text, "ray_asyncsync_catch_ups_total", **tags, engine="e0", result="ok")
         assert caught_up is not None and caught_up >= 1
+        assert series(text, "ray_asyncsync_build_seconds_count", **tags) == 2.0
+        assert series(text, "ray_asyncsync_snapshot_bytes", **tags) == report.nbytes
+        assert (series(text, "ray_asyncsync_resident_bytes", **tags) or 0) >= report.nbytes
+        assert series(text, "ray_asyncsync_loop_lag_seconds", **tags) is not None
+        received = series(text, "ray_asyncsync_engine_receive_seconds_total", **tags, engine="e1")
+        assert received is not None and received > 0
     finally:
         await within(trainer.close.remote())
         for handle in [trainer, *engines.values()]:
