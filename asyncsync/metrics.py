@@ -226,7 +226,9 @@ class MetricsRecorder:
     Args:
         enabled: record Ray metrics (``False``: only the in-memory summary).
         interval_s: how often the sampler sets the gauges and asks each engine
-            for its ``receiver_stats()``.
+            for its ``receiver_stats()``. Keep it under twice Ray's
+            ``metrics_report_interval_ms`` (10 s by default): Ray's agent drops a
+            gauge's series that was not recorded again within that.
 
     Use from the train actor's loop. :meth:`start` binds it to the cache and the
     fleet and starts the sampler; :meth:`close` stops it.
@@ -412,8 +414,9 @@ class MetricsRecorder:
             return
         view = fleet.view()
         for state in view.engines.values():
-            # Set again every interval, changed or not: Ray's export drops a gauge's
-            # series that was not recorded for a while.
+            # Set again every interval, changed or not: Ray's metrics agent evicts a
+            # gauge's series not recorded again within two of its report intervals
+            # (ray/_private/telemetry/open_telemetry_metric_recorder.py, Ray 2.60).
             self._set_health(state.name, state.health)
             self._set_version(state.name, state.version)
         if not self.enabled:
