@@ -10,7 +10,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_STAMP := $(VENV)/.installed-demo
-EXTRAS := megatron,hf,demo,bench,trio,docs,dev
+EXTRAS := megatron,hf,demo,bench,trio,docs,metrics,dev
 export RAY_AUTH_MODE := disabled
 export PYTHONUNBUFFERED := 1
 

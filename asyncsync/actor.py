@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 import dataclasses
 import inspect
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -39,7 +40,7 @@ from typing import Any, ClassVar, TypeVar
 
 import torch
 
-from ._checks import check_int, check_number
+from ._checks import check_int, check_number, is_number
 from .buckets import tensor_digest
 from .cache import DEFAULT_BUCKET_BYTES, BucketCache, CacheStats
 from .client import Deadlines
@@ -53,6 +54,7 @@ from .errors import (
 )
 from .fleet import EngineFleet, EngineState, FleetView, Health
 from .keeper import FleetKeeper
+from .metrics import FleetStatus, MetricsRecorder
 from .plan import PER_ENGINE, SyncPlan, SyncReport
 from .protocol import weights_identity
 from .receiver import current_node
@@ -86,6 +88,7 @@ CACHE_METHODS = (
     "cache_stats",
     "ready_snapshot_digests",
     "sync_spans",
+    "fleet_status",
     "fleet_add",
     "fleet_remove",
     "fleet_view",
@@ -162,6 +165,11 @@ class WeightSyncActor:
             are caught up at once). It must leave ``engines`` and ``min_step``
             unset (a catch-up sends the newest ready step to one engine) and is
             run ``per_engine``. Default: ``SyncPlan(policy="per_engine")``.
+        metrics: record Ray metrics (``ray.util.metrics``, served on Ray's
+            Prometheus endpoint with ``asyncsync[metrics]``); ``False`` turns them
+            off. ``metrics_interval_s``: how often the gauges are sampled and each
+            engine is asked for its ``receiver_stats()``. See
+            :mod:`asyncsync.metrics` and the "Operating asyncsync" guide.
 
     Create it with :func:`train_actor`, which sets ``max_concurrency`` and tells the
     instance how many sessions it may admit (:class:`ActorSlots`).
@@ -177,6 +185,8 @@ class WeightSyncActor:
         transport_options: dict[str, dict[str, Any]] | None = None,
         deadlines: Deadlines | None = None,
         catch_up_plan: SyncPlan | None = None,
+        metrics: bool = True,
+        metrics_interval_s: float = 5.0,
     ) -> None:
         if deadlines is not None and not isinstance(deadlines, Deadlines):
             raise ConfigError(f"deadlines must be a Deadlines, got {deadlines!r}"[:200])
@@ -198,6 +208,11 @@ class WeightSyncActor:
             )
         self.weight_cache = BucketCache(bucket_bytes, max_resident_bytes)
         self.sync_span_log = SpanLog()
+        if not isinstance(metrics, bool):
+            raise ConfigError(f"metrics must be True or False, got {metrics!r}"[:200])
+        if not (is_number(metrics_interval_s) and metrics_interval_s > 0):
+            raise ConfigError(f"metrics_interval_s must be positive, got {metrics_interval_s!r}")
+        self.metrics = MetricsRecorder(enabled=metrics, interval_s=metrics_interval_s)
         self.deadlines = deadlines or Deadlines()
         self.fleet = EngineFleet(deadlines=self.deadlines)
         self.catch_up_plan = dataclasses.replace(catch_up_plan, policy=PER_ENGINE, min_engines=1)
@@ -257,9 +272,12 @@ class WeightSyncActor:
         discards the build (ready step unchanged) if the weight source raises or
         the call is cancelled.
         """
+        self._start_metrics()
+        start = time.perf_counter()
         with self.sync_span_log.span("build", step):
             async with self.weight_cache.build(step) as build:
                 await build.add(_Deferred(self.named_weights, step))
+        self.metrics.build(time.perf_counter() - start, build.nbytes)
         # The identity engines will stamp answers with once they serve this step.
         with contextlib.suppress(ClosedError):
             async with self.weight_cache.read(min_step=step) as snap:
@@ -283,6 +301,7 @@ class WeightSyncActor:
         if not isinstance(plan, SyncPlan):
             raise ConfigError(f"run_sync_session takes a SyncPlan, got {type(plan).__name__}")
         with self._admitted(), self._closable():
+            self._start_metrics()
             if plan.engines is None:
                 self.keeper.start()
                 fleet, names = self.fleet, None
@@ -298,6 +317,7 @@ class WeightSyncActor:
                 owner_node=current_node(),
                 background=self._background,
                 spans=self.sync_span_log,
+                metrics=self.metrics,
             )
 
     async def cache_ready_step(self) -> int | None:
@@ -319,6 +339,12 @@ class WeightSyncActor:
         """Recorded build and session spans (wall-clock), newest last."""
         return self.sync_span_log.snapshot()
 
+    async def fleet_status(self) -> FleetStatus:
+        """This actor and its fleet now: what ``asyncsync status`` shows (see
+        :class:`~asyncsync.metrics.FleetStatus`)."""
+        self._start_metrics()
+        return self.metrics.status()
+
     async def fleet_add(self, name: str, engine: Any) -> EngineState:
         """Add an engine to this actor's fleet; it is caught up to the newest ready step
         in the background before it counts as serving (see :class:`~asyncsync.EngineFleet`).
@@ -329,6 +355,7 @@ class WeightSyncActor:
         self._check_open()
         state = await self.fleet.add(name, engine)
         self.keeper.start()
+        self._start_metrics()
         return state
 
     async def fleet_remove(self, name: str) -> EngineState:
@@ -414,6 +441,7 @@ class WeightSyncActor:
         self._closed = True
         self.fleet.close()
         await self.keeper.close()
+        await self.metrics.close()
         sessions = list(self._session_tasks)
         for task in sessions:
             task.cancel()
@@ -438,6 +466,7 @@ class WeightSyncActor:
         slots = self._asyncsync_slots
         if self._sessions_in_flight >= slots.sessions:
             self._sessions_refused += 1
+            self.metrics.refused()
             raise AdmissionError(
                 f"the train actor admits at most {slots.sessions} sessions at once "
                 f"(max_concurrency={slots.max_concurrency} minus {slots.reserved} slots "
@@ -471,6 +500,10 @@ class WeightSyncActor:
         finally:
             self._session_tasks.discard(task)
 
+    def _start_metrics(self) -> None:
+        if not self._closed:
+            self.metrics.start(self.weight_cache, self.fleet)
+
     def _check_open(self) -> None:
         if self._closed:
             raise ClosedError("the train actor was closed; it runs no more sessions")
@@ -487,6 +520,7 @@ class WeightSyncActor:
             background=self._background,
             spans=self.sync_span_log,
             kind="catch_up",
+            metrics=self.metrics,
         )
 
     def _transport(self, name: str) -> Transport:

@@ -1,4 +1,4 @@
-"""The ``asyncsync`` command: ``asyncsync demo``.
+"""The ``asyncsync`` command: ``asyncsync demo`` and ``asyncsync status``.
 
 Arguments are checked before Ray starts; a bad one is one line on stderr and exit
 code 2. The demo starts a private local Ray for the run and stops it at the end,
@@ -218,6 +218,83 @@ def _add_demo(sub: Any) -> None:
     demo.set_defaults(run=_demo, parser=demo)
 
 
+def _status(args: argparse.Namespace) -> int:
+    import json
+    import logging
+
+    import ray
+    from rich.console import Console
+
+    from . import status
+
+    target = args.address or os.environ.get("RAY_ADDRESS") or "auto"
+    try:
+        ray.init(address=target, log_to_driver=False, logging_level=logging.ERROR)
+    except Exception as exc:
+        raise SystemExit(
+            f"asyncsync status: cannot join the Ray cluster at {target}: {last_line(exc)}"
+        ) from None
+    try:
+
+        def source() -> list[status.Found]:
+            return status.fetch(args.namespace, timeout_s=args.timeout)
+
+        if args.json:
+            print(json.dumps(status.to_json(source()), indent=2, allow_nan=False))
+            return 0
+        console = Console()
+        if args.once:
+            console.print(status.render(source()))
+            return 0
+        status.watch(source, console, args.interval)
+        return 0
+    finally:
+        ray.shutdown()
+
+
+def _add_status(sub: Any) -> None:
+    cmd = sub.add_parser(
+        "status",
+        help="show the train actors of a running cluster and their fleets, live",
+        description=(
+            "Joins a running Ray cluster and shows every named train actor's fleet: each "
+            "engine's node, health, served version, steps behind the ready step and "
+            "quarantines, and the last session's time and rate. A train actor is found by "
+            "its Ray name: create it with name= (and namespace=) in train_actor's options. "
+            "Redraws every --interval seconds until interrupted."
+        ),
+    )
+    cmd.add_argument(
+        "--address",
+        default=None,
+        help="the Ray cluster to join (default: $RAY_ADDRESS if set, else 'auto': the "
+        "cluster started on this machine with 'ray start')",
+    )
+    cmd.add_argument(
+        "--namespace", default=None, help="only train actors in this Ray namespace (default: all)"
+    )
+    out = cmd.add_mutually_exclusive_group()
+    out.add_argument(
+        "--once", action="store_true", help="print one table and exit (default: redraw live)"
+    )
+    out.add_argument(
+        "--json", action="store_true", help="print one JSON document and exit (default: a table)"
+    )
+    cmd.add_argument(
+        "--interval",
+        type=positive_float,
+        default=2.0,
+        help="seconds between redraws (default: %(default)s)",
+    )
+    cmd.add_argument(
+        "--timeout",
+        type=positive_float,
+        default=10.0,
+        help="seconds a train actor may take to answer (default: %(default)s)",
+    )
+    cmd.set_defaults(run=_status, parser=cmd)
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -233,8 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``asyncsync`` argument parser (no side effects: nothing is imported or started)."""
     parser = Parser(prog="asyncsync", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,status}")
     _add_demo(sub)
+    _add_status(sub)
     return parser
 
 

@@ -42,7 +42,7 @@ from .errors import (
     first_session_error,
     last_line,
 )
-from .protocol import EngineInfo, Receiver
+from .protocol import EngineInfo, Receiver, ReceiverStats
 
 __all__ = ["Deadlines", "EngineClient", "SessionTag"]
 
@@ -211,6 +211,13 @@ class EngineClient:
         return await self._call(
             name, Receiver.transport_setup, (transport, config), bound_s, what, session
         )
+
+    async def receiver_stats(self, name: str) -> ReceiverStats:
+        """``name``'s counters and timings (a probe's bound)."""
+        stats: ReceiverStats = await self._call(
+            name, Receiver.receiver_stats, (), self.deadlines.probe, "receiver_stats", None
+        )
+        return stats
 
     async def abort(self, handles: Mapping[str, Any], session_id: str) -> None:
         """Deliver ``abort(session_id)`` to these engines: bounded, best effort, and

@@ -47,6 +47,7 @@ import uuid
 import weakref
 from collections.abc import Mapping
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from . import aio
@@ -61,6 +62,7 @@ from .errors import (
 )
 from .fleet import EngineState, FleetView, Health
 from .plan import SyncPlan, SyncReport
+from .spans import Span, SpanLog, write_sync_trace
 
 __all__ = ["SyncCoordinator"]
 
@@ -84,6 +86,10 @@ class SyncCoordinator:
             ``max_updating``, ``transport``, ``timeout_s``, ...); it must leave
             ``engines`` and ``min_step`` unset: the coordinator syncs the train
             actor's fleet and sends the newest built step. ``None``: ``SyncPlan()``.
+        trace: a file to write, at :meth:`close`, the Chrome/Perfetto trace of the
+            train actor's builds and sessions (its ``sync_spans()``) with the train
+            loop's waits in :meth:`after_build` above them (open it in
+            ui.perfetto.dev); ``None``: no trace.
 
     Use from one event loop. Errors of background sessions are raised from the
     next :meth:`after_build` or :meth:`drain`. At most one open coordinator per
@@ -100,6 +106,7 @@ class SyncCoordinator:
         staleness: int = 1,
         cancel_wait_s: float = 30.0,
         plan: SyncPlan | None = None,
+        trace: str | os.PathLike[str] | None = None,
     ) -> None:
         if isinstance(staleness, bool) or not isinstance(staleness, int) or staleness < 0:
             raise ConfigError(f"staleness must be an int >= 0, got {staleness!r}")
@@ -148,6 +155,9 @@ class SyncCoordinator:
         self._error: BaseException | None = None
         self._progress = Signal()
         self._joined = False
+        self.trace = None if trace is None else Path(trace)
+        self.waits = SpanLog()
+        """The train loop's waits in :meth:`after_build` (kind ``"wait"``, the step noted)."""
         self._closed = False
         # This coordinator's claim on the train actor (see coordinator_claim).
         self._token = uuid.uuid4().hex
@@ -275,8 +285,11 @@ class SyncCoordinator:
         self._raise_pending()
         self._ensure_pump()
         start = time.monotonic()
-        while self._behind(step - self.staleness):
-            await self._wait_progress()
+        if not self._behind(step - self.staleness):
+            return 0.0
+        with self.waits.span("wait", step):
+            while self._behind(step - self.staleness):
+                await self._wait_progress()
         return time.monotonic() - start
 
     async def drain(self) -> None:
@@ -322,8 +335,20 @@ class SyncCoordinator:
             await self._release()
         finally:
             self._progress.notify()
+        await self._write_trace()
 
     # ----------------------------------------------------------------- internals
+
+    async def _write_trace(self) -> None:
+        """Write the trace asked for at construction (once; see ``trace``)."""
+        path, self.trace = self.trace, None
+        if path is None:
+            return
+        spans: list[Span] = []
+        # A train actor that died has no spans to give; the driver's are still worth having.
+        with contextlib.suppress(Exception):
+            spans = await aio.get(self.trainer.sync_spans.remote(), cancel=False)
+        await asyncio.to_thread(write_sync_trace, path, spans, self.waits.snapshot())
 
     async def _check_built(self, step: int) -> None:
         """Raise NothingBuiltError unless ``step`` is ready, older than ready, or building.

@@ -37,7 +37,7 @@ import asyncio
 import dataclasses
 import enum
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -187,6 +187,9 @@ class EngineFleet:
         self.changed_at = time.time()
         """When the view last changed (wall clock), for routers to measure their lag."""
         self._change = Signal()
+        self.on_change: Callable[[EngineState], None] | None = None
+        """Told each engine's state whenever a session, a probe or the keeper sets its
+        health (the train actor's metrics recorder); it must not raise or block."""
 
     def __repr__(self) -> str:
         return f"<EngineFleet {self.view()!r}>"
@@ -361,6 +364,8 @@ class EngineFleet:
             member.health = health
             member.reason = reason
             self._changed()
+        if self.on_change is not None:
+            self.on_change(member.state())
 
     def _changed(self) -> None:
         self.epoch += 1

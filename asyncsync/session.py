@@ -69,6 +69,7 @@ from .errors import (
     last_line,
 )
 from .fleet import EngineFleet, Health
+from .metrics import MetricsRecorder, SessionRecord, session_phases
 from .plan import ALL_OR_NOTHING, PER_ENGINE, EngineReport, Outcome, SyncPlan, SyncReport
 from .protocol import weights_identity
 from .spans import SpanLog
@@ -91,6 +92,7 @@ async def run_session(
     background: set[asyncio.Task[None]] | None = None,
     spans: SpanLog | None = None,
     kind: str = "session",
+    metrics: MetricsRecorder | None = None,
 ) -> SyncReport:
     """Run one session as described in the module docstring.
 
@@ -109,9 +111,20 @@ async def run_session(
             still applying after a cancellation) is added here, so its owner can
             wait for it or cancel it at shutdown.
         kind: ``"catch_up"`` for the fleet keeper's catch-up sessions.
+        metrics: told how the session ended (see :mod:`asyncsync.metrics`).
     """
     session = _Session(cache, plan, fleet, transports, owner_node, background, spans, kind)
-    return await session.run(list(fleet.session_engines() if names is None else names))
+    engines = list(fleet.session_engines() if names is None else names)
+    if metrics is None:
+        return await session.run(engines)
+    result = "ok"
+    try:
+        return await session.run(engines)
+    except BaseException as exc:
+        result = type(exc).__name__
+        raise
+    finally:
+        metrics.session(session.record(result))
 
 
 @dataclass(eq=False)
@@ -173,6 +186,7 @@ class _Session:
         self.busy: tuple[str, ...] = ()
         self.snap: Snapshot | None = None
         self.pinned_at = 0.0
+        self.started_at = time.monotonic()
         # per_engine: engines still streaming when the session returned, and their work.
         self.stragglers: dict[str, asyncio.Future[None]] = {}
 
@@ -646,6 +660,25 @@ class _Session:
         puts = self.puts.get(self.runs[name].transport)
         if puts is not None:
             await puts.leave(name)
+
+    def record(self, result: str) -> SessionRecord:
+        """What the metrics recorder keeps of this session, ended with ``result``."""
+        now = time.monotonic()
+        pinned = self.pinned_at or now
+        snap = self.snap
+        return SessionRecord(
+            kind=self.kind,
+            result=result,
+            step=snap.step if snap is not None else None,
+            nbytes=snap.nbytes if snap is not None else 0,
+            pin_wait_s=pinned - self.started_at,
+            seconds=now - pinned if self.pinned_at else 0.0,
+            outcomes={n: r.outcome for n, r in self.runs.items()},
+            phases=session_phases(
+                [(r.begin_s, r.transfer_s, r.commit_s) for r in self.runs.values()]
+            ),
+            ended_at=time.time(),
+        )
 
     def _report(self, snap: Snapshot, started: float, pinned: float, finished: float) -> SyncReport:
         view = self.fleet.view()

@@ -16,7 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Lane", "Span", "SpanLog", "chrome_trace", "write_chrome_trace"]
+__all__ = [
+    "Lane",
+    "Span",
+    "SpanLog",
+    "chrome_trace",
+    "lanes_by_kind",
+    "write_chrome_trace",
+    "write_sync_trace",
+]
 
 
 @dataclass(frozen=True)
@@ -94,6 +102,34 @@ def write_chrome_trace(
     out = Path(path)
     out.write_text(json.dumps(chrome_trace(processes, origin), allow_nan=False) + "\n")
     return out
+
+
+def lanes_by_kind(spans: Iterable[Span]) -> list[Lane]:
+    """One lane per span kind (``build``, ``session``, ...), in the order kinds first appear."""
+    lanes: dict[str, list[Span]] = {}
+    for span in spans:
+        lanes.setdefault(span.kind, []).append(span)
+    return list(lanes.items())
+
+
+def write_sync_trace(
+    path: Path | str, trainer_spans: Iterable[Span], driver_spans: Iterable[Span] = ()
+) -> Path:
+    """Write a train actor's spans (its ``sync_spans()``) as a Chrome/Perfetto trace.
+
+    The train actor's builds and sessions are one lane each, so their overlap shows
+    the way the demo shows it; ``driver_spans`` (e.g. the train loop's waits that
+    :class:`~asyncsync.SyncCoordinator` records) are a second process above it.
+    Times are relative to the earliest span. Blocking file I/O: from an event loop,
+    run it in a thread.
+    """
+    trainer, driver = list(trainer_spans), list(driver_spans)
+    origin = min((s.start for s in [*trainer, *driver]), default=time.time())
+    processes: list[tuple[str, list[Lane]]] = []
+    if driver:
+        processes.append(("driver", lanes_by_kind(driver)))
+    processes.append(("train actor", lanes_by_kind(trainer)))
+    return write_chrome_trace(path, processes, origin)
 
 
 def _meta(name: str, pid: int, tid: int, args: dict[str, Any]) -> dict[str, Any]:

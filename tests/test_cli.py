@@ -40,11 +40,11 @@ def test_version_is_the_installed_distributions(capsys: pytest.CaptureFixture[st
     assert capsys.readouterr().out.strip() == f"asyncsync {version('asyncsync')}"
 
 
-def test_the_library_command_is_the_demo_only() -> None:
-    assert set(subparsers(cli.build_parser())) == {"demo"}
+def test_the_library_commands_are_demo_and_status() -> None:
+    assert set(subparsers(cli.build_parser())) == {"demo", "status"}
 
 
-@pytest.mark.parametrize("command", ["demo"])
+@pytest.mark.parametrize("command", ["demo", "status"])
 def test_every_option_says_what_it_does_and_its_default(command: str) -> None:
     parser = subparsers(cli.build_parser())[command]
     options = [a for a in parser._actions if a.option_strings and a.dest != "help"]
@@ -107,7 +107,9 @@ def test_the_parser_knows_the_demos_choices_without_importing_it() -> None:
     assert set(cli.DEMO_TRANSPORTS) == set(demo.TRANSPORTS)
 
 
-@pytest.mark.parametrize("argv", [["--version"], ["--help"], ["demo", "--help"]])
+@pytest.mark.parametrize(
+    "argv", [["--version"], ["--help"], ["demo", "--help"], ["status", "--help"]]
+)
 def test_help_and_version_import_neither_torch_nor_ray(argv: list[str]) -> None:
     probe = (
         "import sys\n"

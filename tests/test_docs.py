@@ -250,7 +250,7 @@ def test_the_site_links_the_repository_and_has_an_install_page(site: Path) -> No
     install = html.unescape(re.sub(r"<[^>]+>", "", article(site / "install" / "index.html")))
     assert 'pip install "asyncsync[hf]"' in install
     table = re.findall(r"^\| `(\w+)` \|", (DOCS / "install.md").read_text(), flags=re.M)
-    assert table == ["hf", "demo", "megatron", "trio", "bench", "docs", "dev"]
+    assert table == ["hf", "demo", "megatron", "trio", "metrics", "bench", "docs", "dev"]
     extras = (ROOT / "pyproject.toml").read_text().split("[project.optional-dependencies]")[1]
     assert sorted(table) == sorted(re.findall(r"^(\w+) = \[", extras.split("\n[")[0], re.M))
 
