@@ -23,6 +23,7 @@ and deaths and catches up engines that are not serving. Every wait is bounded.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from collections.abc import AsyncIterator
@@ -134,23 +135,35 @@ class Rig:
         await eventually(all_serve_ready, f"the fleet never served step {self.step} everywhere")
 
 
-@pytest.fixture(scope="module")
-async def rig(ray_local: Any) -> AsyncIterator[Rig]:
-    trainer = trainer_class().remote(deadlines=Deadlines(probe_interval_s=PROBE_S, call_s=5.0))
-    engines = {f"e{i}": engine_class(max_restarts=4).remote(f"e{i}") for i in range(ENGINES)}
+@contextlib.asynccontextmanager
+async def running_rig(prefix: str, engines: int, deadlines: Deadlines) -> AsyncIterator[Rig]:
+    """A train actor and ``engines`` light engines (restartable) in its fleet, all
+    serving a first step; everything is killed at the end."""
+    trainer = trainer_class().remote(deadlines=deadlines)
+    handles = {
+        f"{prefix}{i}": engine_class(max_restarts=4).remote(f"{prefix}{i}") for i in range(engines)
+    }
     pid, *_ = await within(
-        asyncio.gather(trainer.pid.remote(), *(e.pid.remote() for e in engines.values())), 180
+        asyncio.gather(trainer.pid.remote(), *(e.pid.remote() for e in handles.values())), 180
     )
     rig = Rig(trainer, {}, pid)
-    for name, handle in engines.items():
-        await rig.add(name, handle)
-    await rig.publish()
-    report = await rig.session(policy="all_or_nothing")
-    assert sorted(report.committed) == sorted(engines)
-    yield rig
-    await within(trainer.close.remote())
-    for handle in [trainer, *rig.engines.values(), *rig.killed]:
-        ray.kill(handle, no_restart=True)
+    try:
+        for name, handle in handles.items():
+            await rig.add(name, handle)
+        await rig.publish()
+        report = await rig.session(policy="all_or_nothing")
+        assert sorted(report.committed) == sorted(handles)
+        yield rig
+        await within(trainer.close.remote())
+    finally:
+        for handle in [trainer, *handles.values(), *rig.engines.values(), *rig.killed]:
+            ray.kill(handle, no_restart=True)
+
+
+@pytest.fixture(scope="module")
+async def rig(ray_local: Any) -> AsyncIterator[Rig]:
+    async with running_rig("e", ENGINES, Deadlines(probe_interval_s=PROBE_S, call_s=5.0)) as rig:
+        yield rig
 
 
 async def assert_consistent(rig: Rig) -> FleetView:

@@ -23,7 +23,7 @@ import pytest
 import ray
 from _fleet_actors import engine_class, max_overlap, trainer_class
 from _waits import WAIT_S, eventually, within
-from test_fleet_faults import Rig, assert_consistent
+from test_fleet_faults import Rig, assert_consistent, running_rig
 
 from asyncsync import Deadlines, FleetError, FleetView, Health, SyncPlan
 from asyncsync.client import SessionTag
@@ -37,21 +37,8 @@ PROBE_S = 0.3
 
 @pytest.fixture(scope="module")
 async def rig(ray_local: Any) -> AsyncIterator[Rig]:
-    trainer = trainer_class().remote(deadlines=Deadlines(probe_interval_s=PROBE_S, call_s=5.0))
-    engines = {f"p{i}": engine_class(max_restarts=4).remote(f"p{i}") for i in range(ENGINES)}
-    pid, *_ = await within(
-        asyncio.gather(trainer.pid.remote(), *(e.pid.remote() for e in engines.values())), 180
-    )
-    rig = Rig(trainer, {}, pid)
-    for name, handle in engines.items():
-        await rig.add(name, handle)
-    await rig.publish()
-    report = await rig.session(policy="all_or_nothing")
-    assert sorted(report.committed) == sorted(engines)
-    yield rig
-    await within(trainer.close.remote())
-    for handle in [trainer, *rig.engines.values(), *rig.killed]:
-        ray.kill(handle, no_restart=True)
+    async with running_rig("p", ENGINES, Deadlines(probe_interval_s=PROBE_S, call_s=5.0)) as rig:
+        yield rig
 
 
 async def timed_session(rig: Rig, **plan: Any) -> tuple[float, Any]:

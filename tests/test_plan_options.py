@@ -15,10 +15,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-import ray
-from _fleet_actors import engine_class, max_overlap, trainer_class
+from _fleet_actors import max_overlap
 from _waits import within
-from test_fleet_faults import Rig, assert_consistent
+from test_fleet_faults import Rig, assert_consistent, running_rig
 
 from asyncsync import Deadlines, ReadTimeoutError, SessionError, SessionTimeoutError
 
@@ -30,20 +29,8 @@ CALL_S = 1.0
 
 @pytest.fixture(scope="module")
 async def rig(ray_local: Any) -> AsyncIterator[Rig]:
-    trainer = trainer_class().remote(deadlines=Deadlines(probe_interval_s=0.3, call_s=CALL_S))
-    engines = {f"o{i}": engine_class(max_restarts=2).remote(f"o{i}") for i in range(ENGINES)}
-    pid, *_ = await within(
-        asyncio.gather(trainer.pid.remote(), *(e.pid.remote() for e in engines.values())), 180
-    )
-    rig = Rig(trainer, {}, pid)
-    for name, handle in engines.items():
-        await rig.add(name, handle)
-    await rig.publish()
-    await rig.session()
-    yield rig
-    await within(trainer.close.remote())
-    for handle in [trainer, *rig.engines.values()]:
-        ray.kill(handle, no_restart=True)
+    async with running_rig("o", ENGINES, Deadlines(probe_interval_s=0.3, call_s=CALL_S)) as rig:
+        yield rig
 
 
 async def test_transport(rig: Rig) -> None:
