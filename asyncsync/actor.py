@@ -282,7 +282,9 @@ class WeightSyncActor:
         with contextlib.suppress(ClosedError):
             async with self.weight_cache.read(min_step=step) as snap:
                 if snap.step == step:
-                    self._identities[step] = weights_identity(snap.manifest)
+                    # A pass over every tensor's record: off the loop for large models.
+                    identity = await asyncio.to_thread(weights_identity, snap.manifest)
+                    self._identities[step] = identity
                     while len(self._identities) > _IDENTITIES_KEPT:
                         self._identities.popitem(last=False)
         return step

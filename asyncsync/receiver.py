@@ -333,11 +333,12 @@ class StagingReceiver:
             ordered = [staging.buckets[i] for i in range(len(staging.manifest))]
             staging.applying = True
             applied = staging.nbytes
-            # Verified bucket by bucket against this manifest: the identity of the
-            # weights about to serve, by construction.
-            identity = weights_identity(staging.manifest)
             start = time.perf_counter()
             try:
+                # Verified bucket by bucket against this manifest: the identity of the
+                # weights about to serve, by construction (a pass over every tensor's
+                # record: off the loop for large models).
+                identity = await asyncio.to_thread(weights_identity, staging.manifest)
                 async with self._lease.write():
                     try:
                         await self.apply(ordered, staging.step)

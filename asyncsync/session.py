@@ -261,7 +261,8 @@ class _Session:
                 ) from None
             self.snap = snap
             self.step = snap.step
-            self.identity = weights_identity(snap.manifest)
+            # A pass over every tensor's record: off the loop for large models.
+            self.identity = await asyncio.to_thread(weights_identity, snap.manifest)
             self.tag = SessionTag(self.id, snap.step)
             pinned = time.time()
             self.pinned_at = time.monotonic()
