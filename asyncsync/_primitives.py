@@ -5,6 +5,7 @@
 ``uninterrupted``  wait for an awaitable to end even if cancelled; re-raise the cancellation then
 ``Signal``    wake every current waiter at once (an event that re-arms itself)
 ``ReadWriteLock``  many readers or one writer; a waiting writer holds back new readers
+``wait_set``  wait for an event with a bound, never losing a cancellation
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from typing import TypeVar
 
-__all__ = ["ReadWriteLock", "Signal", "detached", "shielded", "uninterrupted"]
+__all__ = ["ReadWriteLock", "Signal", "detached", "shielded", "uninterrupted", "wait_set"]
 
 T = TypeVar("T")
 
@@ -60,6 +61,22 @@ async def uninterrupted(awaitable: Awaitable[T]) -> T:
     if cancelled:
         raise asyncio.CancelledError
     return result
+
+
+async def wait_set(event: asyncio.Event, timeout: float | None) -> bool:
+    """Wait until ``event`` is set, at most ``timeout`` seconds (``None``: no bound).
+
+    Returns whether it was set. Unlike ``asyncio.wait_for`` on Python 3.11, a
+    cancellation that arrives just as the event is set is never lost (``wait_for``
+    then returns normally and the caller goes on waiting, for its whole timeout or
+    forever): the waiter is cancelled.
+    """
+    try:
+        async with asyncio.timeout(timeout):
+            await event.wait()
+    except TimeoutError:
+        return event.is_set()
+    return True
 
 
 def _retrieve(task: asyncio.Future[T]) -> None:

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from ._checks import check_optional_number, is_int, is_number
-from ._primitives import Signal
+from ._primitives import Signal, wait_set
 from .buckets import Bucket, BucketManifest, TensorMeta, TensorStream, fill_and_hash, layout
 from .errors import (
     BuildInProgressError,
@@ -784,10 +784,8 @@ class BucketCache:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise ResidentLimitError(self._limit_message(state, nbytes, waited=wait))
-            try:
-                await asyncio.wait_for(changed.wait(), remaining)
-            except TimeoutError:
-                raise ResidentLimitError(self._limit_message(state, nbytes, waited=wait)) from None
+            if not await wait_set(changed, remaining):
+                raise ResidentLimitError(self._limit_message(state, nbytes, waited=wait))
 
     def _take_or_reserve(self, state: _BuildState, nbytes: int) -> _Slot | None:
         if nbytes == 0:
@@ -889,11 +887,9 @@ class BucketCache:
                 raise ReadTimeoutError(
                     f"no snapshot with step >= {min_step} within {timeout}s (ready step: {ready})"
                 )
-            try:
-                await asyncio.wait_for(changed.wait(), remaining)
-            except TimeoutError:
-                # Look once more under the lock: a publish may have raced the deadline.
-                pass
+            # Timed out or not, look once more under the lock: a publish may have
+            # raced the deadline.
+            await wait_set(changed, remaining)
 
     def _unpin(self, entry: _Entry) -> None:
         entry.pins -= 1

@@ -801,3 +801,32 @@ async def test_cache_buckets_pass_through_the_object_store_zero_copy(ray_local: 
             assert have.region == want.region
             have.verify(want.manifest)
     await cache.close()
+
+
+async def test_a_read_cancelled_as_it_wakes_is_cancelled_not_left_waiting() -> None:
+    """A waiting read cancelled just as a publish wakes it must end cancelled. With
+    ``asyncio.wait_for`` (Python 3.11) the cancellation was lost when it landed after
+    the wake-up and before the reader ran again: the read went on waiting for its
+    whole timeout. The cancel lands after each number of loop turns, so one of them
+    hits that window."""
+    for turns in range(6):
+        cache = BucketCache(bucket_bytes=1 << 16)
+        waiting = asyncio.Event()
+
+        async def reader(cache: BucketCache, waiting: asyncio.Event) -> None:
+            waiting.set()
+            async with cache.read(min_step=5, timeout=30):
+                pass
+
+        task = asyncio.ensure_future(reader(cache, waiting))
+        await waiting.wait()
+        await asyncio.sleep(0)  # the read is waiting for step 5
+        async with cache.build(0) as build:  # publishing wakes every waiter
+            await build.add([("w", torch.zeros(4))])
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        task.cancel()
+        await asyncio.wait({task}, timeout=2)
+        assert task.cancelled(), f"after {turns} turns the cancelled read is still waiting"
+        assert cache.stats().pins == {}, turns
+        await cache.close()
