@@ -160,6 +160,10 @@ async def test_cancel_wait_returns_after_the_remote_call_ended(worker: Any) -> N
 async def test_cancelled_wait_cancels_a_queued_remote_call(actor_factory: Any) -> None:
     # max_concurrency=1: the second call queues behind the first and never starts.
     worker = actor_factory(ray.remote(Worker).options(num_cpus=0, max_concurrency=1))
+    # The actor must be up before the 0.2 s below start: a cancel that Ray gets before
+    # the actor exists does not reach the queued call (seen under load, and once on a
+    # quiet machine whose worker took longer than 0.2 s to start).
+    assert await aio.get(worker.echo.remote("up")) == "up"
     first = worker.hold.remote()
     queued = worker.echo.remote("never")
     with anyio.move_on_after(0.2):
