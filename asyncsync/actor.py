@@ -55,7 +55,7 @@ from .errors import (
 from .fleet import EngineFleet, EngineState, FleetView, Health
 from .keeper import FleetKeeper
 from .metrics import FleetStatus, MetricsRecorder
-from .plan import PER_ENGINE, SyncPlan, SyncReport
+from .plan import PER_ENGINE, SyncPlan, SyncReport, fleet_plan
 from .protocol import weights_identity
 from .receiver import current_node
 from .session import run_session
@@ -190,14 +190,11 @@ class WeightSyncActor:
     ) -> None:
         if deadlines is not None and not isinstance(deadlines, Deadlines):
             raise ConfigError(f"deadlines must be a Deadlines, got {deadlines!r}"[:200])
-        catch_up_plan = catch_up_plan or SyncPlan(policy=PER_ENGINE)
-        if not isinstance(catch_up_plan, SyncPlan):
-            raise ConfigError(f"catch_up_plan must be a SyncPlan, got {catch_up_plan!r}"[:200])
-        if catch_up_plan.engines is not None or catch_up_plan.min_step is not None:
-            raise ConfigError(
-                "catch_up_plan must leave engines and min_step unset: a catch-up sends the "
-                "newest ready step to the one engine that needs it"
-            )
+        catch_up_plan = fleet_plan(
+            SyncPlan(policy=PER_ENGINE) if catch_up_plan is None else catch_up_plan,
+            "catch_up_plan",
+            "a catch-up sends the newest ready step to the one engine that needs it",
+        )
         if transport_options is not None and not (
             isinstance(transport_options, dict)
             and all(isinstance(o, dict) for o in transport_options.values())

@@ -61,7 +61,7 @@ from .errors import (
     SessionError,
 )
 from .fleet import EngineState, FleetView, Health
-from .plan import SyncPlan, SyncReport
+from .plan import SyncPlan, SyncReport, fleet_plan
 from .spans import Span, SpanLog, write_sync_trace
 
 __all__ = ["SyncCoordinator"]
@@ -110,15 +110,12 @@ class SyncCoordinator:
     ) -> None:
         if isinstance(staleness, bool) or not isinstance(staleness, int) or staleness < 0:
             raise ConfigError(f"staleness must be an int >= 0, got {staleness!r}")
-        plan = SyncPlan() if plan is None else plan
-        if not isinstance(plan, SyncPlan):
-            raise ConfigError(f"SyncCoordinator plan must be a SyncPlan, got {plan!r}"[:200])
-        if plan.engines is not None or plan.min_step is not None:
-            raise ConfigError(
-                "SyncCoordinator chooses the engines (the train actor's fleet) and min_step "
-                "(the newest built step) itself: leave them unset in its plan and pass "
-                "engines= to the coordinator instead"
-            )
+        plan = fleet_plan(
+            SyncPlan() if plan is None else plan,
+            "SyncCoordinator plan",
+            "the coordinator syncs the train actor's fleet and sends the newest built step; "
+            "pass engines= to the coordinator instead",
+        )
         if (
             isinstance(cancel_wait_s, bool)
             or not isinstance(cancel_wait_s, int | float)

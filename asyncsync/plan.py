@@ -241,6 +241,20 @@ class SyncReport:
         return self.nbytes / self.seconds / 1e9 if self.seconds > 0 else float("inf")
 
 
+def fleet_plan(plan: object, what: str, why: str) -> SyncPlan:
+    """``plan`` checked as a plan for the train actor's fleet, whose runner (the
+    coordinator, the keeper) chooses the engines and the step itself.
+
+    Raises :class:`~asyncsync.ConfigError` naming ``what`` for anything but a
+    :class:`SyncPlan`, or one that sets ``engines`` or ``min_step`` (``why`` says why).
+    """
+    if not isinstance(plan, SyncPlan):
+        raise ConfigError(f"{what} must be a SyncPlan, got {_brief(plan)}")
+    if plan.engines is not None or plan.min_step is not None:
+        raise ConfigError(f"{what} must leave engines and min_step unset: {why}")
+    return plan
+
+
 def _brief(value: object) -> str:
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
