@@ -34,7 +34,7 @@ anyio and :mod:`asyncsync.aio`); use it as an async context manager.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -278,9 +278,11 @@ class FleetRouter:
         rule = rule or self.rule
         self.stats.calls += 1
         tried: list[str] = []
-        avoid: set[str] = set()  # engines this call already tried
+        # Engines this call tried, with their state in the view then: skipped until
+        # the view shows them changed (a new version, restarted, caught up).
+        avoid: dict[str, EngineState | None] = {}
         for attempt in range(1, self.attempts + 1):
-            name = await self._choose(rule, tried, avoid)
+            name, floor = await self._choose(rule, tried, avoid)
             handle = self._handles[name]
             self._outstanding[name] = self._outstanding.get(name, 0) + 1
             try:
@@ -288,19 +290,22 @@ class FleetRouter:
                     value = await aio.get(getattr(handle, method).remote(*args, **kwargs))
             except (TimeoutError, RayActorError, GetTimeoutError) as exc:
                 self._suspect_of(name)
-                avoid.add(name)
+                avoid[name] = self.view.engines.get(name)
                 tried.append(f"{name} ({type(exc).__name__})")
                 self.stats.retries += 1
                 continue
             finally:
                 self._outstanding[name] -= 1
             stamp = getattr(value, "stamp", None)
+            # Judged by the floor the engine was chosen under: a trainer that moved on
+            # while the call ran does not void a rollout that met the rule it was sent
+            # under (the trainer's StalenessFilter bounds what it trains on).
             if isinstance(stamp, Stamp) and not (
-                stamp.intact and rule.allows(stamp.version, rule.floor(self.view, self.ready_step))
+                stamp.intact and rule.allows(stamp.version, floor)
             ):
                 # Its weights are not what the view said (it lost them since): elsewhere.
                 self._suspect_of(name)
-                avoid.add(name)
+                avoid[name] = self.view.engines.get(name)
                 tried.append(f"{name} (answered on {stamp.version})")
                 self.stats.retries += 1
                 continue
@@ -315,16 +320,24 @@ class FleetRouter:
     def _suspect_of(self, name: str) -> None:
         self._suspect[name] = (self.view.engines.get(name), time.monotonic())
 
-    async def _choose(self, rule: Rule, tried: list[str], avoid: set[str]) -> str:
+    async def _choose(
+        self, rule: Rule, tried: list[str], avoid: Mapping[str, EngineState | None]
+    ) -> tuple[str, int | None]:
+        """An eligible engine not in ``avoid`` (or changed since it was put there), and
+        the rule's floor it was chosen under; waits up to ``wait_s`` for one."""
         with anyio.move_on_after(self.wait_s):
             while True:
-                names = [n for n in self.eligible(rule) if n not in avoid]
+                names = [
+                    n
+                    for n in self.eligible(rule)
+                    if n not in avoid or self.view.engines.get(n) != avoid[n]
+                ]
                 if names:
                     # The least loaded; among equals, take turns.
-                    least = self._outstanding.get(names[0], 0)
+                    least = min(self._outstanding.get(n, 0) for n in names)
                     equal = [n for n in names if self._outstanding.get(n, 0) == least]
                     self._turn += 1
-                    return equal[self._turn % len(equal)]
+                    return equal[self._turn % len(equal)], rule.floor(self.view, self.ready_step)
                 changed = self._changed
                 await changed.wait()
         self.stats.failed += 1

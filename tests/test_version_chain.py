@@ -268,3 +268,46 @@ async def test_no_eligible_engine_is_a_typed_error_naming_the_rule(chain: Chain)
         await router.call("answer")
     with pytest.raises(ConfigError, match="train actor"):
         FleetRouter(chain.engines["r0"])
+
+
+async def test_a_call_that_tried_every_engine_tries_one_again_once_the_view_shows_it_changed(
+    chain: Chain,
+) -> None:
+    # Every engine stays silent: the call tries each once (each then suspect and
+    # avoided), and its last attempt waits. A sync moves them all to a new version:
+    # that attempt must go to one of them at once, not wait out `wait_s`.
+    await asyncio.gather(
+        *(within(e.set_faults.remote(hang_answer=True)) for e in chain.engines.values())
+    )
+    async with FleetRouter(
+        chain.trainer, timeout_s=0.5, wait_s=20.0, attempts=ENGINES + 1
+    ) as router:
+        call = asyncio.ensure_future(router.call("answer"))
+
+        async def all_tried() -> bool:
+            return router.stats.retries >= ENGINES
+
+        await eventually(all_tried, "the call did not try every engine")
+        assert not call.done()
+        await asyncio.gather(*(within(e.set_faults.remote()) for e in chain.engines.values()))
+        await chain.publish_and_sync("all_or_nothing")
+        routed = await within(call, 10)
+    assert routed.attempts == ENGINES + 1
+    assert routed.stamp is not None and routed.stamp.version == chain.step
+
+
+async def test_a_new_step_reaches_the_router_at_once_and_moves_a_within_floor(
+    chain: Chain,
+) -> None:
+    async with FleetRouter(chain.trainer, rule=Rule.within(0), watch_s=60.0, wait_s=0.2) as router:
+        assert (await router.call("answer")).stamp == (await router.call("answer")).stamp
+        chain.step += 1
+        await within(chain.trainer.publish.remote(chain.step))  # built, not yet synced
+
+        async def moved() -> bool:
+            return router.ready_step == chain.step
+
+        await eventually(moved, "the router did not learn the new step", seconds=5)
+        assert router.eligible() == []  # every engine is a step behind now
+        with pytest.raises(RoutingError, match=r"within\(0\)"):
+            await router.call("answer")
