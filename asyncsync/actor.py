@@ -275,6 +275,8 @@ class WeightSyncActor:
             async with self.weight_cache.build(step) as build:
                 await build.add(_Deferred(self.named_weights, step))
         self.metrics.build(time.perf_counter() - start, build.nbytes)
+        # A new ready step is a new epoch: a router's `within` floor moves with it.
+        self.fleet.note_published()
         # The identity engines will stamp answers with once they serve this step.
         with contextlib.suppress(ClosedError):
             async with self.weight_cache.read(min_step=step) as snap:
@@ -374,11 +376,12 @@ class WeightSyncActor:
 
         Returns at once when the fleet's epoch is newer than ``after`` (``-1``:
         always), else when it changes, else after ``timeout_s`` (then with the same
-        epoch). Every change of an engine's health, version or weights, and every
-        engine added or removed, is a new epoch. A watch waits holding one of the
-        actor's session slots (:class:`ActorSlots`), so builds and control calls
-        always run; past the bound it raises :class:`~asyncsync.AdmissionError`.
-        This is how :class:`~asyncsync.FleetRouter` learns of changes.
+        epoch). Every change of an engine's health, version or weights, every
+        engine added or removed, and every step built, is a new epoch. A watch
+        waits holding one of the actor's session slots (:class:`ActorSlots`), so
+        builds and control calls always run; past the bound it raises
+        :class:`~asyncsync.AdmissionError`. This is how
+        :class:`~asyncsync.FleetRouter` learns of changes.
         """
         check_number(timeout_s, "fleet_watch: timeout_s", ConfigError, low=0.0)
         check_int(after, "fleet_watch: after", ConfigError, low=-1)

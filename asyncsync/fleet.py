@@ -367,6 +367,11 @@ class EngineFleet:
         if self.on_change is not None:
             self.on_change(member.state())
 
+    def note_published(self) -> None:
+        """The train actor published a new ready step: a new epoch, so watchers
+        (a router's ``within`` floor) learn it as they learn an engine's change."""
+        self._changed()
+
     def _changed(self) -> None:
         self.epoch += 1
         self.changed_at = time.time()
@@ -376,7 +381,8 @@ class EngineFleet:
         """Wait until the fleet changed after epoch ``after`` (or ``timeout_s`` passed).
 
         Returns the epoch now. Every change of an engine's health, reported version
-        or weights, and every engine added or removed, makes a new epoch; a caller
+        or weights, every engine added or removed, and every step the train actor
+        published, makes a new epoch; a caller
         that holds the view of epoch ``e`` is up to date until ``watch(e)`` returns.
         """
         if self.epoch > after or self.closed:
