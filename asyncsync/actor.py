@@ -44,6 +44,7 @@ from ._checks import check_int, check_number, is_number
 from .buckets import tensor_digest
 from .cache import DEFAULT_BUCKET_BYTES, BucketCache, CacheStats
 from .client import Deadlines
+from .delta import DeltaStats, DeltaStore
 from .errors import (
     ActorDefinitionError,
     AdmissionError,
@@ -86,6 +87,7 @@ CACHE_METHODS = (
     "run_sync_session",
     "cache_ready_step",
     "cache_stats",
+    "delta_stats",
     "ready_snapshot_digests",
     "sync_spans",
     "fleet_status",
@@ -170,6 +172,13 @@ class WeightSyncActor:
             off. ``metrics_interval_s``: how often the gauges are sampled and each
             engine is asked for its ``receiver_stats()``. See
             :mod:`asyncsync.metrics` and the "Operating asyncsync" guide.
+        delta_sync: compute, after each publish, the delta of the new snapshot
+            against the previous one, for engines that serve it (see
+            :mod:`asyncsync.delta`). Nothing is computed until a session first
+            has an engine a delta would go to (one across nodes, or
+            ``SyncPlan(delta="always")``); from then on it costs a private copy of
+            the newest snapshot (1x the model) and one pass over it per publish, in
+            a worker thread. ``False``: full snapshots only.
 
     Create it with :func:`train_actor`, which sets ``max_concurrency`` and tells the
     instance how many sessions it may admit (:class:`ActorSlots`).
@@ -187,6 +196,7 @@ class WeightSyncActor:
         catch_up_plan: SyncPlan | None = None,
         metrics: bool = True,
         metrics_interval_s: float = 5.0,
+        delta_sync: bool = True,
     ) -> None:
         if deadlines is not None and not isinstance(deadlines, Deadlines):
             raise ConfigError(f"deadlines must be a Deadlines, got {deadlines!r}"[:200])
@@ -204,6 +214,9 @@ class WeightSyncActor:
                 f"{transport_options!r}"[:200]
             )
         self.weight_cache = BucketCache(bucket_bytes, max_resident_bytes)
+        if not isinstance(delta_sync, bool):
+            raise ConfigError(f"delta_sync must be True or False, got {delta_sync!r}"[:200])
+        self.deltas = DeltaStore(self.weight_cache) if delta_sync else None
         self.sync_span_log = SpanLog()
         if not isinstance(metrics, bool):
             raise ConfigError(f"metrics must be True or False, got {metrics!r}"[:200])
@@ -277,6 +290,8 @@ class WeightSyncActor:
         self.metrics.build(time.perf_counter() - start, build.nbytes)
         # A new ready step is a new epoch: a router's `within` floor moves with it.
         self.fleet.note_published()
+        if self.deltas is not None:
+            self.deltas.published()  # in the background: the build returns now
         # The identity engines will stamp answers with once they serve this step.
         with contextlib.suppress(ClosedError):
             async with self.weight_cache.read(min_step=step) as snap:
@@ -319,7 +334,13 @@ class WeightSyncActor:
                 background=self._background,
                 spans=self.sync_span_log,
                 metrics=self.metrics,
+                deltas=self.deltas,
             )
+
+    async def delta_stats(self) -> DeltaStats | None:
+        """The delta store's state (see :class:`~asyncsync.delta.DeltaStats`);
+        ``None`` when the actor was made with ``delta_sync=False``."""
+        return self.deltas.stats() if self.deltas is not None else None
 
     async def cache_ready_step(self) -> int | None:
         """The newest published step (``None`` before the first build)."""
@@ -458,6 +479,8 @@ class WeightSyncActor:
             with contextlib.suppress(Exception):
                 await transport.close()
         self._transports.clear()
+        if self.deltas is not None:
+            await self.deltas.close()
         await self.weight_cache.close()
 
     # ------------------------------------------------------------ helpers
@@ -523,6 +546,7 @@ class WeightSyncActor:
             spans=self.sync_span_log,
             kind="catch_up",
             metrics=self.metrics,
+            deltas=self.deltas,
         )
 
     def _transport(self, name: str) -> Transport:

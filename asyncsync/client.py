@@ -36,13 +36,14 @@ from ._primitives import shielded
 from .buckets import BucketManifest
 from .errors import (
     ConfigError,
+    DeltaBaseError,
     FleetError,
     SessionError,
     SessionTimeoutError,
     first_session_error,
     last_line,
 )
-from .protocol import EngineInfo, Receiver, ReceiverStats
+from .protocol import DeltaHeader, EngineInfo, Receiver, ReceiverStats
 
 __all__ = ["Deadlines", "EngineClient", "SessionTag"]
 
@@ -167,6 +168,33 @@ class EngineClient:
             "begin",
             session,
         )
+        return info
+
+    async def begin_delta(
+        self,
+        name: str,
+        session: SessionTag,
+        manifest: Sequence[BucketManifest],
+        header: DeltaHeader,
+        ttl_s: float,
+    ) -> EngineInfo | None:
+        """Open ``session`` on ``name`` as a delta on ``header``'s base; what the
+        engine reports, or ``None`` when it refused the base
+        (:class:`~asyncsync.DeltaBaseError`: nothing opened, send it the full snapshot)."""
+        assert session.session_id is not None and session.step is not None
+        try:
+            info: EngineInfo = await self._call(
+                name,
+                Receiver.begin_delta,
+                (session.session_id, session.step, manifest, header, ttl_s),
+                self.deadlines.call_s,
+                "begin_delta",
+                session,
+            )
+        except SessionError as exc:
+            if isinstance(exc.__cause__, DeltaBaseError):
+                return None
+            raise
         return info
 
     async def receive(

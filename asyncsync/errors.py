@@ -28,6 +28,7 @@ AsyncSyncError
 ├── RoutingError                         no engine eligible for a routed call, or none answered
 ├── ProtocolError                        an engine refused a call of the protocol
 │   ├── ChecksumMismatchError (ValueError)  a bucket's bytes do not hash to its checksum
+│   ├── DeltaBaseError                   a delta refused: the engine does not serve its base
 │   └── TransportError                   a transport's engine side could not set up or deliver
 ├── ActorDefinitionError (TypeError)     a train-actor class that would break the one-loop contract
 ├── ConversionError (LookupError)        a Megatron parameter or state dict that cannot be converted
@@ -59,6 +60,7 @@ __all__ = [
     "ConfigError",
     "ConversionError",
     "CoverageError",
+    "DeltaBaseError",
     "FleetError",
     "InvalidStepError",
     "NothingBuiltError",
@@ -275,6 +277,15 @@ class ProtocolError(AsyncSyncError):
 
 class ChecksumMismatchError(ProtocolError, ValueError):
     """A received bucket's payload does not hash to its manifest checksum (corruption)."""
+
+
+class DeltaBaseError(ProtocolError):
+    """An engine refused a delta: it does not serve the delta's base.
+
+    The delta names its base (step, weights identity, every bucket's checksum); the
+    engine serves another version, is not intact, or keeps no copy of its buckets.
+    Nothing was opened; the session sends that engine the full snapshot instead.
+    """
 
 
 class TransportError(ProtocolError):

@@ -29,6 +29,8 @@ __all__ = ["POLICIES", "EngineReport", "Outcome", "SyncPlan", "SyncReport"]
 ALL_OR_NOTHING = "all_or_nothing"
 PER_ENGINE = "per_engine"
 POLICIES = (ALL_OR_NOTHING, PER_ENGINE)
+DELTA_MODES = ("auto", "never", "always")
+"""``SyncPlan.delta`` values (see :class:`SyncPlan` and :mod:`asyncsync.delta`)."""
 """Commit policies (see the module docstring)."""
 
 # Renamed in 0.2: the old name, for the error that says so.
@@ -85,6 +87,13 @@ class SyncPlan:
             (:class:`~asyncsync.ReadTimeoutError`); ``None`` waits without bound.
         max_inflight_buckets: unacknowledged buckets per engine (memory bound and
             pipelining depth).
+        delta: ``"auto"`` (default): an engine that serves the base of the train
+            actor's newest delta gets the delta (only the changed words, see
+            :mod:`asyncsync.delta`) over a cross-node transport, the full
+            snapshot over the same-node one (which moves no bytes); ``"always"``:
+            the delta over every transport; ``"never"``: full snapshots only. An
+            engine that refuses a delta's base gets the full snapshot in the same
+            session.
 
     Bounds on each call to an engine (a control call, delivering an abort, a
     probe) are the train actor's, not the plan's: see
@@ -106,6 +115,7 @@ class SyncPlan:
     timeout_s: float = 300.0
     pin_timeout_s: float | None = 60.0
     max_inflight_buckets: int = 2
+    delta: str = "auto"
 
     def __post_init__(self) -> None:
         engines = self.engines
@@ -159,6 +169,8 @@ class SyncPlan:
                 f"SyncPlan.max_inflight_buckets must be an int >= 1, got "
                 f"{self.max_inflight_buckets!r}"
             )
+        if self.delta not in DELTA_MODES:
+            raise ConfigError(f"SyncPlan.delta must be one of {DELTA_MODES}, got {self.delta!r}")
         if not is_number(self.timeout_s) or not self.timeout_s > 0:
             raise ConfigError(f"SyncPlan.timeout_s must be positive, got {self.timeout_s!r}")
         for name in ("pin_timeout_s", "straggler_grace_s"):
@@ -181,7 +193,9 @@ class EngineReport:
     """What one engine did in a session (see :class:`Outcome`); times in seconds.
 
     ``version`` is the version the engine reported serving (``None`` if unknown).
-    ``begin_s`` is this engine's own ``begin`` call.
+    ``begin_s`` is this engine's own ``begin`` call. ``delta``: it was sent the
+    delta on its base (not the full snapshot); ``sent_bytes``: the payload bytes
+    streamed to it.
     """
 
     name: str
@@ -192,6 +206,8 @@ class EngineReport:
     transfer_s: float
     commit_s: float
     error: str | None = None
+    delta: bool = False
+    sent_bytes: int = 0
 
 
 @dataclass(frozen=True)

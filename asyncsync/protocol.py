@@ -11,6 +11,7 @@ One session, as an engine sees it::
 
     begin(session_id, step, manifest, ttl_s) -> EngineInfo   # refuse what it cannot take
     receive(session_id, index, payload) -> int               # stage bucket ``index``, verified
+    begin_delta(session_id, step, manifest, header, ttl_s)   # the same, as a delta on a base
     commit(session_id) -> int                                # the version now served
     abort(session_id)                                        # drop the staging; idempotent
 
@@ -99,6 +100,24 @@ class EngineInfo:
 
 
 @dataclass(frozen=True)
+class DeltaHeader:
+    """What ``begin_delta`` announces besides the target manifest (see :mod:`asyncsync.delta`).
+
+    ``base_step``, ``base_weights`` and ``base_checksums`` name the snapshot the
+    delta was computed against (one checksum per bucket); ``payload`` is the
+    manifest of the delta buckets that ``receive`` delivers; ``kinds`` says per
+    bucket how its payload applies (``"sparse"``: changed 2-byte words and their
+    values; ``"dense"``: the whole bucket).
+    """
+
+    base_step: int
+    base_weights: str
+    base_checksums: tuple[int, ...]
+    payload: tuple[BucketManifest, ...]
+    kinds: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class ReceiverStats:
     """An engine's receiver at one instant.
 
@@ -158,6 +177,22 @@ class Receiver(Protocol):
         Raises (nothing opened) for a manifest the engine cannot take, a reused id,
         or a step older than the version served. Staging not committed within
         ``ttl_s`` seconds is dropped.
+        """
+        ...
+
+    async def begin_delta(
+        self,
+        session_id: str,
+        step: int,
+        manifest: Sequence[BucketManifest],
+        header: DeltaHeader,
+        ttl_s: float | None = None,
+    ) -> EngineInfo:
+        """Like :meth:`begin`, but ``receive`` delivers a delta on ``header``'s base.
+
+        ``manifest`` is the target snapshot's. Raises
+        :class:`~asyncsync.DeltaBaseError` (nothing opened, the id unused) unless
+        the engine serves exactly the base the header names.
         """
         ...
 

@@ -40,16 +40,21 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import numpy as np
+
 from ._primitives import ReadWriteLock, uninterrupted
 from .buckets import Bucket, BucketManifest, check_manifests
+from .delta import check_header, patch_and_verify
 from .errors import (
     ConfigError,
+    DeltaBaseError,
     InvalidStepError,
     ProtocolError,
     StaleStepError,
 )
-from .protocol import EngineInfo, ReceiverStats, Stamp, weights_identity
+from .protocol import DeltaHeader, EngineInfo, ReceiverStats, Stamp, weights_identity
 from .transport import KeptState, backend, load_payload
+from .transport.shm import SharedPayload
 
 __all__ = [
     "DEFAULT_STAGING_TTL_S",
@@ -73,6 +78,13 @@ class _Staging:
     expires_at: float
     buckets: dict[int, Bucket] = field(default_factory=dict)
     receiving: set[int] = field(default_factory=set)
+    # A delta session: what it applies on, and the target (``manifest`` is then the
+    # manifest of the delta buckets that arrive).
+    header: DeltaHeader | None = None
+    target: tuple[BucketManifest, ...] = ()
+    # Every bucket so far mapped the train actor's memory on this node (the shared
+    # snapshot transport): no payload byte moved, and a delta would save nothing.
+    mapped_only: bool = True
     # Set once apply() runs: such staging is never dropped (its buckets are being read).
     applying: bool = False
 
@@ -106,6 +118,14 @@ class StagingReceiver:
     accepts_empty_updates: ClassVar[bool] = False
     """Whether ``begin`` accepts a manifest without any tensor (default: refused)."""
 
+    keeps_delta_base: ClassVar[bool] = True
+    """Whether the engine may keep a private copy of the buckets it serves (1x the
+    model, host memory) so it can take deltas (:meth:`begin_delta`). It keeps one
+    once weights reach it over a transport that moves bytes (object store,
+    collective) or once a session offered it a delta; an engine only ever fed by
+    the same-node shared snapshot keeps none and pays no copy. ``False``: never
+    (every session then sends this engine the full snapshot)."""
+
     def __init__(self) -> None:
         self.version: int | None = None
         """The version served (``None``: the initial weights, or none when not intact)."""
@@ -137,6 +157,11 @@ class StagingReceiver:
         # one critical section, or two sessions committing at once could apply the
         # older version over the newer one.
         self._commit_lock = asyncio.Lock()
+        # The private copy of the served buckets (delta base), and their checksums
+        # (empty: no base kept; deltas are refused).
+        self._base: list[np.ndarray] = []
+        self._base_sums: tuple[int, ...] = ()
+        self._delta_offered = False
 
     # ----------------------------------------------------------------- for engines
 
@@ -213,6 +238,16 @@ class StagingReceiver:
         is refused with :class:`ProtocolError` unless the engine sets
         :attr:`accepts_empty_updates`.
         """
+        return await self._open(session_id, step, manifest, ttl_s, None)
+
+    async def _open(
+        self,
+        session_id: str,
+        step: int,
+        manifest: Sequence[BucketManifest],
+        ttl_s: float | None,
+        header: DeltaHeader | None,
+    ) -> EngineInfo:
         if not isinstance(session_id, str) or not session_id:
             raise ConfigError(f"begin: session ids are non-empty strings, got {session_id!r}")
         if isinstance(step, bool) or not isinstance(step, int) or step < -1:
@@ -249,10 +284,64 @@ class StagingReceiver:
                 f"engine meant to take one sets accepts_empty_updates = True"
             )
         self.check_manifest(manifest)
+        if header is not None:
+            self._check_base(session_id, step, manifest, header)
         self._remember(session_id)
-        self._sessions[session_id] = _Staging(step, tuple(manifest), time.monotonic() + ttl)
+        staging = _Staging(step, tuple(manifest), time.monotonic() + ttl)
+        if header is not None:
+            staging.header, staging.target = header, tuple(manifest)
+            staging.manifest = tuple(header.payload)
+        self._sessions[session_id] = staging
         self._ensure_reaper()
         return await self.engine_info()
+
+    async def begin_delta(
+        self,
+        session_id: str,
+        step: int,
+        manifest: Sequence[BucketManifest],
+        header: DeltaHeader,
+        ttl_s: float | None = None,
+    ) -> EngineInfo:
+        """Like :meth:`begin` for the target ``manifest``, but ``receive`` delivers
+        the delta buckets of ``header`` (see :mod:`asyncsync.delta`).
+
+        Raises :class:`~asyncsync.DeltaBaseError` (nothing opened, the id unused)
+        unless this engine serves exactly the header's base: that step, that
+        weights identity, intact, and a kept copy whose every bucket has the
+        header's base checksum. At commit the kept copy is patched and every bucket
+        must hash to the target's checksum before the model is touched.
+        """
+        if not isinstance(header, DeltaHeader):
+            raise ProtocolError(
+                f"session {session_id!r}: the delta header must be a DeltaHeader, got "
+                f"{type(header).__name__}"
+            )
+        return await self._open(session_id, step, manifest, ttl_s, header)
+
+    def _check_base(
+        self,
+        session_id: str,
+        step: int,
+        manifest: Sequence[BucketManifest],
+        header: DeltaHeader,
+    ) -> None:
+        check_header(header, manifest)
+        self._delta_offered = True  # keep a base from the next full commit on
+        why = None
+        if not self.keeps_delta_base:
+            why = "this engine keeps no copy of its buckets (keeps_delta_base is False)"
+        elif not self.intact:
+            why = "this engine serves no whole version (an apply failed)"
+        elif self.version != header.base_step or self.identity != header.base_weights:
+            why = f"this engine serves version {self.version}"
+        elif self._base_sums != header.base_checksums:
+            why = "its kept buckets differ from the base's checksums"
+        if why is not None:
+            raise DeltaBaseError(
+                f"session {session_id!r}: a delta to step {step} on base step "
+                f"{header.base_step} refused: {why}"
+            )
 
     async def receive(self, session_id: str, index: int, payload: Any) -> int:
         """Load bucket ``index`` from ``payload``, validate it and stage it; return its size.
@@ -288,6 +377,8 @@ class StagingReceiver:
             staging.receiving.discard(index)
             # Loading may have kept something (a mapping) that the reaper must prune.
             self._ensure_reaper()
+        if not isinstance(payload, SharedPayload):
+            staging.mapped_only = False
         self._timing.received_bytes += bucket.nbytes
         self._timing.load_s += load_s
         self._timing.verify_s += verify_s
@@ -334,14 +425,21 @@ class StagingReceiver:
             staging.applying = True
             applied = staging.nbytes
             start = time.perf_counter()
+            target = staging.target if staging.header is not None else staging.manifest
             try:
                 # Verified bucket by bucket against this manifest: the identity of the
                 # weights about to serve, by construction (a pass over every tensor's
                 # record: off the loop for large models).
-                identity = await asyncio.to_thread(weights_identity, staging.manifest)
+                identity = await asyncio.to_thread(weights_identity, target)
+                buckets = ordered
+                if staging.header is not None:
+                    buckets = await self._patched(staging)
+                    applied = sum(b.nbytes for b in buckets)
+                # The kept copy is about to describe other weights: none until re-taken.
+                sums, self._base_sums = self._base_sums, ()
                 async with self._lease.write():
                     try:
-                        await self.apply(ordered, staging.step)
+                        await self.apply(buckets, staging.step)
                         await self.on_commit(staging.step)
                     except BaseException:
                         # Part of the new weights may be in: serve no version, stamp
@@ -349,6 +447,16 @@ class StagingReceiver:
                         self.version, self.identity, self.intact = None, None, False
                         raise
                     self.version, self.identity, self.intact = staging.step, identity, True
+                if staging.header is not None:
+                    sums = tuple(m.checksum for m in target)  # the patched copy is the target
+                elif self.keeps_delta_base and (self._delta_offered or not staging.mapped_only):
+                    # Keep a private copy of the verified bytes now served (the shared
+                    # ones may map the train actor's memory): the next delta's base.
+                    await asyncio.to_thread(self._keep_base, ordered)
+                    sums = tuple(m.checksum for m in target)
+                else:
+                    sums = ()
+                self._base_sums = sums
             finally:
                 staging.applying = False
                 # Let go of the buckets now, not when a garbage collection finds the
@@ -367,6 +475,43 @@ class StagingReceiver:
                         f"step {held.step}",
                     )
             return staging.step
+
+    async def _patched(self, staging: _Staging) -> list[Bucket]:
+        """A delta session's target buckets: the kept copy, patched and verified.
+
+        On a mismatch (or any failure) the kept copy is dropped (deltas are refused
+        until a full session commits) and the model is untouched.
+        """
+        assert staging.header is not None
+        if self._base_sums != staging.header.base_checksums:
+            raise DeltaBaseError(
+                f"step {staging.step}: the kept base changed since the delta began "
+                f"(base step {staging.header.base_step})"
+            )
+        payloads = [staging.buckets[i] for i in range(len(staging.manifest))]
+        self._base_sums = ()
+        try:
+            await asyncio.to_thread(
+                patch_and_verify, self._base, staging.header, staging.target, payloads
+            )
+        except BaseException:
+            self._base = []
+            raise
+        return [
+            Bucket(kept, m.index, m.checksum)
+            for kept, m in zip(self._base, staging.target, strict=True)
+        ]
+
+    def _keep_base(self, buckets: Sequence[Bucket]) -> None:
+        """Worker thread: copy ``buckets`` into the kept base (reusing its arrays)."""
+        old = self._base if len(self._base) == len(buckets) else []
+        kept = []
+        for i, bucket in enumerate(buckets):
+            reuse = old[i] if old and old[i].nbytes == bucket.nbytes else None
+            array = reuse if reuse is not None else np.empty(bucket.nbytes, dtype=np.uint8)
+            np.copyto(array, bucket.buffer)
+            kept.append(array)
+        self._base = kept
 
     async def abort(self, session_id: str) -> None:
         """Drop the session's staging; idempotent, unknown ids are ignored.

@@ -59,6 +59,7 @@ from typing import Any, TypeVar
 from ._primitives import detached, shielded, uninterrupted
 from .cache import BucketCache, Snapshot
 from .client import EngineClient, SessionTag
+from .delta import DeltaSnapshot, DeltaStore
 from .errors import (
     NothingBuiltError,
     QuorumError,
@@ -93,6 +94,7 @@ async def run_session(
     spans: SpanLog | None = None,
     kind: str = "session",
     metrics: MetricsRecorder | None = None,
+    deltas: DeltaStore | None = None,
 ) -> SyncReport:
     """Run one session as described in the module docstring.
 
@@ -112,8 +114,11 @@ async def run_session(
             wait for it or cancel it at shutdown.
         kind: ``"catch_up"`` for the fleet keeper's catch-up sessions.
         metrics: told how the session ended (see :mod:`asyncsync.metrics`).
+        deltas: the train actor's deltas (see :mod:`asyncsync.delta`): engines on
+            the base of the pinned step's delta get it, as ``plan.delta`` says.
     """
     session = _Session(cache, plan, fleet, transports, owner_node, background, spans, kind)
+    session.deltas = deltas
     engines = list(fleet.session_engines() if names is None else names)
     if metrics is None:
         return await session.run(engines)
@@ -142,6 +147,13 @@ class _Run:
     begun: bool = False
     prepared: bool = False
     commit: asyncio.Future[int] | None = None
+    delta: bool = False  # streams the delta on its base (not the full snapshot)
+    sent_bytes: int = 0
+
+    @property
+    def stream(self) -> tuple[str, bool]:
+        """Its fan-out: the transport, and whether it carries the delta."""
+        return (self.transport, self.delta)
 
     @property
     def applying(self) -> bool:
@@ -182,7 +194,10 @@ class _Session:
         self.identity: str | None = None
         self.tag = SessionTag(self.id)
         self.runs: dict[str, _Run] = {}
-        self.puts: dict[str, BucketFanOut] = {}
+        self.puts: dict[tuple[str, bool], BucketFanOut] = {}
+        self.deltas: DeltaStore | None = None
+        self.delta: DeltaSnapshot | None = None
+        self.pin = AsyncExitStack()  # the run's: what it holds until the session ends
         self.busy: tuple[str, ...] = ()
         self.snap: Snapshot | None = None
         self.pinned_at = 0.0
@@ -261,6 +276,7 @@ class _Session:
                 ) from None
             self.snap = snap
             self.step = snap.step
+            self.pin = pin
             # A pass over every tensor's record: off the loop for large models.
             self.identity = await asyncio.to_thread(weights_identity, snap.manifest)
             self.tag = SessionTag(self.id, snap.step)
@@ -324,6 +340,41 @@ class _Session:
         shareable = _shareable(self.snap)
         for name in self._live():
             self.runs[name].transport = self._choose(name, self.fleet.node_of(name), shareable)
+        await self._choose_deltas()
+
+    async def _choose_deltas(self) -> None:
+        """Per engine, the delta or the full snapshot, by the version the fleet knows
+        it serves; engines of one grouped transport share one stream (all or none)."""
+        if self.plan.delta == "never" or self.deltas is None:
+            return
+        wanted = [
+            name
+            for name in self._live()
+            if self.plan.delta == "always" or not backend(self.runs[name].transport).same_node_only
+        ]
+        if not wanted:
+            return
+        self.deltas.want()  # computed from the next publish on, if it was not yet
+        # Held with the pin: the delta's buffers stay while this session streams. A
+        # computation in flight (maybe of this step) is waited for, within the timeout.
+        delta = await self.pin.enter_async_context(self.deltas.pinned(self.step))
+        self.delta = delta
+        if delta is None:
+            return
+        base = delta.header
+        view = self.fleet.view().engines
+        for name in wanted:
+            run, state = self.runs[name], view.get(name)
+            run.delta = (
+                state is not None
+                and state.version == base.base_step
+                and state.weights == base.base_weights
+            )
+        for transport in {r.transport for r in self.runs.values()}:
+            group = [self.runs[n] for n in self._live() if self.runs[n].transport == transport]
+            if backend(transport).grouped and not all(r.delta for r in group):
+                for run in group:
+                    run.delta = False
 
     def _choose(self, name: str, node: str | None, shareable: bool) -> str:
         plan = self.plan
@@ -385,7 +436,18 @@ class _Session:
         ttl = self.plan.timeout_s + self.fleet.deadlines.abort_s
         run.begun = True
         start = time.monotonic()
-        info = await self.client.begin(name, self.tag, self.snap.manifest, ttl)
+        info = None
+        if run.delta:
+            assert self.delta is not None
+            header = self.delta.header
+            info = await self.client.begin_delta(name, self.tag, self.snap.manifest, header, ttl)
+            if info is None:
+                # It does not serve the delta's base after all: the full snapshot, in
+                # this session (out of a grouped transport, whose members share one
+                # stream, onto the object store).
+                await self._restream(name)
+        if info is None:
+            info = await self.client.begin(name, self.tag, self.snap.manifest, ttl)
         run.begin_s = time.monotonic() - start
         self.fleet.observe(name, info)
         if info.version == self.step and info.weights == self.identity:
@@ -396,15 +458,45 @@ class _Session:
             await self._leave(name)
 
     async def _start_transports(self) -> None:
-        assert self.snap is not None
-        by_transport: dict[str, dict[str, Any]] = {}
+        by_stream: dict[tuple[str, bool], dict[str, Any]] = {}
         for name in self._live():
-            by_transport.setdefault(self.runs[name].transport, {})[name] = self.handles[name]
-        for name, engines in by_transport.items():
-            ctx = SessionContext(self.id, self.step, engines, self.snap.manifest, self.client)
-            self.puts[name] = BucketFanOut(name, self.transports(name), ctx, self.snap.buckets)
+            by_stream.setdefault(self.runs[name].stream, {})[name] = self.handles[name]
+        for stream, engines in by_stream.items():
+            self.puts[stream] = self._fan_out(stream, engines)
         for puts in self.puts.values():
             await puts.start()
+
+    def _fan_out(self, stream: tuple[str, bool], engines: dict[str, Any]) -> BucketFanOut:
+        assert self.snap is not None
+        transport, delta = stream
+        if delta:
+            assert self.delta is not None
+            # Its own id for the transport: the full snapshot's puts of the same
+            # session on the same transport are other objects.
+            ctx = SessionContext(
+                f"{self.id}.delta", self.step, engines, self.delta.header.payload, self.client
+            )
+            return BucketFanOut(transport, self.transports(transport), ctx, self.delta.buckets)
+        ctx = SessionContext(self.id, self.step, engines, self.snap.manifest, self.client)
+        return BucketFanOut(transport, self.transports(transport), ctx, self.snap.buckets)
+
+    async def _restream(self, name: str) -> None:
+        """``name`` refused the delta: it streams the full snapshot instead."""
+        run = self.runs[name]
+        old = self.puts.get(run.stream)
+        if old is not None:
+            await old.leave(name)
+        run.delta = False
+        if backend(run.transport).grouped:
+            run.transport = "object_store"
+        if not self.puts:
+            return  # transports not started yet: it joins the full stream at start
+        puts = self.puts.get(run.stream)
+        if puts is None:
+            puts = self.puts[run.stream] = self._fan_out(run.stream, {name: self.handles[name]})
+            await puts.start()
+        else:
+            puts.join(name)
 
     async def _begin_and_stream(self, name: str) -> None:
         """``per_engine``: begin (unless done with the first ones), then stream."""
@@ -417,7 +509,7 @@ class _Session:
     async def _stream(self, name: str) -> None:
         """Send every bucket to ``name``; returns once it acknowledged them all (prepared)."""
         run = self.runs[name]
-        puts = self.puts[run.transport]
+        puts = self.puts[run.stream]
         assert self.snap is not None
         inflight = asyncio.Semaphore(self.plan.max_inflight_buckets)
         start = time.monotonic()
@@ -438,6 +530,7 @@ class _Session:
                     group.create_task(receive(index, payload))
         except BaseExceptionGroup as errors:
             raise first_session_error(errors) from None
+        run.sent_bytes = sum(b.nbytes for b in puts.buckets)
         run.transfer_s = time.monotonic() - start
         run.prepared = True
 
@@ -658,7 +751,7 @@ class _Session:
         await self.client.abort({n: self.handles[n] for n in names}, self.id)
 
     async def _leave(self, name: str) -> None:
-        puts = self.puts.get(self.runs[name].transport)
+        puts = self.puts.get(self.runs[name].stream)
         if puts is not None:
             await puts.leave(name)
 
@@ -698,6 +791,8 @@ class _Session:
                 transfer_s=run.transfer_s,
                 commit_s=run.commit_s,
                 error=run.error,
+                delta=run.delta,
+                sent_bytes=run.sent_bytes,
             )
         return SyncReport(
             session_id=self.id,

@@ -47,14 +47,33 @@ def step_weights(step: int) -> dict[str, torch.Tensor]:
     return {f"layer{i}.w": base * 1e-3 + (step * 10 + i) for i in range(NUM_TENSORS)}
 
 
-class LightTrainer(WeightSyncActor):
-    """A train actor with plain tensors; remembers the digests of every published step."""
+def sparse_step_weights(step: int) -> dict[str, torch.Tensor]:
+    """bf16 weights of which about 1% of the elements change from one step to the next
+    (as served weights do in RL post-training): the delta suites' weights."""
+    out = {}
+    position = torch.arange(NUMEL)
+    for i in range(NUM_TENSORS):
+        t = (position * 1e-3 + i).to(torch.bfloat16)
+        for s in range(step + 1):
+            hit = (position * 31 + s * 7 + i) % 101 == 0
+            t = torch.where(hit, t + (s + 1) * 0.25, t)
+        out[f"layer{i}.w"] = t
+    return out
 
-    def __init__(self, **kwargs: Any) -> None:
+
+class LightTrainer(WeightSyncActor):
+    """A train actor with plain tensors; remembers the digests of every published step.
+
+    ``sparse=True``: bf16 weights of which ~1% change per step (see
+    :func:`sparse_step_weights`), else float32 weights that change everywhere.
+    """
+
+    def __init__(self, sparse: bool = False, **kwargs: Any) -> None:
         kwargs.setdefault("bucket_bytes", BUCKET_BYTES)
         super().__init__(**kwargs)
         torch.set_num_threads(1)
-        self.weights = step_weights(-1)
+        self.weights_of = sparse_step_weights if sparse else step_weights
+        self.weights = self.weights_of(-1)
         self.digests: dict[int, dict[str, int]] = {}
 
     def named_weights(self, step: int) -> Any:
@@ -62,7 +81,7 @@ class LightTrainer(WeightSyncActor):
 
     async def publish(self, step: int) -> int:
         """Set the weights for ``step``, build its snapshot, record the snapshot's digests."""
-        self.weights = step_weights(step)
+        self.weights = self.weights_of(step)
         await self.build_cpu_bucket_cache(step)
         ready, digests = await self.ready_snapshot_digests()
         self.digests[ready] = digests

@@ -54,6 +54,13 @@ class BucketFanOut:
         # Shielded: one engine giving up must not cancel a put the others share.
         return await asyncio.shield(put)
 
+    def join(self, engine: str) -> None:
+        """``engine`` streams from this fan-out too (it came over from another):
+        no bucket is released before it has it (one already released is put again)."""
+        self.engines.add(engine)
+        for needed in self._needed.values():
+            needed.add(engine)
+
     async def took(self, index: int, engine: str) -> None:
         """``engine`` has bucket ``index``."""
         needed = self._needed.get(index)
