@@ -182,6 +182,8 @@ class EngineClient:
         engine reports, or ``None`` when it refused the base
         (:class:`~asyncsync.DeltaBaseError`: nothing opened, send it the full snapshot)."""
         assert session.session_id is not None and session.step is not None
+        if not hasattr(self._lookup(name), Receiver.begin_delta.__name__):
+            return None  # an engine written before deltas: it takes full snapshots
         try:
             info: EngineInfo = await self._call(
                 name,

@@ -21,6 +21,7 @@ from _actors import TINY_LLAMA
 
 from asyncsync import Bucket, Stamp
 from asyncsync.buckets import tensor_digest
+from asyncsync.delta import check_header
 from asyncsync.engines import HFEngine, TensorEngine, check_fits, copy_into, copy_named
 from asyncsync.testing.conformance import (
     PROMISES,
@@ -166,12 +167,20 @@ class StampOutsideTheLease(TensorEngine):
         return stamp, digests
 
 
+class IgnoresTheDeltaBase(TensorEngine):
+    """Broken: takes a delta without checking that it serves the delta's base."""
+
+    def _check_base(self, session_id: str, step: int, manifest: Any, header: Any) -> None:
+        check_header(header, manifest)
+
+
 BROKEN = [
     (AppliesAtReceive, "staging-invisible", "with buckets 0..0 of step 1 received"),
     (StampsBeforeApply, "commit-serves-update", "stamp as expected, 4 of 4 weights differ"),
     (KeepsStampAfterFailure, "failed-apply-not-intact", "an answer is stamped Stamp(version=0,"),
     (TakesPartialUpdates, "partial-refused", "begin('conformance-partial-"),
     (StampOutsideTheLease, "commit-atomic", "while step 1 committed over 0: answers are stamped"),
+    (IgnoresTheDeltaBase, "delta-base", "a delta on another version: begin_delta('conformance-"),
 ]
 
 

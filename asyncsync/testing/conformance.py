@@ -50,16 +50,18 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, TypeVar
 
+import numpy as np
 import pytest
 import torch
 import xxhash
 
 from ..buckets import Bucket, BucketManifest, aligned, pack, tensor_digest
-from ..errors import ChecksumMismatchError, ProtocolError, StaleStepError
-from ..protocol import EngineInfo, Stamp, weights_identity
+from ..delta import encode_bucket
+from ..errors import ChecksumMismatchError, DeltaBaseError, ProtocolError, StaleStepError
+from ..protocol import DeltaHeader, EngineInfo, Stamp, weights_identity
 
 __all__ = [
     "PROMISES",
@@ -217,6 +219,13 @@ PROMISES: dict[str, Promise] = {
             "a cancelled begin, receive, commit or abort leaves the engine serving one "
             "whole version that it reports, and the next session commits",
             _CANCEL,
+        ),
+        Promise(
+            "delta-base",
+            "begin_delta refuses a delta on any base but the one served (another version, "
+            "identity or bucket checksum) with DeltaBaseError, opening nothing; a delta on "
+            "the served base commits exactly the target's weights",
+            _STEPS,
         ),
     ]
 }
@@ -1006,6 +1015,70 @@ async def _cancel(kit: Kit) -> None:
             await kit.session(after, f"after-cancel-{method}")
             await kit.expect(after.served, f"a full session {where}", "cancel-safe")
             current = after
+
+
+class _Private:
+    """A private buffer in the shape :func:`~asyncsync.delta.encode_bucket` allocates."""
+
+    def __init__(self, nbytes: int) -> None:
+        self.array = np.empty(nbytes, dtype=np.uint8)
+
+    def region(self) -> None:
+        return None
+
+
+def _delta(base: Update, target: Update) -> tuple[DeltaHeader, list[Bucket]]:
+    """The delta of ``target`` on ``base`` (packed alike), as a session would send it."""
+    kinds, payloads = [], []
+    for old, new in zip(base.buckets, target.buckets, strict=True):
+        kind, payload, _, _ = encode_bucket(old.buffer, new, _Private)
+        kinds.append(kind)
+        payloads.append(payload)
+    header = DeltaHeader(
+        base.step,
+        weights_identity(base.manifest),
+        tuple(m.checksum for m in base.manifest),
+        tuple(p.manifest for p in payloads),
+        tuple(kinds),
+    )
+    return header, payloads
+
+
+@_check("delta-base")
+async def _delta_base(kit: Kit) -> None:
+    old = await kit.baseline()
+    new = kit.update(await kit.next_step())
+    good, payloads = _delta(old, new)
+    session = kit.sid("delta")
+    wrong = {
+        "another version": replace(good, base_step=old.step - 1),
+        "another identity": replace(good, base_weights="not-the-served-weights"),
+        "another bucket checksum": replace(
+            good, base_checksums=(good.base_checksums[0] ^ 1, *good.base_checksums[1:])
+        ),
+    }
+    for what, header in wrong.items():
+        await kit.refused(
+            "delta-base",
+            DeltaBaseError,
+            "begin_delta",
+            session,
+            new.step,
+            new.manifest,
+            header,
+            LONG_TTL_S,
+            what=f"a delta on {what}",
+        )
+    await kit.expect(old.served, "after deltas on other bases were refused", "delta-base")
+    try:
+        await kit.call("begin_delta", session, new.step, new.manifest, good, LONG_TTL_S)
+    except DeltaBaseError:
+        return  # an engine may keep no base (keeps_delta_base = False): it refuses all
+    for i, payload in enumerate(payloads):
+        await kit.call("receive", session, i, payload)
+    committed = await kit.call("commit", session)
+    promise("delta-base", committed == new.step, f"a delta's commit returned {committed!r}")
+    await kit.expect(new.served, "after a delta on the served base committed", "delta-base")
 
 
 # ----------------------------------------------------------------- running checks
