@@ -106,6 +106,10 @@ class DemoTrainer(WeightSyncActor):
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=3e-3)
         gen = torch.Generator().manual_seed(seed + 1)
         self.batch = torch.randint(0, config["vocab_size"], (2, 17), generator=gen)
+        # The weights as a bf16 engine would serve them, and per step the share of
+        # their words the optimizer step changed (what a delta would carry).
+        self._served: list[torch.Tensor] = []
+        self.bf16_changed: list[float] = []
 
     def named_weights(self, step: int) -> Any:
         # Runs in a worker thread; the driver awaits the build before the next
@@ -125,7 +129,19 @@ class DemoTrainer(WeightSyncActor):
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[no-untyped-call]
         self.optimizer.step()
+        self._measure_bf16_changes()
         return loss.item()
+
+    def _measure_bf16_changes(self) -> None:
+        served = [p.detach().to(torch.bfloat16).view(torch.int16) for p in self.model.parameters()]
+        if self._served:
+            changed = sum(int((a != b).sum()) for a, b in zip(served, self._served, strict=True))
+            self.bf16_changed.append(changed / sum(t.numel() for t in served))
+        self._served = served
+
+    async def changed_fractions(self) -> list[float]:
+        """Per training step, the share of bf16 weight words it changed."""
+        return list(self.bf16_changed)
 
     async def prompt(self) -> list[int]:
         return [int(t) for t in self.batch[0, :8]]
@@ -178,6 +194,7 @@ class DemoResult:
     origin: float
     requests_by_version: dict[int | None, int] = field(default_factory=dict)
     rollouts_refused: int = 0
+    bf16_changed: list[float] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
 
     @property
@@ -392,6 +409,7 @@ async def _train_and_sync(
         origin=origin,
         requests_by_version=dict(sorted(router.stats.by_version.items())),
         rollouts_refused=keep.refused,
+        bf16_changed=await trainer.changed_fractions.remote(),
     )
     await _check(result, trainer, engines, steps - 1)
     return result
@@ -489,6 +507,12 @@ def print_report(result: DemoResult, console: Any) -> None:
         f"requests per version {result.requests_by_version}; refused by the staleness "
         f"bound: {result.rollouts_refused}",
     )
+    if result.bf16_changed:
+        table.add_row(
+            "changed per step (bf16)",
+            f"median {statistics.median(result.bf16_changed):.1%} of the weights' bf16 words "
+            f"(AdamW, lr 3e-3; what a delta would carry: see Delta sync)",
+        )
     for name, versions in result.generations.items():
         distinct = sorted({v for v in versions if v is not None})
         table.add_row(
