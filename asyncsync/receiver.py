@@ -421,6 +421,16 @@ class StagingReceiver:
                     f"session {session_id!r} carries step {staging.step}, older than "
                     f"the version {self.version} committed meanwhile; dropped"
                 )
+            if staging.header is not None and self.version == staging.step and self.intact:
+                # Another session committed this very step first (sessions may run at
+                # once): the kept copy is no longer the delta's base, and the engine
+                # serves the step already: nothing to apply.
+                target_identity = await asyncio.to_thread(weights_identity, staging.target)
+                if target_identity == self.identity:
+                    self._sessions.pop(session_id, None)
+                    _release(staging.buckets)
+                    self._commits += 1
+                    return staging.step
             ordered = [staging.buckets[i] for i in range(len(staging.manifest))]
             staging.applying = True
             applied = staging.nbytes

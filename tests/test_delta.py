@@ -29,6 +29,7 @@ from asyncsync.buckets import pack, tensor_digest
 from asyncsync.delta import DeltaStore, apply_delta_bucket, changed_words, encode_bucket
 from asyncsync.engines import TensorEngine
 from asyncsync.protocol import DeltaHeader
+from asyncsync.receiver import current_node
 from asyncsync.session import run_session
 from asyncsync.sharedmem import SharedBuffer
 from asyncsync.transport import backend
@@ -136,6 +137,9 @@ class Rig:
             SyncPlan(**plan),
             self.fleet,
             lambda name: self.made.setdefault(name, backend(name).make()),
+            # The engines report this process's node (a Ray node id once an earlier
+            # test started Ray here): the cache owner's, so they get the shared snapshot.
+            owner_node=current_node(),
             deltas=self.deltas,
         )
 
@@ -364,3 +368,48 @@ async def test_an_engine_killed_mid_delta_restarts_and_gets_the_full_snapshot(
     report = await within(trainer.run_sync_session.remote(plan), 60)
     assert all(e.delta for e in report.engines.values()), report  # all on the base again
     await exact(trainer, engines, step)
+
+
+class _Private:
+    def __init__(self, nbytes: int) -> None:
+        self.array = np.empty(nbytes, dtype=np.uint8)
+
+    def region(self) -> None:
+        return None
+
+
+async def test_a_delta_whose_step_another_session_committed_first_commits_as_a_no_op() -> None:
+    """Sessions may run at once: a full session commits step 2 while a delta to step 2
+    is staged; the delta's base is gone, and its commit succeeds applying nothing."""
+    engine = TensorEngine(sparse_weights(-1))
+    base = pack(list(sparse_weights(1).items()), NUMEL)
+    target = pack(list(sparse_weights(2).items()), NUMEL)
+    await engine.begin("full-1", 1, [b.manifest for b in base])
+    for i, b in enumerate(base):
+        await engine.receive("full-1", i, b)
+    await engine.commit("full-1")
+    encoded = [
+        encode_bucket(old.buffer, new, _Private) for old, new in zip(base, target, strict=True)
+    ]
+    header = DeltaHeader(
+        1,
+        engine.identity or "",
+        tuple(b.checksum for b in base),
+        tuple(e[1].manifest for e in encoded),
+        tuple(e[0] for e in encoded),
+    )
+    manifest = [b.manifest for b in target]
+    await engine.begin_delta("delta-2", 2, manifest, header)
+    for i, (_, payload, _, _) in enumerate(encoded):
+        await engine.receive("delta-2", i, payload)
+    await engine.begin("full-2", 2, manifest)
+    for i, b in enumerate(target):
+        await engine.receive("full-2", i, b)
+    assert await engine.commit("full-2") == 2
+    applied = (await engine.receiver_stats()).applied_bytes
+    assert await engine.commit("delta-2") == 2
+    assert (await engine.receiver_stats()).applied_bytes == applied  # nothing applied again
+    assert all(
+        tensor_digest(engine.params[n]) == tensor_digest(t) for n, t in sparse_weights(2).items()
+    )
+    assert (await engine.engine_info()).open_sessions == 0
