@@ -26,8 +26,8 @@ words). The build never waits for it; a session that wants the delta of the
 step it pinned waits for that one computation (never for a build).
 
 Memory: the store keeps one private copy of the newest processed snapshot (1x the
-model) and the newest delta (at most 1x the model, typically a few percent),
-plus any superseded delta a session still streams. An engine keeps one private
+model) and the two newest deltas (each at most 1x the model, typically a few
+percent), plus any older delta a session still streams. An engine keeps one private
 copy of the buckets it serves (1x the model); set
 :attr:`~asyncsync.StagingReceiver.keeps_delta_base` to ``False`` to save it
 (the engine then refuses deltas and always gets full snapshots).
@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ._primitives import Signal
 from .buckets import Bucket, BucketManifest, TensorMeta, aligned, checksum
 from .errors import ChecksumMismatchError, ClosedError, ProtocolError
 from .protocol import DeltaHeader, weights_identity
@@ -66,6 +67,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 SPARSE, DENSE = "sparse", "dense"
+KEEP_DELTAS = 2
+"""Deltas a store keeps (the newest ones): a session that pinned step N finds N's
+delta while N+1's is computed."""
 WORD = 2
 """Bytes per compared word: the element size of bf16 and fp16, half of fp32's."""
 
@@ -211,7 +215,8 @@ class DeltaStats:
     ``step``/``base_step``: the newest delta's target and base (``None``: none
     yet); ``nbytes``/``full_bytes``: its payload against the full snapshot's;
     ``changed_fraction``: the share of 2-byte words that changed;
-    ``resident_bytes``: what the store holds (its base copy and the newest delta).
+    ``resident_bytes``: what the store holds (its base copy and the deltas it
+    keeps, ``deltas_kept`` of them).
     """
 
     active: bool
@@ -223,6 +228,7 @@ class DeltaStats:
     computed: int
     last_compute_s: float
     resident_bytes: int
+    deltas_kept: int = 0
 
 
 @dataclass(eq=False)
@@ -280,10 +286,14 @@ class DeltaStore:
         self._base_manifest: tuple[BucketManifest, ...] = ()
         self._base_step: int | None = None
         self._base_weights: str | None = None
-        self._latest: DeltaSnapshot | None = None
+        # The newest deltas (oldest first, at most KEEP_DELTAS): a session that pinned
+        # step N still finds N's delta while N+1's is being computed.
+        self._deltas: list[DeltaSnapshot] = []
         self._task: asyncio.Task[None] | None = None
         self._again = False
-        self._done = asyncio.Event()
+        # The newest snapshot step processed (its delta made, or its base taken).
+        self._processed: int | None = None
+        self._progress = Signal()
         self._closed = False
         self._active = False
         self.computed = 0
@@ -296,10 +306,9 @@ class DeltaStore:
 
     @property
     def resident_bytes(self) -> int:
-        """Bytes the store holds: its base copy and the deltas still referenced."""
+        """Bytes the store holds: its base copy and the deltas it keeps."""
         base = sum(a.nbytes for a in self._base or [])
-        latest = self._latest.nbytes if self._latest else 0
-        return base + latest
+        return base + sum(d.nbytes for d in self._deltas if d.buffers)
 
     @property
     def active(self) -> bool:
@@ -308,7 +317,7 @@ class DeltaStore:
 
     def stats(self) -> DeltaStats:
         """What the store holds and did (see :class:`DeltaStats`)."""
-        latest = self._latest
+        latest = self._deltas[-1] if self._deltas else None
         return DeltaStats(
             active=self._active,
             step=latest.step if latest else None,
@@ -319,6 +328,7 @@ class DeltaStore:
             computed=self.computed,
             last_compute_s=self.last_compute_s,
             resident_bytes=self.resident_bytes,
+            deltas_kept=len(self._deltas),
         )
 
     def want(self) -> None:
@@ -335,7 +345,6 @@ class DeltaStore:
         if self._task is not None and not self._task.done():
             self._again = True
             return
-        self._done = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
@@ -349,14 +358,17 @@ class DeltaStore:
                 except Exception:  # never fatal: sessions then send full snapshots
                     log.exception("delta computation failed; sessions send full snapshots")
                     self._forget_base()
+                self._progress.notify()
                 if not self._again or self._closed:
                     return
         finally:
-            self._done.set()
+            self._task = None
+            self._progress.notify()
 
     async def _process(self) -> None:
         async with self.cache.read() as snap:
             if snap.step == self._base_step:
+                self._processed = snap.step
                 return
             start = time.perf_counter()
             result = await asyncio.to_thread(self._compute, snap)
@@ -365,10 +377,11 @@ class DeltaStore:
         self.last_compute_s = took
         if result is not None:
             result.compute_s = took
-            self._replace(result)
+            self._keep(result)
             self.computed += 1
         self._base_step, self._base_weights = snap.step, identity
         self._base_manifest = snap.manifest
+        self._processed = snap.step
 
     def _compute(self, snap: Snapshot) -> DeltaSnapshot | None:
         """Worker thread: the delta of ``snap`` against the base; the base becomes ``snap``."""
@@ -422,9 +435,10 @@ class DeltaStore:
             buffers=buffers,
         )
 
-    def _replace(self, delta: DeltaSnapshot) -> None:
-        old, self._latest = self._latest, delta
-        if old is not None:
+    def _keep(self, delta: DeltaSnapshot) -> None:
+        self._deltas.append(delta)
+        while len(self._deltas) > KEEP_DELTAS:
+            old = self._deltas.pop(0)
             old.superseded = True
             self._maybe_free(old)
 
@@ -444,10 +458,12 @@ class DeltaStore:
         Waits for a computation in flight (it may be that of ``step``); never for
         a build.
         """
-        if self._task is not None and not self._task.done():
-            await asyncio.shield(self._done.wait())
-        delta = self._latest
-        if delta is None or delta.step != step:
+        while self._task is not None and (self._processed is None or self._processed < step):
+            # A computation in flight will process ``step`` (or a newer one): wait
+            # for it, then see whether it made ``step``'s delta.
+            await self._progress.waiter().wait()
+        delta = next((d for d in self._deltas if d.step == step), None)
+        if delta is None:
             yield None
             return
         delta.pins += 1
@@ -464,8 +480,8 @@ class DeltaStore:
             self._task.cancel()
             with contextlib.suppress(BaseException):
                 await self._task
-        latest, self._latest = self._latest, None
-        if latest is not None:
-            latest.superseded = True
-            self._maybe_free(latest)
+        deltas, self._deltas = self._deltas, []
+        for delta in deltas:
+            delta.superseded = True
+            self._maybe_free(delta)
         self._forget_base()
