@@ -102,7 +102,7 @@ class DeltaConfig:
     pack_bytes: int = 64 << 20
     size: int = 256 << 20
     fraction: float | None = None
-    engines: tuple[int, ...] = (1, 8)
+    engines: tuple[int, ...] = (1,)
     transports: tuple[str, ...] = ("shm", "object_store", "collective")
     warmup: int = 3
     steps: int = 3
@@ -521,7 +521,9 @@ async def _sessions(
         seen: dict[int, Any] = {}
         total = config.warmup + config.steps
 
-        async def session(step: int) -> None:
+        async def start(step: int) -> asyncio.Task[None]:
+            """Submit the session of ``step`` now (it pins ``step`` before the next build
+            publishes); the task awaits and records it."""
             before = await asyncio.gather(*(engines[n].receiver_stats.remote() for n in names))
             plan = SyncPlan(
                 transport=plan_base.transport,
@@ -529,7 +531,10 @@ async def _sessions(
                 timeout_s=plan_base.timeout_s,
                 min_step=step,
             )
-            report = await trainer.run_sync_session.remote(plan)
+            return asyncio.create_task(finish(step, before, trainer.run_sync_session.remote(plan)))
+
+        async def finish(step: int, before: list[Any], ref: Any) -> None:
+            report = await ref
             after = await asyncio.gather(*(engines[n].receiver_stats.remote() for n in names))
             if report.step != step or set(report.committed) != set(names):
                 raise RuntimeError(
@@ -556,7 +561,7 @@ async def _sessions(
                 row.build_s.append(build_s)
             if previous is not None:
                 await previous
-            previous = asyncio.create_task(session(step))
+            previous = await start(step)
         if previous is not None:
             await previous
         row.load = _load()
