@@ -177,6 +177,11 @@ class SessionRow:
     error: str | None = None
 
     @property
+    def delta_session_s(self) -> list[float]:
+        """Seconds of the sessions that carried the delta to every engine."""
+        return [t for t, n in zip(self.session_s, self.delta_engines, strict=True) if n]
+
+    @property
     def label(self) -> str:
         where = f" on nodes {','.join(map(str, self.nodes))}" if self.nodes else ""
         return f"{self.transport} x{self.engines}{where} {self.mode}"
@@ -582,17 +587,22 @@ async def _sessions(
 
 
 def _check(rows: Sequence[SessionRow]) -> list[str]:
-    """Deltas went where they should: every engine of every measured delta session, none
-    of a full one."""
+    """Deltas went where they should: never in a full run; in a delta run, to every engine
+    of the sessions that carried one, and in at least one session. (A delta session may
+    send the full snapshot instead, when the train actor's delta of its step was
+    superseded: reported, not a failure.)"""
     failures = []
     for row in rows:
         if row.error:
             continue
-        want = row.engines if row.mode == "delta" else 0
-        if any(n != want for n in row.delta_engines):
+        if row.mode == "full" and any(row.delta_engines):
+            failures.append(f"delta: {row.label}: a full-only run sent deltas {row.delta_engines}")
+        if row.mode == "delta" and (
+            not any(row.delta_engines) or any(n not in (0, row.engines) for n in row.delta_engines)
+        ):
             failures.append(
                 f"delta: {row.label}: engines sent the delta per session {row.delta_engines}, "
-                f"expected {want}"
+                f"expected all {row.engines} in some session"
             )
     return failures
 
@@ -709,22 +719,28 @@ def delta_markdown(result: DeltaResult) -> list[str]:
             "`ReceiverStats.apply_s` per commit (a delta's patch and check included); *sent*: "
             "`EngineReport.sent_bytes` per engine; *build*: the train actor's "
             "`build_cpu_bucket_cache` (the stall), which runs while the previous session "
-            "streams and its delta is computed.",
+            "streams and its delta is computed. *sessions with the delta*: a delta session "
+            "sends the full snapshot when the train actor no longer holds the delta of its "
+            "step (the next build's delta replaced it while the session waited).",
             "",
-            "| transport, engines | session ms full / delta | delta / full | apply ms full / delta "
-            "| delta / full | sent MiB per engine full / delta | build ms off / on | on / off "
+            "| transport, engines | session ms full / delta | delta / full | sessions with the "
+            "delta | session ms of those | apply ms full / delta | delta / full "
+            "| sent MiB per engine full / delta | build ms off / on | on / off "
             "| delta compute ms | trainer delta store | load after |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+            "| --- |",
         ]
         for full, delta in _pairs(rows):
             where = f" on nodes {','.join(map(str, full.nodes))}" if full.nodes else ""
             label = f"{full.transport} x{full.engines}{where}"
             if full.error or delta.error:
-                out.append(f"| {label} | failed: {full.error or delta.error} " + "| " * 9 + "|")
+                out.append(f"| {label} | failed: {full.error or delta.error} " + "| " * 11 + "|")
                 continue
             out.append(
                 f"| {label} | {_ms(full.session_s)} / {_ms(delta.session_s)} | "
-                f"{_ratio(delta.session_s, full.session_s)} | {_ms(full.apply_s)} / "
+                f"{_ratio(delta.session_s, full.session_s)} | "
+                f"{len(delta.delta_session_s)} of {len(delta.session_s)} | "
+                f"{_ms(delta.delta_session_s)} | {_ms(full.apply_s)} / "
                 f"{_ms(delta.apply_s)} | {_ratio(delta.apply_s, full.apply_s)} | "
                 f"{_mib(full.sent_bytes)} / {_mib(delta.sent_bytes)} | {_ms(full.build_s)} / "
                 f"{_ms(delta.build_s)} | {_ratio(delta.build_s, full.build_s)} | "
