@@ -693,7 +693,8 @@ def delta_markdown(result: DeltaResult) -> list[str]:
             f"measured; the delta is the library's encoder on `pack`ed buckets of "
             f"{format_bytes(cfg.pack_bytes)} (medians).",
             "",
-            "| lr | loss | bf16 elements changed | delta / full bytes | sparse / dense buckets "
+            "| lr | loss | bf16 elements changed | delta / full bytes "
+            "| sparse / dense buckets (all measured steps) "
             "| encode ms (GB/s of full) | train step ms |",
             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
