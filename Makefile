@@ -64,8 +64,8 @@ browser:
 
 
 # The bench is the repository's benchmarks/ package (not in the wheel): it measures,
-# then publishes BENCHMARKS.md and benchmarks/bench.png (about 5 minutes, and about
-# 90 s more for the delta-sync section: --delta-engines none --delta-lrs none skips it).
+# then publishes BENCHMARKS.md and benchmarks/bench.png (about 5 minutes, and about a
+# minute more for the delta-sync section: --delta-engines none --delta-lrs none skips it).
 bench: $(STAMP)
 	$(PY) -m benchmarks --publish
 
