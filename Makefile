@@ -64,15 +64,17 @@ browser:
 
 
 # The bench is the repository's benchmarks/ package (not in the wheel): it measures,
-# then publishes BENCHMARKS.md and benchmarks/bench.png (about 5 minutes).
+# then publishes BENCHMARKS.md and benchmarks/bench.png (about 5 minutes, and about a
+# minute more for the delta-sync section: --delta-engines none --delta-lrs none skips it).
 bench: $(STAMP)
 	$(PY) -m benchmarks --publish
 
 # The run BENCHMARKS.md comes from: both sizes on 1 and 2 engines, fleet rows up to
-# 16 engines, and 6 engines over 1 to 3 nodes of a local cluster (about 10 minutes).
+# 16 engines, delta sessions to 1 and 8 engines, and 6 engines over 1 to 3 nodes of a
+# local cluster (about 15 minutes).
 bench-full: $(STAMP)
 	RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 $(PY) -m benchmarks --publish --engines 1,2 \
-	  --fleet-engines 1,2,4,8,16 --nodes 3
+	  --fleet-engines 1,2,4,8,16 --delta-engines 1,8 --nodes 3
 
 soak: $(STAMP)
 	ASYNCSYNC_SOAK_SECONDS=600 $(PY) -m pytest tests/test_soak.py -p no:cacheprovider

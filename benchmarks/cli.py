@@ -64,6 +64,24 @@ def _count_list_or_none(text: str) -> tuple[int, ...]:
     return () if text.strip().lower() == "none" else _count_list(text)
 
 
+def _float_list_or_none(text: str) -> tuple[float, ...]:
+    if text.strip().lower() == "none":
+        return ()
+    values = tuple(positive_float(item) for item in items(text))
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one number, e.g. 1e-6,1e-5")
+    return values
+
+
+def _fraction(text: str) -> float | None:
+    if text.strip().lower() == "auto":
+        return None
+    value = positive_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"a share of the words is at most 1, got {text}")
+    return value
+
+
 def _policy_list(text: str) -> tuple[str, ...]:
     from asyncsync.plan import POLICIES
 
@@ -127,13 +145,14 @@ def _run(args: argparse.Namespace) -> int:
             slow_factor=args.slow_factor,
             node_engines=args.node_engines,
         )
+        delta = _delta_config(args, config.transports)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 
     out = writable_dir("--out", args.out)
     publish_dir = writable_dir("--publish-dir", args.publish_dir) if args.publish else None
     console = Console()
-    result = _measure_bench(args, config, console)
+    result = _measure_bench(args, config, delta, console)
     paths = write_outputs(result, out)
     for row in summarize(result):
         if row["error"]:
@@ -144,6 +163,11 @@ def _run(args: argparse.Namespace) -> int:
             f"build {row['build_frac'] * 100:.0f}% of one copy",
             highlight=False,
         )
+    if result.delta is not None:
+        from .delta import delta_summary_lines
+
+        for line in delta_summary_lines(result.delta):
+            console.print(line, highlight=False)
     console.print(
         f"wrote {', '.join(str(p) for p in paths.values())}", highlight=False, soft_wrap=True
     )
@@ -161,6 +185,23 @@ def _run(args: argparse.Namespace) -> int:
         if run.error:
             console.print(f"[red]{run.config_label} {run.label} failed:[/] {escape(run.error)}")
     return 0 if result.ok else 1
+
+
+def _delta_config(args: argparse.Namespace, transports: tuple[str, ...]) -> Any:
+    """The delta section's configuration, or ``None`` when it has nothing to run."""
+    from .delta import DeltaConfig
+
+    if not args.delta_lrs and not args.delta_engines:
+        return None
+    return DeltaConfig(
+        lrs=args.delta_lrs,
+        size=args.delta_size,
+        fraction=args.delta_fraction,
+        engines=args.delta_engines,
+        transports=transports,
+        steps=args.delta_steps,
+        node_engines=args.node_engines,
+    )
 
 
 def _command_line(args: argparse.Namespace) -> str:
@@ -184,9 +225,10 @@ def _command_line(args: argparse.Namespace) -> str:
     return shlex.join(["python", "-m", "benchmarks", "--publish", *given])
 
 
-def _measure_bench(args: argparse.Namespace, config: Any, console: Any) -> Any:
-    """Run the bench on a private Ray (or the cluster named), then the nodes section, if asked,
-    on a local multi-node cluster of its own; one progress bar follows every configuration."""
+def _measure_bench(args: argparse.Namespace, config: Any, delta: Any, console: Any) -> Any:
+    """Run the bench on a private Ray (or the cluster named), then the delta section (unless
+    ``delta`` is ``None``), then the nodes sections, if asked, on a local multi-node cluster
+    of its own; one progress bar follows every configuration."""
     from rich.markup import escape
     from rich.progress import (
         BarColumn,
@@ -197,6 +239,7 @@ def _measure_bench(args: argparse.Namespace, config: Any, console: Any) -> Any:
         TimeElapsedColumn,
     )
 
+    from .delta import run_delta, run_delta_nodes
     from .runner import add_node_runs, run_bench, run_nodes
 
     columns = (
@@ -224,6 +267,8 @@ def _measure_bench(args: argparse.Namespace, config: Any, console: Any) -> Any:
             object_store_memory=args.object_store,
         ):
             result = asyncio.run(run_bench(config, log=log, progress=on_step))
+            if delta is not None:
+                result.delta = asyncio.run(run_delta(delta, log=log))
         if args.nodes > 1:
             log(
                 f"nodes: a local cluster of {args.nodes} nodes "
@@ -231,6 +276,8 @@ def _measure_bench(args: argparse.Namespace, config: Any, console: Any) -> Any:
             )
             with _cluster(args.nodes, args.node_object_store) as cluster:
                 runs = asyncio.run(run_nodes(config, cluster, log=log, progress=on_step))
+                if result.delta is not None and delta.engines:
+                    asyncio.run(run_delta_nodes(delta, cluster, result.delta, log=log))
             add_node_runs(result, runs, args.nodes)
     return result
 
@@ -374,6 +421,44 @@ def build_parser() -> argparse.ArgumentParser:
         type=_size,
         default="1GiB",
         help="object store of each node of the --nodes cluster (default: %(default)s)",
+    )
+    bench.add_argument(
+        "--delta-lrs",
+        type=_float_list_or_none,
+        default="1e-6,1e-5,1e-4",
+        help="delta section: learning rates at which a real AdamW step of a small transformers "
+        "Llama is measured (share of bf16 weights changed, delta bytes), comma-separated, or "
+        "'none' (default: %(default)s)",
+    )
+    bench.add_argument(
+        "--delta-engines",
+        type=_count_list_or_none,
+        default="1",
+        help="delta section: engine counts of the delta-against-full sessions per transport, "
+        "comma-separated, or 'none'; with --nodes also --node-engines engines on the worker "
+        "nodes ('none' for neither, with --delta-lrs none: no delta section) "
+        "(default: %(default)s, about 60 s with the learning rates; the published run uses "
+        "1,8, about 200 s more on two cores)",
+    )
+    bench.add_argument(
+        "--delta-size",
+        type=_size,
+        default="256MiB",
+        help="delta section: model size of the sessions (default: %(default)s)",
+    )
+    bench.add_argument(
+        "--delta-fraction",
+        type=_fraction,
+        default="auto",
+        help="delta section: share of the weights' 2-byte words each training step changes; "
+        "'auto': the share measured at lr 1e-5, else 0.02 (default: %(default)s)",
+    )
+    bench.add_argument(
+        "--delta-steps",
+        type=int_at_least(1),
+        default=3,
+        help="delta section: measured sessions per configuration, after 3 warm-up ones "
+        "(default: %(default)s)",
     )
     bench.add_argument(
         "--limit-size",

@@ -133,6 +133,10 @@ def markdown(
     out += _fleet_section(result, rows)
     out += _slow_section(result, rows)
     out += _nodes_section(result, rows)
+    if result.delta is not None:
+        from .delta import delta_markdown
+
+        out += delta_markdown(result.delta)
     out += _targets_section(result, rows)
     out += _breakdown_section(result)
     out += _correctness_section(result)

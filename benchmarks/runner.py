@@ -283,6 +283,8 @@ class BenchResult:
     seconds: float
     node_runs: list[RunResult] = field(default_factory=list)
     nodes: int = 1
+    delta: Any = None
+    """The delta section (a :class:`~benchmarks.delta.DeltaResult`), if it ran."""
 
     @property
     def copy_limit_gbps(self) -> float:
@@ -302,7 +304,8 @@ class BenchResult:
 
     @property
     def ok(self) -> bool:
-        return not self.failures and not any(r.error for r in self.all_runs)
+        delta_ok = self.delta is None or self.delta.ok
+        return delta_ok and not self.failures and not any(r.error for r in self.all_runs)
 
 
 Log = Callable[[str], None]

@@ -88,6 +88,8 @@ def test_help_is_plain_text_and_says_each_default_once(
         (["--transports", "carrier-pigeon"], "unknown transport 'carrier-pigeon'"),
         (["--policies", "eventually"], "unknown policy 'eventually'"),
         (["--train-gflop", "-1"], "--train-gflop: must be > 0"),
+        (["--delta-fraction", "2"], "--delta-fraction: a share of the words is at most 1"),
+        (["--delta-lrs", "1e-5,fast"], "--delta-lrs: expected a number, got 'fast'"),
         (["--address", "auto", "--num-cpus", "2"], "not with --address"),
         (["--address", "auto", "--nodes", "2"], "not with --address"),
         (["--out", "/proc/nope"], "--out: cannot write into '/proc/nope'"),
@@ -258,3 +260,48 @@ async def test_bench_reports_progress_inside_each_configuration(ray_local: Any) 
     assert [(done, total) for _, done, total in calls] == [(0, 3), (1, 3), (2, 3), (3, 3)]
     labels = {label for label, _, _ in calls}
     assert len(labels) == 1 and re.fullmatch(r"\[1/1\] .+ x1 asyncsync/shm", labels.pop())
+
+
+async def test_delta_section_measures_a_real_step_and_sends_less_than_full(
+    ray_local: Any,
+) -> None:
+    from benchmarks.delta import DeltaConfig, delta_markdown, run_delta
+
+    config = DeltaConfig(
+        lrs=(1e-5,),
+        hidden=64,
+        layers=1,
+        vocab=256,
+        batch=1,
+        seq=8,
+        lr_warmup=1,
+        lr_steps=1,
+        pack_bytes=64 << 10,
+        size=1 * MIB,
+        engines=(1,),
+        transports=("object_store",),
+        warmup=1,  # the store's base copy; an object-store engine keeps its base at once
+        steps=1,
+        bucket_bytes=256 << 10,
+    )
+    result = await run_delta(config)
+
+    # A real AdamW step changes some, not all, of the bf16 weights, and the library's
+    # encoding of it is smaller than the snapshot.
+    (row,) = result.fraction_rows
+    assert len(row.changed) == 1 and 0 < row.changed[0] < 1
+    assert 0 < row.delta_bytes[0] < row.full_bytes and row.sparse_buckets > 0
+    assert result.fraction == row.changed[0] and "1e-05" in result.fraction_source
+
+    # The delta session sent the delta to the engine, fewer bytes than the full one sent.
+    assert result.ok, (result.failures, [r.error for r in result.session_rows])
+    full, delta = result.session_rows
+    assert (full.mode, delta.mode) == ("full", "delta")
+    assert full.delta_engines == [0] and delta.delta_engines == [1]
+    assert full.sent_bytes == [full.snapshot_bytes] and full.snapshot_bytes > 0
+    assert 0 < delta.sent_bytes[0] < full.sent_bytes[0]
+    assert delta.changed and abs(delta.changed[0] - result.fraction) < 0.5 * result.fraction
+    assert all(s > 0 for s in (*full.session_s, *delta.session_s, *full.build_s, *delta.apply_s))
+
+    text = "\n".join(delta_markdown(result))
+    assert "## Delta sync" in text and "| object_store x1 |" in text
