@@ -87,13 +87,15 @@ class SyncPlan:
             (:class:`~asyncsync.ReadTimeoutError`); ``None`` waits without bound.
         max_inflight_buckets: unacknowledged buckets per engine (memory bound and
             pipelining depth).
-        delta: ``"auto"`` (default): an engine that serves the base of the train
-            actor's newest delta gets the delta (only the changed words, see
-            :mod:`asyncsync.delta`) over a cross-node transport, the full
-            snapshot over the same-node one (which moves no bytes); ``"always"``:
-            the delta over every transport; ``"never"``: full snapshots only. An
+        delta: ``"never"`` (default): full snapshots only. ``"auto"``: an engine
+            that serves the base of the train actor's newest delta gets the delta
+            (only the changed words, see :mod:`asyncsync.delta`) over a
+            cross-node transport, the full snapshot over the same-node one (which
+            moves no bytes); ``"always"``: the delta over every transport. An
             engine that refuses a delta's base gets the full snapshot in the same
-            session.
+            session. Not the default: computing and applying a delta costs CPU
+            time on both sides that only a slow network between nodes repays (see
+            the Delta sync guide's measurements).
 
     Bounds on each call to an engine (a control call, delivering an abort, a
     probe) are the train actor's, not the plan's: see
@@ -115,7 +117,7 @@ class SyncPlan:
     timeout_s: float = 300.0
     pin_timeout_s: float | None = 60.0
     max_inflight_buckets: int = 2
-    delta: str = "auto"
+    delta: str = "never"
 
     def __post_init__(self) -> None:
         engines = self.engines

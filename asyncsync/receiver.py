@@ -54,7 +54,6 @@ from .errors import (
 )
 from .protocol import DeltaHeader, EngineInfo, ReceiverStats, Stamp, weights_identity
 from .transport import KeptState, backend, load_payload
-from .transport.shm import SharedPayload
 
 __all__ = [
     "DEFAULT_STAGING_TTL_S",
@@ -82,9 +81,6 @@ class _Staging:
     # manifest of the delta buckets that arrive).
     header: DeltaHeader | None = None
     target: tuple[BucketManifest, ...] = ()
-    # Every bucket so far mapped the train actor's memory on this node (the shared
-    # snapshot transport): no payload byte moved, and a delta would save nothing.
-    mapped_only: bool = True
     # Set once apply() runs: such staging is never dropped (its buckets are being read).
     applying: bool = False
 
@@ -120,11 +116,11 @@ class StagingReceiver:
 
     keeps_delta_base: ClassVar[bool] = True
     """Whether the engine may keep a private copy of the buckets it serves (1x the
-    model, host memory) so it can take deltas (:meth:`begin_delta`). It keeps one
-    once weights reach it over a transport that moves bytes (object store,
-    collective) or once a session offered it a delta; an engine only ever fed by
-    the same-node shared snapshot keeps none and pays no copy. ``False``: never
-    (every session then sends this engine the full snapshot)."""
+    model, host memory) so it can take deltas (:meth:`begin_delta`). It starts
+    keeping one at the first full commit after a session first offered it a delta
+    (that offer is refused: nothing is kept yet); an engine never offered one
+    keeps nothing and pays no copy. ``False``: never (every session then sends
+    this engine the full snapshot)."""
 
     def __init__(self) -> None:
         self.version: int | None = None
@@ -377,8 +373,6 @@ class StagingReceiver:
             staging.receiving.discard(index)
             # Loading may have kept something (a mapping) that the reaper must prune.
             self._ensure_reaper()
-        if not isinstance(payload, SharedPayload):
-            staging.mapped_only = False
         self._timing.received_bytes += bucket.nbytes
         self._timing.load_s += load_s
         self._timing.verify_s += verify_s
@@ -459,7 +453,7 @@ class StagingReceiver:
                     self.version, self.identity, self.intact = staging.step, identity, True
                 if staging.header is not None:
                     sums = tuple(m.checksum for m in target)  # the patched copy is the target
-                elif self.keeps_delta_base and (self._delta_offered or not staging.mapped_only):
+                elif self.keeps_delta_base and self._delta_offered:
                     # Keep a private copy of the verified bytes now served (the shared
                     # ones may map the train actor's memory): the next delta's base.
                     await asyncio.to_thread(self._keep_base, ordered)

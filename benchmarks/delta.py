@@ -83,8 +83,9 @@ class DeltaConfig:
             changed fraction measured at lr 1e-5, else 2%).
         engines: engine counts of the sessions part (empty: skip it).
         transports: transports of the sessions part.
-        warmup: unmeasured sessions first (an engine fed only over ``shm`` keeps a
-            base from its second session on: three warm-up sessions).
+        warmup: unmeasured sessions first (the store's first publish only takes
+            its base; an engine keeps a base once a delta was offered to it, and
+            takes deltas from the session after: three warm-up sessions).
         steps: measured sessions per configuration.
         bucket_bytes: the train actor's bucket size.
         node_engines: engines of the nodes part.
@@ -134,6 +135,7 @@ class FractionRow:
     delta_bytes: list[int] = field(default_factory=list)
     full_bytes: int = 0
     sparse_buckets: int = 0
+    bitmap_buckets: int = 0
     dense_buckets: int = 0
     encode_s: list[float] = field(default_factory=list)
     step_s: list[float] = field(default_factory=list)
@@ -300,6 +302,7 @@ def measure_changed_fraction(config: DeltaConfig, log: Log | None = None) -> lis
                             buffers.append(buffer)
                         nbytes += delta.nbytes
                         row.sparse_buckets += kind == "sparse"
+                        row.bitmap_buckets += kind == "bitmap"
                         row.dense_buckets += kind == "dense"
                     row.encode_s.append(time.perf_counter() - start)
                 finally:
@@ -694,7 +697,7 @@ def delta_markdown(result: DeltaResult) -> list[str]:
             f"{format_bytes(cfg.pack_bytes)} (medians).",
             "",
             "| lr | loss | bf16 elements changed | delta / full bytes "
-            "| sparse / dense buckets (all measured steps) "
+            "| sparse / bitmap / dense buckets (all measured steps) "
             "| encode ms (GB/s of full) | train step ms |",
             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
@@ -703,7 +706,8 @@ def delta_markdown(result: DeltaResult) -> list[str]:
             gbps = r.full_bytes / enc / 1e9 if enc > 0 else float("nan")
             out.append(
                 f"| {r.lr:g} | {_median(r.loss):.3f} | {_median(r.changed) * 100:.2f}% | "
-                f"{r.ratio * 100:.1f}% | {r.sparse_buckets} / {r.dense_buckets} | "
+                f"{r.ratio * 100:.1f}% | "
+                f"{r.sparse_buckets} / {r.bitmap_buckets} / {r.dense_buckets} | "
                 f"{enc * 1e3:.0f} ({gbps:.2f}) | {_ms(r.step_s)} |"
             )
         out.append("")

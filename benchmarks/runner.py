@@ -645,9 +645,14 @@ async def _kill(handles: Sequence[Any]) -> None:
 
 
 def _resident_bound(spec: ModelSpec, bucket_bytes: int) -> int:
-    """Target for steady-state cache bytes: two snapshots plus one bucket."""
+    """Target for steady-state cache bytes: three snapshots plus one bucket.
+
+    With sessions overlapping builds (staleness >= 1) the cache holds, by design
+    (see the versioned-reads concept page): the ready snapshot, the pool the next
+    build writes into, and the superseded snapshot a session still streams.
+    """
     one_bucket = max(min(bucket_bytes, spec.nbytes), spec.largest_tensor_bytes)
-    return 2 * spec.nbytes + one_bucket
+    return 3 * spec.nbytes + one_bucket
 
 
 async def _ping_during(handle: Any, delay_s: float = 0.005) -> float:

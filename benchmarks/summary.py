@@ -41,7 +41,7 @@ TARGETS = {
     "stall_copy_x": ("stall <= 1.3x the pure copy time", 1.3),
     "apply_frac": ("engine apply >= 80% of the copy bandwidth (1 engine)", 0.80),
     "lag_p99_ms": ("event-loop lag p99 during a build < 5 ms", 5.0),
-    "resident_frac": ("steady resident cache <= 2x model + 1 bucket", 1.0),
+    "resident_frac": ("steady resident cache <= 3x model + 1 bucket", 1.0),
 }
 """Targets reported per configuration (not timed tests): key -> (what, bound)."""
 

@@ -169,8 +169,8 @@ async def test_engines_on_the_base_get_the_delta_and_end_bit_exact(rig: Rig) -> 
     await rig.publish(0)
     first = await rig.sync()  # no delta yet: full, and the store starts keeping a base
     assert not any(r.delta for r in first.engines.values())
-    # The first delta offered is refused: same-node engines keep no base copy until
-    # a session offers them a delta (the shared snapshot moves no bytes).
+    # The first delta offered is refused: an engine keeps no base copy until a
+    # session offers it a delta.
     await rig.publish(1)
     second = await rig.sync()
     assert not any(r.delta for r in second.engines.values())
@@ -238,6 +238,10 @@ async def test_begin_delta_refuses_every_base_but_the_one_served() -> None:
     engine = TensorEngine(sparse_weights(-1))
     buckets = pack(list(sparse_weights(0).items()), NUMEL)
     manifest = [b.manifest for b in buckets]
+    n = len(manifest)
+    dense = DeltaHeader(-1, "initial", (0,) * n, tuple(manifest), ("dense",) * n)
+    with pytest.raises(DeltaBaseError, match="serves version None"):  # the first offer
+        await engine.begin_delta("offer", 0, manifest, dense)
     await engine.begin("s0", 0, manifest)
     for i, b in enumerate(buckets):
         await engine.receive("s0", i, b)
@@ -369,10 +373,14 @@ async def test_an_engine_killed_mid_delta_restarts_and_gets_the_full_snapshot(
     assert report.engines["r0"].delta and report.engines["r2"].delta
     assert not report.engines["r1"].delta and report.engines["r1"].sent_bytes == report.nbytes
     await exact(trainer, engines, step)
-    step += 1
-    await within(trainer.publish.remote(step))
-    report = await within(trainer.run_sync_session.remote(plan), 60)
+    # The new incarnation keeps no copy until a delta is offered to it: the next
+    # session's offer is refused (full again), the one after is a delta for all.
+    for _ in range(2):
+        step += 1
+        await within(trainer.publish.remote(step))
+        report = await within(trainer.run_sync_session.remote(plan), 60)
     assert all(e.delta for e in report.engines.values()), report  # all on the base again
+    await exact(trainer, engines, step)
     await exact(trainer, engines, step)
 
 
@@ -390,6 +398,10 @@ async def test_a_delta_whose_step_another_session_committed_first_commits_as_a_n
     engine = TensorEngine(sparse_weights(-1))
     base = pack(list(sparse_weights(1).items()), NUMEL)
     target = pack(list(sparse_weights(2).items()), NUMEL)
+    n = len(base)
+    offer = DeltaHeader(0, "x", (0,) * n, tuple(b.manifest for b in base), ("dense",) * n)
+    with pytest.raises(DeltaBaseError):  # offered once: it keeps its next commit's bytes
+        await engine.begin_delta("offer", 1, [b.manifest for b in base], offer)
     await engine.begin("full-1", 1, [b.manifest for b in base])
     for i, b in enumerate(base):
         await engine.receive("full-1", i, b)

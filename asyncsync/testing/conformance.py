@@ -1046,6 +1046,21 @@ def _delta(base: Update, target: Update) -> tuple[DeltaHeader, list[Bucket]]:
 
 @_check("delta-base")
 async def _delta_base(kit: Kit) -> None:
+    first = await kit.baseline()
+    offer = kit.update(await kit.next_step())
+    # A first offer: refused (an engine keeps a copy of its buckets only once a
+    # delta was offered to it); the next full commit is then kept as a base.
+    await kit.refused(
+        "delta-base",
+        DeltaBaseError,
+        "begin_delta",
+        kit.sid("offer"),
+        offer.step,
+        offer.manifest,
+        replace(_delta(first, offer)[0], base_step=first.step - 1),
+        LONG_TTL_S,
+        what="a delta on another version",
+    )
     old = await kit.baseline()
     new = kit.update(await kit.next_step())
     good, payloads = _delta(old, new)
