@@ -732,6 +732,11 @@ class _Session:
                 task.cancel()
                 with contextlib.suppress(BaseException):
                     await task
+            elif not task.cancelled():
+                # Mark its outcome seen: when this wait itself is cancelled (a sibling
+                # engine failed the session first) the error is the session's, already
+                # reported; asyncio would otherwise log "exception was never retrieved".
+                task.exception()
         if task.cancelled() or not task.done():
             self._settle(name, Outcome.REMOVED, reason="removed from the fleet mid-session")
             await self._abort([name])

@@ -8,7 +8,8 @@ sets 600):
   snapshots, and 8 tasks running real sync sessions (shm transport) into two
   in-process :class:`~asyncsync.engines.HFEngine` while generations run on them;
 * on a real local Ray: a train actor building continuously, 8 concurrent session
-  loops to two engine actors (object store and shm), and readers of its snapshot.
+  loops to two engine actors (object store with deltas, and shm), and readers of
+  its snapshot.
 
 Checked: zero torn reads (every read is whole and of one step), no deadlock (every
 wait is bounded and the work keeps progressing), flat memory (growth after warm-up
@@ -364,7 +365,9 @@ async def test_soak_on_ray_sessions_and_builds(ray_rig: RayRig) -> None:
         while not stop.is_set():
             try:
                 report = await trainer.run_sync_session.remote(
-                    SyncPlan(engines, transport=transport, timeout_s=60)
+                    # Deltas over the object store: sessions at once also race a
+                    # delta's commit against a full one of the same step.
+                    SyncPlan(engines, transport=transport, timeout_s=60, delta="auto")
                 )
             except SessionError as exc:
                 outcomes[_refusal(exc)] += 1
