@@ -361,12 +361,18 @@ async def test_an_engine_killed_mid_delta_restarts_and_gets_the_full_snapshot(
         return state.incarnation != first.incarnation
 
     await eventually(back, "Ray did not restart r1", 90)
-    step = 2
-    for step in range(3, 6):
-        await within(trainer.publish.remote(step))
-        report = await within(trainer.run_sync_session.remote(plan), 60)
-        if "r1" not in report.busy:  # its catch-up has ended
-            break
+    # Its step-2 stream ends once the new incarnation answers (it has no such
+    # session); until then r1 is busy and sessions go on without it.
+    last: list[Any] = [2, None]
+
+    async def r1_included() -> bool:
+        last[0] += 1
+        await within(trainer.publish.remote(last[0]))
+        last[1] = await within(trainer.run_sync_session.remote(plan), 60)
+        return "r1" not in last[1].busy
+
+    await eventually(r1_included, "r1 stayed busy with the killed session", 60)
+    step, report = last
     # The new incarnation serves its initial weights (no base): the full snapshot,
     # in the same session in which the others get the delta.
     assert set(report.committed) == set(engines), report
