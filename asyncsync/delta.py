@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ._primitives import Signal
+from ._primitives import Signal, uninterrupted
 from .buckets import Bucket, BucketManifest, TensorMeta, aligned, checksum
 from .errors import ChecksumMismatchError, ClosedError, ProtocolError
 from .protocol import DeltaHeader, weights_identity
@@ -58,6 +58,7 @@ __all__ = [
     "DeltaSnapshot",
     "DeltaStats",
     "DeltaStore",
+    "PrivateBuffer",
     "apply_delta_bucket",
     "changed_mask",
     "changed_words",
@@ -313,6 +314,18 @@ class DeltaSnapshot:
         return self.changed_words / self.total_words if self.total_words else 0.0
 
 
+class PrivateBuffer:
+    """A process-private buffer with :class:`~asyncsync.sharedmem.SharedBuffer`'s
+    ``array`` / ``region()`` shape, for :func:`encode_bucket` outside a train actor
+    (the buckets it makes have no shared region)."""
+
+    def __init__(self, nbytes: int) -> None:
+        self.array = np.empty(nbytes, dtype=np.uint8)
+
+    def region(self) -> None:
+        return None
+
+
 def _allocate(nbytes: int) -> SharedBuffer:
     from .sharedmem import SharedBuffer
 
@@ -423,7 +436,9 @@ class DeltaStore:
                 self._processed = snap.step
                 return
             start = time.perf_counter()
-            result = await asyncio.to_thread(self._compute, snap)
+            # Never cut short: the worker reads the pinned snapshot and writes the
+            # base; the pin (and close()) must wait for it to end.
+            result = await uninterrupted(asyncio.to_thread(self._compute, snap))
             identity = await asyncio.to_thread(weights_identity, snap.manifest)
         took = time.perf_counter() - start
         self.last_compute_s = took

@@ -456,7 +456,7 @@ class StagingReceiver:
                 elif self.keeps_delta_base and self._delta_offered:
                     # Keep a private copy of the verified bytes now served (the shared
                     # ones may map the train actor's memory): the next delta's base.
-                    await asyncio.to_thread(self._keep_base, ordered)
+                    self._base = await asyncio.to_thread(_copied, self._base, ordered)
                     sums = tuple(m.checksum for m in target)
                 else:
                     sums = ()
@@ -505,17 +505,6 @@ class StagingReceiver:
             Bucket(kept, m.index, m.checksum)
             for kept, m in zip(self._base, staging.target, strict=True)
         ]
-
-    def _keep_base(self, buckets: Sequence[Bucket]) -> None:
-        """Worker thread: copy ``buckets`` into the kept base (reusing its arrays)."""
-        old = self._base if len(self._base) == len(buckets) else []
-        kept = []
-        for i, bucket in enumerate(buckets):
-            reuse = old[i] if old and old[i].nbytes == bucket.nbytes else None
-            array = reuse if reuse is not None else np.empty(bucket.nbytes, dtype=np.uint8)
-            np.copyto(array, bucket.buffer)
-            kept.append(array)
-        self._base = kept
 
     async def abort(self, session_id: str) -> None:
         """Drop the session's staging; idempotent, unknown ids are ignored.
@@ -676,6 +665,20 @@ class _Timing:
     verify_s: float = 0.0
     applied_bytes: int = 0
     apply_s: float = 0.0
+
+
+def _copied(old: list[np.ndarray], buckets: Sequence[Bucket]) -> list[np.ndarray]:
+    """Worker thread: private copies of ``buckets``, reusing ``old``'s arrays where
+    their sizes match (the loop assigns the result: this thread touches no state)."""
+    reuse = old if len(old) == len(buckets) else []
+    kept = []
+    for i, bucket in enumerate(buckets):
+        array = reuse[i] if reuse and reuse[i].nbytes == bucket.nbytes else None
+        if array is None:
+            array = np.empty(bucket.nbytes, dtype=np.uint8)
+        np.copyto(array, bucket.buffer)
+        kept.append(array)
+    return kept
 
 
 def _release(*holders: list[Bucket] | dict[int, Bucket]) -> None:

@@ -53,13 +53,12 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, TypeVar
 
-import numpy as np
 import pytest
 import torch
 import xxhash
 
 from ..buckets import Bucket, BucketManifest, aligned, pack, tensor_digest
-from ..delta import encode_bucket
+from ..delta import PrivateBuffer, encode_bucket
 from ..errors import ChecksumMismatchError, DeltaBaseError, ProtocolError, StaleStepError
 from ..protocol import DeltaHeader, EngineInfo, Stamp, weights_identity
 
@@ -1017,21 +1016,11 @@ async def _cancel(kit: Kit) -> None:
             current = after
 
 
-class _Private:
-    """A private buffer in the shape :func:`~asyncsync.delta.encode_bucket` allocates."""
-
-    def __init__(self, nbytes: int) -> None:
-        self.array = np.empty(nbytes, dtype=np.uint8)
-
-    def region(self) -> None:
-        return None
-
-
 def _delta(base: Update, target: Update) -> tuple[DeltaHeader, list[Bucket]]:
     """The delta of ``target`` on ``base`` (packed alike), as a session would send it."""
     kinds, payloads = [], []
     for old, new in zip(base.buckets, target.buckets, strict=True):
-        kind, payload, _, _ = encode_bucket(old.buffer, new, _Private)
+        kind, payload, _, _ = encode_bucket(old.buffer, new, PrivateBuffer)
         kinds.append(kind)
         payloads.append(payload)
     header = DeltaHeader(
