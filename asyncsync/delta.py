@@ -37,11 +37,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import itertools
 import logging
+import os
+import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
@@ -63,15 +68,21 @@ __all__ = [
     "changed_mask",
     "changed_words",
     "check_header",
+    "delta_threads",
+    "run_split",
     "encode_bucket",
 ]
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 SPARSE, BITMAP, DENSE = "sparse", "bitmap", "dense"
 KEEP_DELTAS = 2
 """Deltas a store keeps (the newest ones): a session that pinned step N finds N's
 delta while N+1's is computed."""
+MAX_RATIO = 0.5
+"""A delta larger than this share of its snapshot's bytes is dropped as soon as it is
+(sessions send that step in full): it would save little and hold much."""
 WORD = 2
 """Bytes per compared word: the element size of bf16 and fp16, half of fp32's."""
 
@@ -128,15 +139,108 @@ def changed_words(base: np.ndarray, new: np.ndarray) -> np.ndarray:
     return np.flatnonzero(changed_mask(base, new))
 
 
+CHUNK_WORDS = 1 << 18
+"""Words compared at a time (512 KiB of each side): the chunk's base, new bytes and mask
+stay in the core's cache while its changed words are gathered and the base updated."""
+MAX_THREADS = 4
+"""Most threads one bucket's encoding or one delta's patching is split over."""
+
+_pool: ThreadPoolExecutor | None = None
+_pool_guard = threading.Lock()
+
+
+def delta_threads() -> int:
+    """Threads of the encoding and the patching: this process's cores, at most 4 (both
+    are bound by memory bandwidth, which a few cores saturate)."""
+    return max(1, min(MAX_THREADS, os.cpu_count() or 1))
+
+
+def run_split(jobs: Sequence[Callable[[], _T]], threads: int) -> list[_T]:
+    """Run ``jobs`` over up to ``threads`` threads (this one included); results in order.
+
+    Every job has ended when this returns or raises (none outlives the call: they
+    read and write the caller's buffers)."""
+    global _pool
+    if threads <= 1 or len(jobs) <= 1:
+        return [job() for job in jobs]
+    with _pool_guard:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(MAX_THREADS - 1, thread_name_prefix="asyncsync-delta")
+        pool = _pool
+    lanes = min(threads, len(jobs))
+
+    # Lane k runs jobs k, k + lanes, ...: lane 0 here, the others in the pool.
+    def lane(k: int) -> list[tuple[int, _T]]:
+        return [(i, jobs[i]()) for i in range(k, len(jobs), lanes)]
+
+    futures = [pool.submit(lane, k) for k in range(1, lanes)]
+    try:
+        done = lane(0)
+    finally:
+        # Wait for every lane, even when this one failed: they touch the caller's arrays.
+        wait(futures)
+    for future in futures:
+        done += future.result()
+    return [result for _, result in sorted(done, key=lambda pair: pair[0])]
+
+
+@dataclass
+class _Scan:
+    """The changed words of a range of a bucket: absolute word indices, their new values,
+    and the range's bitmap (one bit per word, little bit order)."""
+
+    index: np.ndarray
+    values: np.ndarray
+    bits: np.ndarray
+
+
+def _scan(
+    base: np.ndarray, new: np.ndarray, lo: int, hi: int, index_dtype: Any, update: bool
+) -> _Scan:
+    """Compare words ``lo:hi`` of ``base`` and ``new`` (uint16 views) chunk by chunk; with
+    ``update``, ``base`` becomes ``new`` there (the chunk still in cache)."""
+    mask = np.empty(min(CHUNK_WORDS, max(hi - lo, 0)), dtype=bool)
+    indices, values, bits = [], [], []
+    for at in range(lo, hi, CHUNK_WORDS):
+        end = min(at + CHUNK_WORDS, hi)
+        m = mask[: end - at]
+        old, now = base[at:end], new[at:end]
+        np.not_equal(old, now, out=m)
+        where = np.flatnonzero(m)
+        vals = now[where]
+        bits.append(np.packbits(m, bitorder="little"))
+        if where.size:
+            if update:
+                # A plain copy beats the scatter once more than about 1 word in 8 changed.
+                if where.size * 8 > end - at:
+                    np.copyto(old, now)
+                else:
+                    old[where] = vals
+            index = where.astype(index_dtype)
+            index += at
+            indices.append(index)
+            values.append(vals)
+    empty = np.empty(0, dtype=np.uint8)
+    return _Scan(
+        np.concatenate(indices) if indices else np.empty(0, dtype=index_dtype),
+        np.concatenate(values) if values else np.empty(0, dtype=np.uint16),
+        np.concatenate(bits) if bits else empty,
+    )
+
+
 def _sparse_layout(words: int, changed: int) -> tuple[tuple[TensorMeta, ...], int]:
-    index_dtype = "int32" if words < 2**31 else "int64"
-    index_bytes = changed * (4 if index_dtype == "int32" else 8)
+    index_dtype = _index_dtype(words)
+    index_bytes = changed * index_dtype.itemsize
     values_at = aligned(index_bytes)
     index = (
-        TensorMeta(_INDEX, index_dtype, (changed,), 0, index_bytes),
+        TensorMeta(_INDEX, index_dtype.name, (changed,), 0, index_bytes),
         TensorMeta(_VALUES, "int16", (changed,), values_at, changed * WORD),
     )
     return index, values_at + changed * WORD
+
+
+def _index_dtype(words: int) -> np.dtype[Any]:
+    return np.dtype(np.int32 if words < 2**31 else np.int64)
 
 
 def _bitmap_layout(words: int, changed: int) -> tuple[tuple[TensorMeta, ...], int]:
@@ -150,7 +254,12 @@ def _bitmap_layout(words: int, changed: int) -> tuple[tuple[TensorMeta, ...], in
 
 
 def encode_bucket(
-    base: np.ndarray, new: Bucket, allocate: Any
+    base: np.ndarray,
+    new: Bucket,
+    allocate: Any,
+    *,
+    update_base: bool = False,
+    threads: int = 1,
 ) -> tuple[str, Bucket, int, SharedBuffer | None]:
     """The delta of bucket ``new`` against ``base`` (same layout): kind, delta bucket,
     changed words, and the buffer holding it (``None`` for an empty one).
@@ -160,15 +269,31 @@ def encode_bucket(
     ``sparse`` (4-byte word indices and 2-byte values: 6 bytes per changed word,
     smallest below about 3% changed), ``bitmap`` (one bit per word and the
     values: 1/16 of the bucket plus 2 bytes per changed word) or ``dense`` (the
-    bucket). Blocking.
+    bucket). One pass over both sides, in cache-sized chunks split over
+    ``threads`` threads; with ``update_base``, ``base`` (writable) becomes ``new``'s
+    bytes in that same pass. Blocking.
     """
     payload = new.buffer
     n = payload.nbytes
     if n % WORD:
+        if update_base:
+            np.copyto(base, payload)
         return _dense(payload, new.checksum, n // WORD, allocate)
     words = n // WORD
-    mask = changed_mask(base, payload)
-    changed = int(np.count_nonzero(mask))
+    old16, new16 = base.view(np.uint16), payload.view(np.uint16)
+    index_dtype = _index_dtype(words)
+    # Ranges of whole chunks, one or a few per thread.
+    chunks = max(1, -(-words // CHUNK_WORDS))
+    parts = max(1, min(threads, chunks))
+    cuts = [words * k // parts // CHUNK_WORDS * CHUNK_WORDS for k in range(parts)] + [words]
+    scans = run_split(
+        [
+            functools.partial(_scan, old16, new16, lo, hi, index_dtype, update_base)
+            for lo, hi in itertools.pairwise(cuts)
+        ],
+        threads,
+    )
+    changed = sum(s.index.size for s in scans)
     sparse, sparse_size = _sparse_layout(words, changed)
     bitmap, bitmap_size = _bitmap_layout(words, changed)
     if min(sparse_size, bitmap_size) >= n:
@@ -182,15 +307,19 @@ def encode_bucket(
     out = buffer.array if buffer is not None else np.empty(0, dtype=np.uint8)
     if changed:
         head, values = index
+        out[head.nbytes : values.offset] = 0  # the padding: no stale memory in a payload
         vals = out[values.offset : values.offset + values.nbytes].view(np.uint16)
-        new_words = payload.view(np.uint16)
-        if kind == SPARSE:
-            where = np.flatnonzero(mask)
-            out[: head.nbytes].view(np.dtype(head.dtype))[:] = where
-            np.take(new_words, where, out=vals)
-        else:
-            out[: head.nbytes] = np.packbits(mask, bitorder="little")
-            vals[:] = new_words[mask]
+        heads = out[: head.nbytes].view(index_dtype) if kind == SPARSE else out[: head.nbytes]
+        at = bit_at = 0
+        for scan in scans:
+            k = scan.index.size
+            vals[at : at + k] = scan.values
+            if kind == SPARSE:
+                heads[at : at + k] = scan.index
+            else:
+                heads[bit_at : bit_at + scan.bits.size] = scan.bits
+                bit_at += scan.bits.size
+            at += k
     region = buffer.region() if buffer is not None else None
     return kind, Bucket(out, index, checksum(out), region=region), changed, buffer
 
@@ -205,33 +334,68 @@ def _dense(
     return DENSE, Bucket(buffer.array, meta, digest, region=buffer.region()), changed, buffer
 
 
-def apply_delta_bucket(base: np.ndarray, kind: str, payload: Bucket) -> None:
-    """Patch ``base`` (a writable flat uint8 array) in place with a delta bucket. Blocking.
+def apply_delta_bucket(base: np.ndarray, kind: str, payload: Bucket) -> np.ndarray | None:
+    """Patch ``base`` (a writable flat uint8 array) in place with a delta bucket; return the
+    ascending indices of the 2-byte words it wrote (``None`` for a dense one: all of
+    them). Blocking.
 
-    Raises :class:`~asyncsync.ProtocolError` for a payload that does not fit ``base``.
+    Raises :class:`~asyncsync.ProtocolError` for a payload that does not fit ``base``
+    (``base`` may then be partly patched: the caller drops it).
     """
     if kind == DENSE:
         np.copyto(base, payload.buffer)
-        return
+        return None
     tensors = dict(payload.named_tensors())
     values = tensors[_VALUES].numpy().view(np.uint16)
     words = base.view(np.uint16)
     if kind == BITMAP:
         bits = tensors[_BITS].numpy()
-        mask = np.unpackbits(bits, count=words.size, bitorder="little").view(bool)
-        if int(np.count_nonzero(mask)) != values.size:
+        if bits.size != (words.size + 7) // 8:
             raise ProtocolError(
-                f"bitmap delta: {int(np.count_nonzero(mask))} words marked, {values.size} values"
+                f"bitmap delta: {bits.size} bitmap bytes for a bucket of {words.size} words"
             )
-        words[mask] = values
-        return
+        # Chunk by chunk: the chunk's mask and words stay in cache.
+        at = 0
+        step = CHUNK_WORDS // 8
+        found = []
+        for byte in range(0, bits.size, step):
+            lo = byte * 8
+            hi = min(lo + CHUNK_WORDS, words.size)
+            mask = np.unpackbits(bits[byte : byte + step], count=hi - lo, bitorder="little")
+            where = np.flatnonzero(mask.view(bool))
+            if at + where.size > values.size:
+                break
+            words[lo:hi][where] = values[at : at + where.size]
+            at += where.size
+            found.append(where + lo)
+        else:
+            if at == values.size:
+                return np.concatenate(found) if found else np.empty(0, dtype=np.int64)
+        marked = int(np.count_nonzero(np.unpackbits(bits, count=words.size)))
+        raise ProtocolError(f"bitmap delta: {marked} words marked, {values.size} values")
     index = tensors[_INDEX].numpy()
     if index.size:
         if int(index.min()) < 0 or int(index.max()) >= words.size:
             raise ProtocolError(
                 f"sparse delta: word index outside the bucket of {words.size} words"
             )
+        if index.size > 1 and not bool(np.all(index[1:] > index[:-1])):
+            raise ProtocolError("sparse delta: word indices are not strictly ascending")
         words[index] = values
+    return index
+
+
+def _patch_one(
+    i: int, kept: np.ndarray, kind: str, payload: Bucket, want: BucketManifest, base_step: int
+) -> np.ndarray | None:
+    changed = apply_delta_bucket(kept, kind, payload)
+    got = checksum(kept)
+    if got != want.checksum:
+        raise ChecksumMismatchError(
+            f"delta bucket {i} applied on base step {base_step}: result hashes "
+            f"to {got:#018x}, the target's checksum is {want.checksum:#018x}"
+        )
+    return changed
 
 
 def patch_and_verify(
@@ -239,23 +403,28 @@ def patch_and_verify(
     header: DeltaHeader,
     target: Sequence[BucketManifest],
     payloads: Sequence[Bucket],
-) -> None:
-    """Patch every kept base bucket with its delta and check each against ``target``.
+    *,
+    threads: int = 1,
+) -> list[np.ndarray | None]:
+    """Patch every kept base bucket with its delta and check each against ``target``
+    (buckets split over ``threads`` threads); per bucket, the ascending indices of the
+    2-byte words that changed (``None``: dense, all of them).
 
-    Raises :class:`~asyncsync.ChecksumMismatchError` naming the first bucket whose
-    result does not hash to the target's checksum (the kept base is then garbage:
-    the caller drops it). Blocking.
+    Raises :class:`~asyncsync.ChecksumMismatchError` naming a bucket whose result
+    does not hash to the target's checksum (the kept base is then garbage: the
+    caller drops it). Blocking.
     """
-    for i, (kept, kind, payload, want) in enumerate(
-        zip(base, header.kinds, payloads, target, strict=True)
-    ):
-        apply_delta_bucket(kept, kind, payload)
-        got = checksum(kept)
-        if got != want.checksum:
-            raise ChecksumMismatchError(
-                f"delta bucket {i} applied on base step {header.base_step}: result hashes "
-                f"to {got:#018x}, the target's checksum is {want.checksum:#018x}"
+    jobs = [
+        (
+            lambda i=i, kept=kept, kind=kind, payload=payload, want=want: _patch_one(
+                i, kept, kind, payload, want, header.base_step
             )
+        )
+        for i, (kept, kind, payload, want) in enumerate(
+            zip(base, header.kinds, payloads, target, strict=True)
+        )
+    ]
+    return run_split(jobs, threads)
 
 
 # ------------------------------------------------------------------ trainer side
@@ -269,7 +438,8 @@ class DeltaStats:
     yet); ``nbytes``/``full_bytes``: its payload against the full snapshot's;
     ``changed_fraction``: the share of 2-byte words that changed;
     ``resident_bytes``: what the store holds (its base copy and the deltas it
-    keeps, ``deltas_kept`` of them).
+    keeps, ``deltas_kept`` of them); ``dropped``: deltas dropped for being larger
+    than :data:`MAX_RATIO` of their snapshot (those steps went in full).
     """
 
     active: bool
@@ -282,6 +452,7 @@ class DeltaStats:
     last_compute_s: float
     resident_bytes: int
     deltas_kept: int = 0
+    dropped: int = 0
 
 
 @dataclass(eq=False)
@@ -307,6 +478,17 @@ class DeltaSnapshot:
     def nbytes(self) -> int:
         """Bytes of the delta's payload (what a session moves per engine)."""
         return sum(b.nbytes for b in self.buckets)
+
+    @property
+    def full_bytes(self) -> int:
+        """Bytes of the target snapshot (what a full session moves per engine)."""
+        return sum(m.nbytes for m in self.target)
+
+    @property
+    def ratio(self) -> float:
+        """The delta's payload bytes over the full snapshot's."""
+        full = self.full_bytes
+        return self.nbytes / full if full else 0.0
 
     @property
     def changed_fraction(self) -> float:
@@ -345,8 +527,17 @@ class DeltaStore:
     pinned, waiting for its computation if it is running, or ``None``.
     """
 
-    def __init__(self, cache: BucketCache) -> None:
+    def __init__(
+        self,
+        cache: BucketCache,
+        *,
+        threads: int | None = None,
+        max_ratio: float = MAX_RATIO,
+    ) -> None:
         self.cache = cache
+        self.threads = delta_threads() if threads is None else threads
+        self.max_ratio = max_ratio
+        self.dropped = 0
         self._base: list[np.ndarray] | None = None
         self._base_manifest: tuple[BucketManifest, ...] = ()
         self._base_step: int | None = None
@@ -394,6 +585,7 @@ class DeltaStore:
             last_compute_s=self.last_compute_s,
             resident_bytes=self.resident_bytes,
             deltas_kept=len(self._deltas),
+            dropped=self.dropped,
         )
 
     def want(self) -> None:
@@ -467,21 +659,38 @@ class DeltaStore:
             # No base of this layout: take a copy; the next publish gets a delta.
             self._base = [np.array(b.buffer, copy=True) for b in snap.buckets]
             return None
-        kinds, buckets, buffers, changes = [], [], [], []
-        changed = total = 0
+        kinds, buckets, buffers = [], [], []
+        changed = total = size = 0
+        full = sum(b.nbytes for b in snap.buckets)
+        too_large = False
         try:
             for kept, bucket in zip(base, snap.buckets, strict=True):
-                kind, delta, words, buffer = encode_bucket(kept, bucket, _allocate)
+                if too_large:
+                    np.copyto(kept, bucket.buffer)  # the base still becomes this snapshot
+                    continue
+                # The base becomes this snapshot in the same pass (on a failure it is a
+                # mix: the caller forgets it).
+                kind, delta, words, buffer = encode_bucket(
+                    kept, bucket, _allocate, update_base=True, threads=self.threads
+                )
                 if buffer is not None:
                     buffers.append(buffer)
                 kinds.append(kind)
                 buckets.append(delta)
-                changes.append(words)
                 changed += words
                 total += bucket.nbytes // WORD
+                size += delta.nbytes
+                if size > self.max_ratio * full:
+                    # Too large to be worth sending: free what it holds now, not later.
+                    too_large = True
+                    _release(buffers)
+                    buffers = []
         except BaseException:
             _release(buffers)
             raise
+        if too_large:
+            self.dropped += 1
+            return None
         header = DeltaHeader(
             base_step=self._base_step,
             base_weights=self._base_weights or "",
@@ -489,11 +698,6 @@ class DeltaStore:
             payload=tuple(b.manifest for b in buckets),
             kinds=tuple(kinds),
         )
-        # The base becomes this snapshot (a plain copy: faster than a scatter of the
-        # changed words once more than a few percent changed, and never slower by much).
-        for kept, bucket, words in zip(base, snap.buckets, changes, strict=True):
-            if words:
-                np.copyto(kept, bucket.buffer)
         return DeltaSnapshot(
             step=snap.step,
             target=manifest,

@@ -31,6 +31,7 @@ the version it serves. A fleet never infers an engine's version; it asks.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import time
 import uuid
@@ -44,7 +45,7 @@ import numpy as np
 
 from ._primitives import ReadWriteLock, uninterrupted
 from .buckets import Bucket, BucketManifest, check_manifests
-from .delta import check_header, patch_and_verify
+from .delta import check_header, delta_threads, patch_and_verify
 from .errors import (
     ConfigError,
     DeltaBaseError,
@@ -176,6 +177,28 @@ class StagingReceiver:
         (no answer is being served); do not take :meth:`serving` inside it.
         """
         raise NotImplementedError
+
+    async def apply_changes(
+        self,
+        buckets: Sequence[Bucket],
+        changes: Sequence[np.ndarray | None],
+        version: int,
+    ) -> None:
+        """Make the buckets of a delta session the model's weights; only some words changed.
+
+        Called by ``commit`` instead of :meth:`apply` when the session carried a
+        delta: ``buckets`` are the whole target snapshot (the engine's kept copy,
+        patched and verified against the target's checksums), and ``changes[i]``
+        the ascending indices of the 2-byte words of bucket ``i`` that differ
+        from the version the model serves now (``None``: unknown, write the whole
+        bucket). The model holds that version exactly (the delta's base, checked
+        at ``begin_delta`` and again here), so writing only those words makes it
+        the target. The default calls :meth:`apply` with the whole buckets (always
+        right); :class:`~asyncsync.engines.TensorEngine` writes only the changed
+        words. Same rules as :meth:`apply`: under the exclusive lease, no
+        references kept after returning.
+        """
+        await self.apply(buckets, version)
 
     async def on_commit(self, version: int) -> None:
         """Called at every commit, after :meth:`apply` and before ``version`` serves.
@@ -436,14 +459,18 @@ class StagingReceiver:
                 # record: off the loop for large models).
                 identity = await asyncio.to_thread(weights_identity, target)
                 buckets = ordered
+                changes: list[np.ndarray | None] | None = None
                 if staging.header is not None:
-                    buckets = await self._patched(staging)
+                    buckets, changes = await self._patched(staging)
                     applied = sum(b.nbytes for b in buckets)
                 # The kept copy is about to describe other weights: none until re-taken.
                 sums, self._base_sums = self._base_sums, ()
                 async with self._lease.write():
                     try:
-                        await self.apply(buckets, staging.step)
+                        if changes is None:
+                            await self.apply(buckets, staging.step)
+                        else:
+                            await self.apply_changes(buckets, changes, staging.step)
                         await self.on_commit(staging.step)
                     except BaseException:
                         # Part of the new weights may be in: serve no version, stamp
@@ -480,14 +507,19 @@ class StagingReceiver:
                     )
             return staging.step
 
-    async def _patched(self, staging: _Staging) -> list[Bucket]:
+    async def _patched(self, staging: _Staging) -> tuple[list[Bucket], list[np.ndarray | None]]:
         """A delta session's target buckets: the kept copy, patched and verified.
 
         On a mismatch (or any failure) the kept copy is dropped (deltas are refused
         until a full session commits) and the model is untouched.
         """
         assert staging.header is not None
-        if self._base_sums != staging.header.base_checksums:
+        header = staging.header
+        if (
+            self._base_sums != header.base_checksums
+            or not self.intact
+            or (self.version, self.identity) != (header.base_step, header.base_weights)
+        ):
             raise DeltaBaseError(
                 f"step {staging.step}: the kept base changed since the delta began "
                 f"(base step {staging.header.base_step})"
@@ -495,16 +527,24 @@ class StagingReceiver:
         payloads = [staging.buckets[i] for i in range(len(staging.manifest))]
         self._base_sums = ()
         try:
-            await asyncio.to_thread(
-                patch_and_verify, self._base, staging.header, staging.target, payloads
+            changes = await asyncio.to_thread(
+                functools.partial(
+                    patch_and_verify,
+                    self._base,
+                    staging.header,
+                    staging.target,
+                    payloads,
+                    threads=delta_threads(),
+                )
             )
         except BaseException:
             self._base = []
             raise
-        return [
+        buckets = [
             Bucket(kept, m.index, m.checksum)
             for kept, m in zip(self._base, staging.target, strict=True)
         ]
+        return buckets, changes
 
     async def abort(self, session_id: str) -> None:
         """Drop the session's staging; idempotent, unknown ids are ignored.

@@ -20,7 +20,7 @@ import torch
 
 from asyncsync.actor import WeightSyncActor, train_actor
 from asyncsync.buckets import Bucket, TensorStream, checksum, fill_and_hash, fill_buffer, layout
-from asyncsync.engines.tensors import TensorEngine, tensor_engine_actor
+from asyncsync.engines.tensors import TensorEngine, tensor_engine_actor, write_changed
 from asyncsync.plan import SyncPlan, SyncReport
 from asyncsync.protocol import ReceiverStats
 from asyncsync.sharedmem import SharedBuffer
@@ -288,6 +288,14 @@ class BenchEngine(TensorEngine):
     async def apply(self, buckets: Sequence[Bucket], version: int) -> None:
         start = time.perf_counter()
         await super().apply(buckets, version)
+        await self._slow_down(time.perf_counter() - start)
+
+    async def apply_changes(
+        self, buckets: Sequence[Bucket], changes: Sequence[Any], version: int
+    ) -> None:
+        # Only the changed words, as TensorEngine's (which defers to an overridden apply).
+        start = time.perf_counter()
+        await asyncio.to_thread(write_changed, self.params, buckets, changes)
         await self._slow_down(time.perf_counter() - start)
 
     async def commit(self, session_id: str) -> int:

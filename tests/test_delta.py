@@ -25,8 +25,9 @@ from asyncsync import (
     ProtocolError,
     SyncPlan,
 )
-from asyncsync.buckets import pack, tensor_digest
+from asyncsync.buckets import Bucket, pack, tensor_digest
 from asyncsync.delta import (
+    CHUNK_WORDS,
     DeltaStore,
     PrivateBuffer,
     apply_delta_bucket,
@@ -34,6 +35,7 @@ from asyncsync.delta import (
     encode_bucket,
 )
 from asyncsync.engines import TensorEngine
+from asyncsync.engines.tensors import write_changed
 from asyncsync.protocol import DeltaHeader
 from asyncsync.receiver import current_node
 from asyncsync.session import run_session
@@ -108,6 +110,97 @@ def test_a_bucket_delta_applied_on_its_base_is_the_new_bucket_bit_for_bit(
     finally:
         for b in buffers:
             b.release()
+
+
+def test_the_encoding_is_the_same_over_threads_and_updates_the_base_in_that_pass() -> None:
+    rng = np.random.default_rng(2)
+    words = CHUNK_WORDS * 3 + CHUNK_WORDS // 2 + 3  # chunks, a part chunk, an odd tail
+    old = torch.from_numpy(rng.integers(-(2**15), 2**15, words, dtype=np.int16))
+    new = old.clone()
+    for share, lo, hi in ((0.005, 0, CHUNK_WORDS), (0.3, CHUNK_WORDS, 2 * CHUNK_WORDS)):
+        hit = torch.from_numpy(rng.random(hi - lo) < share)
+        new[lo:hi][hit] ^= 1
+    new[-1] ^= 4  # the very last word
+    (base,) = pack([("w", old)], 1 << 30)
+    (target,) = pack([("w", new)], 1 << 30)
+    results = []
+    for threads in (1, 3):
+        kept = base.buffer.copy()
+        kind, delta, changed, _ = encode_bucket(
+            kept, target, PrivateBuffer, update_base=True, threads=threads
+        )
+        assert np.array_equal(kept, target.buffer)  # the base became the target
+        results.append((kind, delta.buffer.tobytes(), changed))
+    assert results[0] == results[1]
+    kind, _, changed = results[0]
+    assert changed == int((old != new).sum())
+    patched = base.buffer.copy()
+    (_, delta, _, _) = encode_bucket(base.buffer.copy(), target, PrivateBuffer, threads=2)
+    written = apply_delta_bucket(patched, kind, delta)
+    assert np.array_equal(patched, target.buffer)
+    assert written is not None
+    assert written.tolist() == torch.nonzero(old != new).flatten().tolist()
+
+
+def test_write_changed_writes_only_the_changed_words_or_a_faster_whole_copy() -> None:
+    n = 4096
+    base = {
+        "sparse": torch.linspace(-1, 1, n).to(torch.bfloat16),  # 0.1% changed: words
+        "dense": torch.linspace(-2, 2, n),  # fp32, half changed: whole copy
+        "bytes": torch.arange(n, dtype=torch.int8),  # 1-byte dtype: whole copy
+        "same": torch.ones(n, dtype=torch.bfloat16),  # unchanged: untouched
+    }
+    new = {k: v.clone() for k, v in base.items()}
+    new["sparse"][:: n // 4] += 1  # 4 of 4096 elements
+    new["dense"][::2] += 1
+    new["bytes"][7] += 1
+    (old_bucket,) = pack(list(base.items()), 1 << 20)
+    (new_bucket,) = pack(list(new.items()), 1 << 20)
+    kept = old_bucket.buffer.copy()
+    kind, delta, _, _ = encode_bucket(old_bucket.buffer, new_bucket, PrivateBuffer)
+    changes = apply_delta_bucket(kept, kind, delta)
+    patched = Bucket(kept, new_bucket.index, new_bucket.checksum)
+    params = {k: v.clone() for k, v in base.items()}
+    # Sentinels in words no change lists: kept where single words are written,
+    # overwritten where the tensor is copied whole.
+    params["sparse"][1] = 7
+    params["dense"][1] = 7
+    params["same"][3] = 7
+    write_changed(params, [patched], [changes], threads=2)
+    assert params["sparse"][1] == 7  # words only
+    assert params["same"][3] == 7  # not touched at all
+    params["sparse"][1] = new["sparse"][1]
+    params["same"][3] = new["same"][3]
+    for name, want in new.items():
+        assert tensor_digest(params[name]) == tensor_digest(want), name
+    # None: the whole bucket, as copy_into.
+    fresh = {k: v.clone() for k, v in base.items()}
+    write_changed(fresh, [patched], [None])
+    assert all(tensor_digest(fresh[k]) == tensor_digest(v) for k, v in new.items())
+    with pytest.raises(ProtocolError, match="change lists"):
+        write_changed(fresh, [patched], [])
+
+
+async def test_a_tensor_engine_that_overrides_apply_gets_it_for_a_delta_too() -> None:
+    class Counting(TensorEngine):
+        applied = 0
+
+        async def apply(self, buckets: Any, version: int) -> None:
+            self.applied += 1
+            await super().apply(buckets, version)
+
+    weights = sparse_weights(0)
+    (bucket,) = pack(list(sparse_weights(1).items()), 1 << 22)
+    engine = Counting({k: v.clone() for k, v in weights.items()})
+    plain = TensorEngine({k: v.clone() for k, v in weights.items()})
+    for receiver in (engine, plain):
+        await receiver.apply_changes([bucket], [None], 1)
+    assert engine.applied == 1  # what the subclass adds in apply is never skipped
+    for receiver in (engine, plain):
+        assert all(
+            tensor_digest(receiver.params[k]) == tensor_digest(v)
+            for k, v in sparse_weights(1).items()
+        )
 
 
 # ------------------------------------------------------------------ in-process sessions
@@ -435,3 +528,26 @@ async def test_a_delta_whose_step_another_session_committed_first_commits_as_a_n
         tensor_digest(engine.params[n]) == tensor_digest(t) for n, t in sparse_weights(2).items()
     )
     assert (await engine.engine_info()).open_sessions == 0
+
+
+async def test_a_delta_over_the_store_cap_is_dropped_and_the_session_sends_full(
+    rig: Rig,
+) -> None:
+    for step in (0, 1, 2):
+        await rig.publish(step)
+        await rig.sync()
+    assert rig.deltas.stats().step == 2
+    rewritten = {k: v + 1 for k, v in sparse_weights(2).items()}  # every word changes
+    async with rig.cache.build(3) as build:
+        await build.add(list(rewritten.items()))
+    rig.deltas.published()
+    report = await rig.sync()  # delta="always": still full, the store has none
+    assert report.step == 3 and report.committed == ("a", "b")
+    assert not any(r.delta for r in report.engines.values()), report.engines
+    stats = rig.deltas.stats()
+    assert (stats.dropped, stats.step) == (1, 2), stats  # step 3's was dropped
+    # What it held was freed at once: the base and the kept deltas only.
+    assert stats.resident_bytes <= report.nbytes * (1 + 2 * 0.1), stats
+    for name in ("a", "b"):
+        have = rig.engines[name].params
+        assert all(tensor_digest(have[k]) == tensor_digest(v) for k, v in rewritten.items())

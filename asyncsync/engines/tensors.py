@@ -3,7 +3,8 @@
 :class:`TensorEngine` holds its weights as a mapping of name -> tensor and does
 what every engine with named parameters does, nothing more: at ``begin`` it
 refuses a manifest its parameters cannot take (:func:`check_fits`), and at commit
-it copies the staged buckets into them (:func:`copy_into`), one copy of the model.
+it copies the staged buckets into them (:func:`copy_into`), one copy of the model;
+a delta session's commit writes only the words that changed (:func:`write_changed`).
 It stands in for a rollout engine wherever the model itself does not matter
 (tests, benchmarks, many engines on one machine). The two functions are the
 pieces a real engine reuses; :class:`~asyncsync.engines.HFEngine` does.
@@ -12,11 +13,13 @@ pieces a real engine reuses; :class:`~asyncsync.engines.HFEngine` does.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import numpy as np
 import torch
 
 from .._checks import check_int, check_iterable, check_str, check_type
@@ -31,6 +34,7 @@ __all__ = [
     "copy_into",
     "copy_named",
     "copy_threads",
+    "write_changed",
     "tensor_engine_actor",
 ]
 
@@ -261,6 +265,87 @@ def copy_into(
     return copy_named(params, named, threads=copy_threads() if threads is None else threads)
 
 
+SCATTER_BELOW_INVERSE = 128
+"""A tensor takes single changed words when fewer than 1 in this many of its words
+changed, else a whole copy: on two cores, writing 0.2% of a 256 MiB model's words
+one by one took 17-21 ms against 32 ms for the copy, 0.5% about the same, 1.4%
+40-43 ms (measured, see the Delta sync guide)."""
+_WORD_DTYPES = frozenset({2, 4, 8})
+"""Element sizes whose tensors take single 2-byte words (all but 1-byte dtypes)."""
+
+
+def write_changed(
+    params: Mapping[str, torch.Tensor],
+    buckets: Sequence[Bucket],
+    changes: Sequence[np.ndarray | None],
+    *,
+    threads: int | None = None,
+) -> int:
+    """Write into ``params`` only the 2-byte words of ``buckets`` listed in ``changes``.
+
+    ``changes[i]``: ascending word indices of bucket ``i`` (``None``: the whole
+    bucket, as :func:`copy_into`). A tensor with any changed word is copied whole
+    when that is faster (1 word in :data:`SCATTER_BELOW_INVERSE` or more changed)
+    or it cannot take single words (not contiguous, a 1-byte dtype, at an odd
+    offset); an unchanged tensor is not touched. Only right when ``params`` hold
+    the version the changes are relative to (see
+    :meth:`~asyncsync.StagingReceiver.apply_changes`). Returns
+    the words written (whole tensors count all theirs). Blocking; buckets split
+    over ``threads`` threads (``None``: :func:`copy_threads`).
+    """
+    from ..delta import run_split
+
+    if len(buckets) != len(changes):
+        raise ProtocolError(
+            f"write_changed: {len(changes)} change lists for {len(buckets)} buckets"
+        )
+
+    def one(bucket: Bucket, changed: np.ndarray | None) -> int:
+        if changed is None:
+            return copy_named(params, bucket.named_tensors(), threads=1) // 2
+        words = bucket.buffer.view(np.uint16) if bucket.buffer.nbytes % 2 == 0 else None
+        written = 0
+        # Every tensor's first and last word, found at once (in the indices' own dtype:
+        # a search with other ints would convert the whole array, per call).
+        edges = np.array(
+            [(m.offset // 2, (m.offset + m.nbytes + 1) // 2) for m in bucket.index],
+            dtype=changed.dtype,
+        ).reshape(-1, 2)
+        cuts = np.searchsorted(changed, edges)
+        with torch.no_grad():
+            for meta, (name, src), (lo, hi), (a, b) in zip(
+                bucket.index, bucket.named_tensors(), edges.tolist(), cuts.tolist(), strict=True
+            ):
+                if meta.nbytes == 0 or a == b:
+                    continue
+                dst = params.get(name)
+                if dst is None:
+                    raise ProtocolError(f"tensor {name!r} is not a parameter of this engine")
+                if words is not None and (
+                    (b - a) * SCATTER_BELOW_INVERSE < hi - lo
+                    and meta.offset % 2 == 0
+                    and meta.nbytes % 2 == 0
+                    and dst.is_contiguous()
+                    and dst.element_size() in _WORD_DTYPES
+                    and dst.dtype == src.dtype
+                    and dst.shape == src.shape
+                ):
+                    index = changed[a:b]
+                    target = dst.detach().view(-1).view(torch.int16).numpy()
+                    target[index - lo] = words[index].view(np.int16)
+                    written += b - a
+                else:
+                    dst.copy_(src)
+                    written += hi - lo
+        return written
+
+    jobs = [
+        functools.partial(one, bucket, changed)
+        for bucket, changed in zip(buckets, changes, strict=True)
+    ]
+    return sum(run_split(jobs, copy_threads() if threads is None else threads))
+
+
 class TensorEngine(StagingReceiver):
     """An engine whose weights are ``params`` (name -> tensor), updated in place at commit.
 
@@ -294,6 +379,23 @@ class TensorEngine(StagingReceiver):
     async def apply(self, buckets: Sequence[Bucket], version: int) -> None:
         check_update(buckets, version, "TensorEngine.apply")
         await asyncio.to_thread(copy_into, self.params, buckets)
+
+    async def apply_changes(
+        self,
+        buckets: Sequence[Bucket],
+        changes: Sequence[np.ndarray | None],
+        version: int,
+    ) -> None:
+        """Write only the changed words of a delta session (:func:`write_changed`).
+
+        A subclass that overrides :meth:`apply` (and not this) gets its ``apply``
+        with the whole buckets instead: what it adds there is never skipped.
+        """
+        if type(self).apply is not TensorEngine.apply:
+            await self.apply(buckets, version)
+            return
+        check_update(buckets, version, "TensorEngine.apply_changes")
+        await asyncio.to_thread(write_changed, self.params, buckets, changes)
 
     async def served_digests(self) -> tuple[Stamp, dict[str, int]]:
         """The stamp of the served weights and the xxh3 digest of each, read under one lease."""
