@@ -29,9 +29,11 @@ __all__ = ["POLICIES", "EngineReport", "Outcome", "SyncPlan", "SyncReport"]
 ALL_OR_NOTHING = "all_or_nothing"
 PER_ENGINE = "per_engine"
 POLICIES = (ALL_OR_NOTHING, PER_ENGINE)
+"""Commit policies (see the module docstring)."""
 DELTA_MODES = ("auto", "never", "always")
 """``SyncPlan.delta`` values (see :class:`SyncPlan` and :mod:`asyncsync.delta`)."""
-"""Commit policies (see the module docstring)."""
+DELTA_MAX_RATIO = 0.1
+"""Default :attr:`SyncPlan.delta_max_ratio`."""
 
 # Renamed in 0.2: the old name, for the error that says so.
 _RENAMED_POLICIES = {"fleet": ALL_OR_NOTHING}
@@ -87,15 +89,20 @@ class SyncPlan:
             (:class:`~asyncsync.ReadTimeoutError`); ``None`` waits without bound.
         max_inflight_buckets: unacknowledged buckets per engine (memory bound and
             pipelining depth).
-        delta: ``"never"`` (default): full snapshots only. ``"auto"``: an engine
-            that serves the base of the train actor's newest delta gets the delta
-            (only the changed words, see :mod:`asyncsync.delta`) over a
-            cross-node transport, the full snapshot over the same-node one (which
-            moves no bytes); ``"always"``: the delta over every transport. An
-            engine that refuses a delta's base gets the full snapshot in the same
-            session. Not the default: computing and applying a delta costs CPU
-            time on both sides that only a slow network between nodes repays (see
-            the Delta sync guide's measurements).
+        delta: ``"auto"`` (default): an engine on another Ray node than the
+            train actor that serves the base of the pinned step's delta gets the
+            delta (only the changed words, see :mod:`asyncsync.delta`) when it is
+            at most ``delta_max_ratio`` of the full bytes; every other engine gets
+            the full snapshot (on the train actor's node bytes do not cross a
+            network, and a delta's CPU cost is not repaid). ``"always"``: the delta
+            to every engine on its base, any transport, any size; ``"never"``: full
+            snapshots only. An engine that refuses a delta's base gets the full
+            snapshot in the same session. A train actor made with
+            ``delta_sync=False`` computes no deltas: every mode sends full snapshots.
+        delta_max_ratio: under ``"auto"``, the largest delta (its bytes over the
+            full snapshot's) still sent; default 0.1 (measured: at 4% of the
+            bytes a delta session across nodes took half the time of a full one,
+            at 15% longer; see the Delta sync guide).
 
     Bounds on each call to an engine (a control call, delivering an abort, a
     probe) are the train actor's, not the plan's: see
@@ -117,7 +124,8 @@ class SyncPlan:
     timeout_s: float = 300.0
     pin_timeout_s: float | None = 60.0
     max_inflight_buckets: int = 2
-    delta: str = "never"
+    delta: str = "auto"
+    delta_max_ratio: float = DELTA_MAX_RATIO
 
     def __post_init__(self) -> None:
         engines = self.engines
@@ -173,6 +181,10 @@ class SyncPlan:
             )
         if self.delta not in DELTA_MODES:
             raise ConfigError(f"SyncPlan.delta must be one of {DELTA_MODES}, got {self.delta!r}")
+        if not is_number(self.delta_max_ratio) or not 0 < self.delta_max_ratio <= 1:
+            raise ConfigError(
+                f"SyncPlan.delta_max_ratio must be in (0, 1], got {self.delta_max_ratio!r}"
+            )
         if not is_number(self.timeout_s) or not self.timeout_s > 0:
             raise ConfigError(f"SyncPlan.timeout_s must be positive, got {self.timeout_s!r}")
         for name in ("pin_timeout_s", "straggler_grace_s"):

@@ -347,11 +347,8 @@ class _Session:
         it serves; engines of one grouped transport share one stream (all or none)."""
         if self.plan.delta == "never" or self.deltas is None:
             return
-        wanted = [
-            name
-            for name in self._live()
-            if self.plan.delta == "always" or not backend(self.runs[name].transport).same_node_only
-        ]
+        always = self.plan.delta == "always"
+        wanted = [name for name in self._live() if always or self._across_nodes(name)]
         if not wanted:
             return
         self.deltas.want()  # computed from the next publish on, if it was not yet
@@ -360,6 +357,9 @@ class _Session:
         delta = await self.pin.enter_async_context(self.deltas.pinned(self.step))
         self.delta = delta
         if delta is None:
+            return
+        if not always and delta.ratio > self.plan.delta_max_ratio:
+            # Changed too much to repay its CPU cost: full snapshots this session.
             return
         base = delta.header
         view = self.fleet.view().engines
@@ -375,6 +375,17 @@ class _Session:
             if backend(transport).grouped and not all(r.delta for r in group):
                 for run in group:
                     run.delta = False
+
+    def _across_nodes(self, name: str) -> bool:
+        """Whether ``name`` runs on another Ray node than the cache owner (its bytes
+        cross the network): where ``delta="auto"`` sends deltas."""
+        node = self.fleet.node_of(name)
+        return (
+            node is not None
+            and self.owner_node is not None
+            and node != self.owner_node
+            and not backend(self.runs[name].transport).same_node_only
+        )
 
     def _choose(self, name: str, node: str | None, shareable: bool) -> str:
         plan = self.plan

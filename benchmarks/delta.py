@@ -107,6 +107,7 @@ class DeltaConfig:
     transports: tuple[str, ...] = ("shm", "object_store", "collective")
     warmup: int = 3
     steps: int = 3
+    overlap: bool = False
     bucket_bytes: int = 128 << 20
     node_engines: int = 6
     seed: int = 0
@@ -394,11 +395,6 @@ def delta_trainer_actor(**ray_options: Any) -> Any:
     return train_actor(DeltaTrainer, max_concurrency=16, num_cpus=0, **ray_options)
 
 
-def _plan_delta(transport: str) -> str:
-    # "auto" sends deltas over cross-node transports only; same-node shm needs "always".
-    return "always" if backend(transport).same_node_only else "auto"
-
-
 async def run_delta(
     config: DeltaConfig,
     *,
@@ -434,7 +430,8 @@ async def run_delta(
                             transport,
                             engines,
                             mode,
-                            _plan_delta(transport) if mode == "delta" else "never",
+                            # One node: "auto" would send no delta (see SyncPlan.delta).
+                            "always" if mode == "delta" else "never",
                             spec.nbytes,
                         )
                         await _measure(row, spec, config, result, pool, say)
@@ -570,6 +567,9 @@ async def _sessions(
             if previous is not None:
                 await previous
             previous = await start(step)
+            if not config.overlap:
+                await previous
+                previous = None
         if previous is not None:
             await previous
         row.load = _load()

@@ -57,6 +57,15 @@ class StepTrainer(WeightSyncActor):
             for i, p in enumerate(self.model.parameters()):
                 p.fill_(step + i / 1000)
 
+    async def publish_nudged(self, step: int, every: int = 64) -> int:
+        """Build ``step`` after flipping the lowest bit of one 2-byte word in ``every`` of
+        each parameter (a sparse step, as RL's small learning rates make)."""
+        with torch.no_grad():
+            for p in self.model.parameters():
+                words = p.data.view(-1).view(torch.int16)
+                words[step % every :: every] ^= 1
+        return await self.build_cpu_bucket_cache(step)
+
     async def set_fail_after(self, n: int | None) -> None:
         self.fail_after = n
 

@@ -365,9 +365,15 @@ async def test_soak_on_ray_sessions_and_builds(ray_rig: RayRig) -> None:
         while not stop.is_set():
             try:
                 report = await trainer.run_sync_session.remote(
-                    # Deltas over the object store: sessions at once also race a
-                    # delta's commit against a full one of the same step.
-                    SyncPlan(engines, transport=transport, timeout_s=60, delta="auto")
+                    # Deltas over the object store (one node: "auto" would send none):
+                    # sessions at once also race a delta's commit against a full one
+                    # of the same step.
+                    SyncPlan(
+                        engines,
+                        transport=transport,
+                        timeout_s=60,
+                        delta="always" if transport == "object_store" else "never",
+                    )
                 )
             except SessionError as exc:
                 outcomes[_refusal(exc)] += 1

@@ -93,3 +93,46 @@ async def test_shm_for_an_engine_on_another_node_is_refused_before_anything_move
     assert store.grown == (0,) * len(ray_cluster.nodes), store
     stats = await within(fleet.trainer.cache_stats.remote())
     assert stats.pins == {}
+
+
+async def test_default_plan_sends_deltas_across_nodes_only_and_full_when_much_changed(
+    ray_cluster: LocalCluster, fleet: Fleet
+) -> None:
+    plan = SyncPlan(engines=fleet.engines)  # delta="auto": the default
+    # The first sparse sessions start the trainer's delta store and make each engine
+    # keep a base; from then on a sparse step reaches the worker nodes as a delta.
+    for _ in range(4):
+        step = await fleet.publish_nudged()
+        report = await within(fleet.trainer.run_sync_session.remote(plan))
+        assert report.committed == tuple(fleet.engines)
+        if all(report.engines[n].delta for n in fleet.on_workers()):
+            break
+    assert {n: report.engines[n].delta for n in fleet.on_workers()} == dict.fromkeys(
+        fleet.on_workers(), True
+    ), report.engines
+    await assert_engines_hold(fleet.trainer, fleet.engines, step)
+
+    # One more sparse step, watched: each worker node pulls the delta, not the snapshot.
+    step = await fleet.publish_nudged()
+    with ray_cluster.watch_store() as store:
+        report = await within(fleet.trainer.run_sync_session.remote(plan))
+    assert all(report.engines[n].delta for n in fleet.on_workers()), report.engines
+    # The engine beside the trainer maps the shared snapshot: never a delta.
+    assert not report.engines[Fleet.HEAD_ENGINE].delta
+    sent = {report.engines[n].sent_bytes for n in fleet.on_workers()}
+    assert len(sent) == 1 and 0 < sent.pop() < report.nbytes * 0.1, report.engines
+    # 1 word in 64 changed: the delta is ~10% of the bytes (6 per changed word), plus
+    # per-bucket framing; a full pull per node would be >= report.nbytes.
+    for node in (1, 2, 3):
+        assert store.grown[node] < report.nbytes * 0.2, store
+    await assert_engines_hold(fleet.trainer, fleet.engines, step)
+    stats = await within(fleet.trainer.delta_stats.remote())
+    assert stats.step == step and 0 < stats.changed_fraction < 0.05, stats
+
+    # A step that rewrites every weight: its delta is over the plan's ratio (and the
+    # store's cap): every engine gets the full snapshot, bit for bit.
+    step = await fleet.publish()
+    report = await within(fleet.trainer.run_sync_session.remote(plan))
+    assert report.committed == tuple(fleet.engines)
+    assert not any(e.delta for e in report.engines.values()), report.engines
+    await assert_engines_hold(fleet.trainer, fleet.engines, step)
