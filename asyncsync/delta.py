@@ -19,18 +19,26 @@ target snapshot's checksums *before anything touches the model*: the result is
 the target, bit for bit, by check, not by assumption.
 
 **Trainer side** (:class:`DeltaStore`): after each publish, a background task
-pins the newest snapshot and, in a worker thread, compares it with the store's
-private copy of the previous one (the base), writes the delta into shared
-memory, and patches the base copy into the new snapshot (only the changed
-words). The build never waits for it; a session that wants the delta of the
-step it pinned waits for that one computation (never for a build).
+pins the newest snapshot and, in worker threads, compares it with the store's
+private copy of the previous one (the base) in cache-sized chunks: each chunk's
+changed words are gathered and the base updated to the new bytes in the same
+pass; the delta goes into shared memory. The build never waits for it; a
+session that wants the delta of the step it pinned waits for that one
+computation (never for a build). A delta larger than :data:`MAX_RATIO` of its
+snapshot is dropped as soon as it is (its step goes in full).
+
+**Engine side**: the patch and its check run over worker threads, bucket by
+bucket; :meth:`~asyncsync.StagingReceiver.apply_changes` then gets the patched
+buckets and, per bucket, which words changed (a
+:class:`~asyncsync.engines.TensorEngine` writes only those where that beats a
+copy).
 
 Memory: the store keeps one private copy of the newest processed snapshot (1x the
-model) and the two newest deltas (each at most 1x the model, typically a few
-percent), plus any older delta a session still streams. An engine keeps one private
-copy of the buckets it serves (1x the model); set
-:attr:`~asyncsync.StagingReceiver.keeps_delta_base` to ``False`` to save it
-(the engine then refuses deltas and always gets full snapshots).
+model) and the two newest deltas (each at most :data:`MAX_RATIO` of the model plus
+one bucket, typically a few percent), plus any older delta a session still
+streams. An engine keeps one private copy of the buckets it serves (1x the
+model); set :attr:`~asyncsync.StagingReceiver.keeps_delta_base` to ``False`` to
+save it (the engine then refuses deltas and always gets full snapshots).
 """
 
 from __future__ import annotations

@@ -73,13 +73,16 @@ def _float_list_or_none(text: str) -> tuple[float, ...]:
     return values
 
 
-def _fraction(text: str) -> float | None:
+def _fractions(text: str) -> tuple[float, ...] | None:
     if text.strip().lower() == "auto":
         return None
-    value = positive_float(text)
-    if value > 1:
-        raise argparse.ArgumentTypeError(f"a share of the words is at most 1, got {text}")
-    return value
+    values = tuple(positive_float(item) for item in items(text))
+    if not values:
+        raise argparse.ArgumentTypeError("give at least one share, or 'auto'")
+    for value in values:
+        if value > 1:
+            raise argparse.ArgumentTypeError(f"a share of the words is at most 1, got {value:g}")
+    return values
 
 
 def _policy_list(text: str) -> tuple[str, ...]:
@@ -196,7 +199,8 @@ def _delta_config(args: argparse.Namespace, transports: tuple[str, ...]) -> Any:
     return DeltaConfig(
         lrs=args.delta_lrs,
         size=args.delta_size,
-        fraction=args.delta_fraction,
+        fractions=args.delta_fraction,
+        overlap=args.delta_overlap,
         engines=args.delta_engines,
         transports=transports,
         steps=args.delta_steps,
@@ -448,10 +452,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "--delta-fraction",
-        type=_fraction,
+        type=_fractions,
         default="auto",
-        help="delta section: share of the weights' 2-byte words each training step changes; "
-        "'auto': the share measured at lr 1e-5, else 0.02 (default: %(default)s)",
+        help="delta section: shares of the weights' 2-byte words each training step changes, "
+        "comma-separated, one set of sessions each; 'auto': the shares measured at lr 1e-6 "
+        "and 1e-5, else 0.02 (default: %(default)s)",
+    )
+    bench.add_argument(
+        "--delta-overlap",
+        action="store_true",
+        help="delta section: build each step while the previous session streams (a train "
+        "step of no compute, the stall's worst case) instead of after it ended "
+        "(default: off)",
     )
     bench.add_argument(
         "--delta-steps",

@@ -11,19 +11,22 @@ Three parts, each answering one question:
   snapshots, and the library's own delta encoding (:func:`asyncsync.delta.encode_bucket`
   on :func:`asyncsync.buckets.pack` buckets) against the full bytes.
 - *Sessions* (:func:`run_delta`, on the running Ray): a train actor whose step changes
-  a given share of its bf16 words (sparse, spread over every tensor) syncs the bench's
-  engines, per transport and engine count, once with deltas (``delta_sync=True``;
-  ``SyncPlan(delta="always")`` over ``shm``, ``"auto"`` otherwise) and once with full
-  snapshots only (``delta_sync=False``, ``delta="never"``): session time, engine apply
-  time, bytes sent per engine, and the trainer's build time (its stall).
+  a given share of its bf16 words (sparse, spread over every tensor; the shares
+  measured at lr 1e-6 and 1e-5 by default) syncs the bench's engines, per transport
+  and engine count, once with deltas (``delta_sync=True``, ``SyncPlan(delta="always")``)
+  and once with full snapshots only (``delta_sync=False``, ``delta="never"``): session
+  time, engine apply time, bytes sent per engine, and the trainer's build time (its
+  stall).
 - *Nodes* (:func:`run_delta_nodes`, on a multi-node local cluster): the object-store
   session, delta against full, with the engines spread over the worker nodes.
 
-The train loop overlaps like the designs section's with staleness 1: session ``s``
-runs while step ``s + 1`` trains and builds, and session ``s + 1`` starts once it
-ended. The train step is only the sparse change (no compute), so each build runs
-while the previous session streams and its delta is computed: the worst case for
-the stall.
+The train loop: step ``s`` trains (only the sparse change) and builds, then session
+``s`` runs, and step ``s + 1`` starts once it ended, as when a train step on an
+accelerator outlasts a session; the session waits for its step's delta, computed
+after the build returned. With ``overlap`` (``--delta-overlap``) the loop overlaps
+like the designs section's with staleness 1 instead: each build runs while the
+previous session streams and its delta is computed, the worst case for the stall
+on a machine whose cores the trainer, the engines and the delta share.
 """
 
 from __future__ import annotations
@@ -59,9 +62,11 @@ __all__ = [
 ]
 
 DEFAULT_FRACTION = 0.02
-"""Changed share of the sessions' steps when no learning rate of 1e-5 was measured."""
-FRACTION_LR = 1e-5
-"""The learning rate whose measured changed fraction the sessions use by default."""
+"""Changed share of the sessions' steps when neither learning rate of FRACTION_LRS was
+measured."""
+FRACTION_LRS = (1e-6, 1e-5)
+"""The learning rates whose measured changed fractions the sessions use by default (the
+RL range: a small and a large one)."""
 
 Log = Callable[[str], None]
 
@@ -79,8 +84,9 @@ class DeltaConfig:
         lr_steps: measured optimizer steps (consecutive snapshot pairs) per rate.
         pack_bytes: bucket size of the encoding measurement.
         size: model size of the sessions (a :func:`~benchmarks.workload.llama_spec` model).
-        fraction: share of 2-byte words each training step changes (``None``: the
-            changed fraction measured at lr 1e-5, else 2%).
+        fractions: shares of 2-byte words each training step changes, one set of
+            sessions each (``None``: the changed fractions measured at the learning
+            rates of :data:`FRACTION_LRS`, else 2%).
         engines: engine counts of the sessions part (empty: skip it).
         transports: transports of the sessions part.
         warmup: unmeasured sessions first (the store's first publish only takes
@@ -90,6 +96,8 @@ class DeltaConfig:
         bucket_bytes: the train actor's bucket size.
         node_engines: engines of the nodes part.
         seed: weights, tokens and changed positions.
+        overlap: build each step while the previous session streams (a train step
+            of no compute, the stall's worst case) instead of after it ended.
     """
 
     lrs: tuple[float, ...] = (1e-6, 1e-5, 1e-4)
@@ -102,7 +110,7 @@ class DeltaConfig:
     lr_steps: int = 2
     pack_bytes: int = 64 << 20
     size: int = 256 << 20
-    fraction: float | None = None
+    fractions: tuple[float, ...] | None = None
     engines: tuple[int, ...] = (1,)
     transports: tuple[str, ...] = ("shm", "object_store", "collective")
     warmup: int = 3
@@ -115,8 +123,10 @@ class DeltaConfig:
     def __post_init__(self) -> None:
         if any(not lr > 0 for lr in self.lrs):
             raise ValueError(f"learning rates must be positive, got {self.lrs}")
-        if self.fraction is not None and not 0 < self.fraction <= 1:
-            raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
+        if self.fractions is not None and (
+            not self.fractions or any(not 0 < f <= 1 for f in self.fractions)
+        ):
+            raise ValueError(f"fractions must be in (0, 1], got {self.fractions}")
         if any(n < 1 for n in self.engines) or self.node_engines < 1:
             raise ValueError(f"engine counts must be >= 1, got {self.engines}")
         if self.steps < 1 or self.lr_steps < 1 or self.warmup < 0 or self.lr_warmup < 0:
@@ -165,6 +175,7 @@ class SessionRow:
     mode: str
     plan_delta: str
     model_bytes: int
+    fraction: float = DEFAULT_FRACTION
     nodes: tuple[int, ...] = ()
     session_s: list[float] = field(default_factory=list)
     build_s: list[float] = field(default_factory=list)
@@ -185,18 +196,23 @@ class SessionRow:
         return [t for t, n in zip(self.session_s, self.delta_engines, strict=True) if n]
 
     @property
-    def label(self) -> str:
+    def config_label(self) -> str:
+        """Transport, engines, nodes and changed share (what a full and a delta row share)."""
         where = f" on nodes {','.join(map(str, self.nodes))}" if self.nodes else ""
-        return f"{self.transport} x{self.engines}{where} {self.mode}"
+        return f"{self.transport} x{self.engines}{where} @{self.fraction * 100:.2f}%"
+
+    @property
+    def label(self) -> str:
+        return f"{self.config_label} {self.mode}"
 
 
 @dataclass
 class DeltaResult:
-    """Everything the delta section measured; ``fraction`` is what the sessions used."""
+    """Everything the delta section measured; ``fractions`` are what the sessions used
+    (each with where it came from)."""
 
     config: DeltaConfig
-    fraction: float = DEFAULT_FRACTION
-    fraction_source: str = "fixed"
+    fractions: list[tuple[float, str]] = field(default_factory=list)
     fraction_rows: list[FractionRow] = field(default_factory=list)
     session_rows: list[SessionRow] = field(default_factory=list)
     node_rows: list[SessionRow] = field(default_factory=list)
@@ -320,14 +336,18 @@ def measure_changed_fraction(config: DeltaConfig, log: Log | None = None) -> lis
     return rows
 
 
-def session_fraction(config: DeltaConfig, rows: Sequence[FractionRow]) -> tuple[float, str]:
-    """The sessions' changed share: the configured one, else lr 1e-5's, else 2%."""
-    if config.fraction is not None:
-        return config.fraction, "given"
-    for row in rows:
-        if abs(row.lr - FRACTION_LR) < 1e-12 and row.changed:
-            return _median(row.changed), f"measured at lr {FRACTION_LR:g}"
-    return DEFAULT_FRACTION, "fixed"
+def session_fractions(config: DeltaConfig, rows: Sequence[FractionRow]) -> list[tuple[float, str]]:
+    """The sessions' changed shares: the configured ones, else those measured at the
+    learning rates of :data:`FRACTION_LRS`, else 2%."""
+    if config.fractions is not None:
+        return [(f, "given") for f in config.fractions]
+    found = [
+        (_median(row.changed), f"measured at lr {row.lr:g}")
+        for lr in FRACTION_LRS
+        for row in rows
+        if abs(row.lr - lr) < 1e-12 and row.changed
+    ]
+    return found or [(DEFAULT_FRACTION, "fixed")]
 
 
 # ------------------------------------------------------------------ (b) sessions
@@ -411,30 +431,31 @@ async def run_delta(
             await asyncio.to_thread(measure_changed_fraction, config, say) if config.lrs else []
         )
     result.fraction_rows = list(fraction_rows)
-    result.fraction, result.fraction_source = session_fraction(config, result.fraction_rows)
+    result.fractions = session_fractions(config, result.fraction_rows)
     if config.engines:
         spec = llama_spec(config.size)
         result.model = spec.describe()
-        say(
-            f"delta: sessions of {format_bytes(spec.nbytes)}, {result.fraction * 100:.2f}% of "
-            f"words changed per step ({result.fraction_source})"
-        )
+        shares = ", ".join(f"{f * 100:.2f}% ({why})" for f, why in result.fractions)
+        say(f"delta: sessions of {format_bytes(spec.nbytes)}, words changed per step: {shares}")
         from .runner import _EnginePool
 
         pool = _EnginePool(spec)
         try:
-            for engines in config.engines:
-                for transport in config.transports:
-                    for mode in ("full", "delta"):
-                        row = SessionRow(
-                            transport,
-                            engines,
-                            mode,
-                            # One node: "auto" would send no delta (see SyncPlan.delta).
-                            "always" if mode == "delta" else "never",
-                            spec.nbytes,
-                        )
-                        await _measure(row, spec, config, result, pool, say)
+            for fraction, _ in result.fractions:
+                for engines in config.engines:
+                    for transport in config.transports:
+                        for mode in ("full", "delta"):
+                            row = SessionRow(
+                                transport,
+                                engines,
+                                mode,
+                                # "auto" sends deltas across nodes only, up to a size:
+                                # "always" measures the delta wherever it would go.
+                                "always" if mode == "delta" else "never",
+                                spec.nbytes,
+                                fraction,
+                            )
+                            await _measure(row, spec, config, result, pool, say)
         finally:
             await pool.close()
     result.failures = _check(result.session_rows)
@@ -457,16 +478,18 @@ async def run_delta_nodes(
         return
     pool = _EnginePool(spec, cluster)
     try:
-        for mode in ("full", "delta"):
-            row = SessionRow(
-                "object_store",
-                config.node_engines,
-                mode,
-                "auto" if mode == "delta" else "never",
-                spec.nbytes,
-                nodes=workers,
-            )
-            await _measure(row, spec, config, result, pool, say, cluster=cluster)
+        for fraction, _ in result.fractions or [(DEFAULT_FRACTION, "fixed")]:
+            for mode in ("full", "delta"):
+                row = SessionRow(
+                    "object_store",
+                    config.node_engines,
+                    mode,
+                    "always" if mode == "delta" else "never",
+                    spec.nbytes,
+                    fraction,
+                    nodes=workers,
+                )
+                await _measure(row, spec, config, result, pool, say, cluster=cluster)
     finally:
         await pool.close()
     result.failures = _check([*result.session_rows, *result.node_rows])
@@ -488,7 +511,7 @@ async def _measure(
     own = _EnginePool(spec, cluster) if fresh else None
     try:
         handles = await (own or pool).take(row.engines, row.nodes)
-        await _sessions(row, spec, config, result.fraction, handles, cluster)
+        await _sessions(row, spec, config, row.fraction, handles, cluster)
     except Exception as exc:
         text = str(exc).strip()
         row.error = f"{type(exc).__name__}: {text.splitlines()[-1] if text else ''}"
@@ -625,10 +648,10 @@ def _line(row: SessionRow) -> str:
 
 
 def _pairs(rows: Sequence[SessionRow]) -> list[tuple[SessionRow, SessionRow]]:
-    by = {(r.transport, r.engines, r.nodes, r.mode): r for r in rows}
+    by = {(r.config_label, r.mode): r for r in rows}
     out = []
     for r in rows:
-        if r.mode == "full" and (delta := by.get((r.transport, r.engines, r.nodes, "delta"))):
+        if r.mode == "full" and (delta := by.get((r.config_label, "delta"))):
             out.append((r, delta))
     return out
 
@@ -662,9 +685,8 @@ def delta_summary_lines(result: DeltaResult) -> list[str]:
     for full, delta in _pairs([*result.session_rows, *result.node_rows]):
         if full.error or delta.error:
             continue
-        where = f" on nodes {','.join(map(str, full.nodes))}" if full.nodes else ""
         lines.append(
-            f"delta: {full.transport} x{full.engines}{where}: session delta/full "
+            f"delta: {full.config_label}: session delta/full "
             f"{_ratio(delta.session_s, full.session_s)}, apply "
             f"{_ratio(delta.apply_s, full.apply_s)}, sent "
             f"{_ratio(delta.sent_bytes, full.sent_bytes)}, build (stall) delta_sync on/off "
@@ -716,28 +738,37 @@ def delta_markdown(result: DeltaResult) -> list[str]:
         out += [
             f"### Sessions: delta against full ({result.model})",
             "",
-            f"Each training step changes {result.fraction * 100:.2f}% of the 2-byte words "
-            f"({result.fraction_source}), at random positions in every tensor. *full*: "
+            "Each training step changes the share of the 2-byte words after `@` ("
+            + "; ".join(f"{f * 100:.2f}% {why}" for f, why in result.fractions)
+            + "), at random positions in every tensor. *full*: "
             '`delta_sync=False`, `SyncPlan(delta="never")`; *delta*: `delta_sync=True`, '
-            '`delta="always"` over shm, `"auto"` over the others. Medians over '
+            '`delta="always"` (the default `"auto"` sends deltas only to engines on other '
+            "nodes, and only up to 10% of the full bytes). Medians over "
             f"{cfg.steps} sessions after {cfg.warmup} warm-up ones; *apply*: the engine's "
             "`ReceiverStats.apply_s` per commit (a delta's patch and check included); *sent*: "
             "`EngineReport.sent_bytes` per engine; *build*: the train actor's "
-            "`build_cpu_bucket_cache` (the stall), which runs while the previous session "
-            "streams and its delta is computed. *sessions with the delta*: a delta session "
+            "`build_cpu_bucket_cache` (the stall). "
+            + (
+                "Each build runs while the previous session streams and its delta is "
+                "computed (a train step of no compute: the worst case for the stall). "
+                if cfg.overlap
+                else "Each step trains and builds once the previous session ended (a train "
+                "step outlasts a session, as on accelerators); a session waits for its "
+                "step's delta, computed after the build returned. "
+            )
+            + "*sessions with the delta*: a delta session "
             "sends the full snapshot when the train actor no longer holds the delta of its "
             "step (the next build's delta replaced it while the session waited).",
             "",
-            "| transport, engines | session ms full / delta | delta / full | sessions with the "
-            "delta | session ms of those | apply ms full / delta | delta / full "
-            "| sent MiB per engine full / delta | build ms off / on | on / off "
+            "| transport, engines, changed | session ms full / delta | delta / full "
+            "| sessions with the delta | session ms of those | apply ms full / delta "
+            "| delta / full | sent MiB per engine full / delta | build ms off / on | on / off "
             "| delta compute ms | trainer delta store | load after |",
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
             "| --- |",
         ]
         for full, delta in _pairs(rows):
-            where = f" on nodes {','.join(map(str, full.nodes))}" if full.nodes else ""
-            label = f"{full.transport} x{full.engines}{where}"
+            label = full.config_label
             if full.error or delta.error:
                 out.append(f"| {label} | failed: {full.error or delta.error} " + "| " * 11 + "|")
                 continue

@@ -292,7 +292,8 @@ async def test_delta_section_measures_a_real_step_and_sends_less_than_full(
     assert len(row.changed) == 1 and 0 < row.changed[0] < 1
     assert 0 < row.delta_bytes[0] < row.full_bytes
     assert row.sparse_buckets + row.bitmap_buckets > 0  # not all dense
-    assert result.fraction == row.changed[0] and "1e-05" in result.fraction_source
+    # The sessions' share is the one measured (lr 1e-6 was not, here).
+    assert result.fractions == [(row.changed[0], "measured at lr 1e-05")]
 
     # The delta session sent the delta to the engine, fewer bytes than the full one sent.
     assert result.ok, (result.failures, [r.error for r in result.session_rows])
@@ -301,8 +302,9 @@ async def test_delta_section_measures_a_real_step_and_sends_less_than_full(
     assert full.delta_engines == [0] and delta.delta_engines == [1]
     assert full.sent_bytes == [full.snapshot_bytes] and full.snapshot_bytes > 0
     assert 0 < delta.sent_bytes[0] < full.sent_bytes[0]
-    assert delta.changed and abs(delta.changed[0] - result.fraction) < 0.5 * result.fraction
+    assert delta.fraction == full.fraction == row.changed[0]
+    assert delta.changed and abs(delta.changed[0] - delta.fraction) < 0.5 * delta.fraction
     assert all(s > 0 for s in (*full.session_s, *delta.session_s, *full.build_s, *delta.apply_s))
 
     text = "\n".join(delta_markdown(result))
-    assert "## Delta sync" in text and "| object_store x1 |" in text
+    assert "## Delta sync" in text and f"| object_store x1 @{delta.fraction * 100:.2f}% |" in text

@@ -23,6 +23,7 @@ from asyncsync import (
     EngineFleet,
     Health,
     ProtocolError,
+    SessionError,
     SyncPlan,
 )
 from asyncsync.buckets import Bucket, pack, tensor_digest
@@ -220,10 +221,10 @@ class Handle:
 class Rig:
     """A cache, its delta store and a fleet of TensorEngines, in one process."""
 
-    def __init__(self, names: list[str]) -> None:
+    def __init__(self, names: list[str], engine: type[TensorEngine] = TensorEngine) -> None:
         self.cache = BucketCache(bucket_bytes=NUMEL)  # two tensors per bucket
         self.deltas = DeltaStore(self.cache)
-        self.engines = {n: TensorEngine(sparse_weights(-1)) for n in names}
+        self.engines = {n: engine(sparse_weights(-1)) for n in names}
         self.fleet = EngineFleet(
             {n: Handle(e) for n, e in self.engines.items()}, initial=Health.SERVING
         )
@@ -551,3 +552,40 @@ async def test_a_delta_over_the_store_cap_is_dropped_and_the_session_sends_full(
     for name in ("a", "b"):
         have = rig.engines[name].params
         assert all(tensor_digest(have[k]) == tensor_digest(v) for k, v in rewritten.items())
+
+
+class FailsChanges(TensorEngine):
+    """Writes half of a delta's first bucket into the model, then raises."""
+
+    fail = True
+
+    async def apply_changes(self, buckets: Any, changes: Any, version: int) -> None:
+        if self.fail:
+            first = dict(buckets[0].named_tensors())
+            name = next(iter(first))
+            self.params[name].copy_(first[name])
+            raise RuntimeError("the model's memory went away")
+        await super().apply_changes(buckets, changes, version)
+
+
+async def test_an_apply_changes_that_fails_leaves_the_engine_on_no_version_until_full() -> None:
+    rig = Rig(["a"], engine=FailsChanges)
+    try:
+        for step in (0, 1):  # the store's base, then the first offer (refused, kept)
+            await rig.publish(step)
+            await rig.sync()
+        engine = rig.engines["a"]
+        await rig.publish(2)
+        with pytest.raises(SessionError, match="memory went away"):
+            await rig.sync()  # the delta: its write into the model fails halfway
+        stamp = engine.stamp()
+        assert (stamp.version, stamp.intact) == (None, False)  # a mix of two versions
+        engine.fail = False
+        rig.fleet.mark("a", Health.CATCHING_UP, "the keeper would probe it and catch it up")
+        await rig.publish(3)
+        report = await rig.sync()
+        # Its kept copy counts for nothing now: the full snapshot, then exact.
+        assert report.committed == ("a",) and not report.engines["a"].delta
+        assert rig.exact("a", 3) and engine.stamp().intact
+    finally:
+        await rig.close()

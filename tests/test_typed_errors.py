@@ -76,6 +76,7 @@ from asyncsync.engines import (
     copy_named,
     engine_actor,
     tensor_engine_actor,
+    write_changed,
 )
 from asyncsync.fleet import EngineFleet, Health
 from asyncsync.sharedmem import SharedBuffer, SharedMappings, SharedRegion, map_region
@@ -1065,6 +1066,55 @@ LOW_CASES: list[LowCase] = [
         lambda w: w.tensors.apply([w.bucket], -2),
         I,
         ("version", "-2"),
+    ),
+    (
+        "engines.TensorEngine.apply_changes",
+        "buckets",
+        lambda w: w.tensors.apply_changes("x", [None], 1),
+        M,
+        ("buckets", "str"),
+    ),
+    (
+        "engines.TensorEngine.apply_changes",
+        "changes",
+        lambda w: w.tensors.apply_changes([w.bucket], [], 1),
+        M,
+        ("0 change lists", "1 buckets"),
+    ),
+    (
+        "engines.TensorEngine.apply_changes",
+        "version",
+        lambda w: w.tensors.apply_changes([w.bucket], [None], "1"),
+        I,
+        ("version", "'1'"),
+    ),
+    (
+        "engines.write_changed",
+        "params",
+        lambda w: write_changed(3, [w.bucket], [None]),
+        C,
+        ("params", "int"),
+    ),
+    (
+        "engines.write_changed",
+        "changes",
+        lambda w: write_changed(params(), [w.bucket], "x"),
+        M,
+        ("changes", "str"),
+    ),
+    (
+        "engines.write_changed",
+        "change",
+        lambda w: write_changed(params(), [w.bucket], [[1, 2]]),
+        M,
+        ("changes[0]", "list"),
+    ),
+    (
+        "engines.write_changed",
+        "threads",
+        lambda w: write_changed(params(), [w.bucket], [None], threads=0),
+        C,
+        ("threads", "0"),
     ),
     (
         "engines.HFEngine",

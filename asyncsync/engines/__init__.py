@@ -3,7 +3,7 @@
 :class:`HFEngine` serves a Hugging Face causal LM; :class:`TensorEngine` holds plain
 named tensors (a stand-in where the model does not matter). :func:`check_fits` and
 :func:`copy_into` (:func:`copy_named`) are the parts of an engine with named
-parameters that both share.
+parameters that both share; :func:`write_changed` writes only a delta's changed words.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from .tensors import (
     copy_named,
     copy_threads,
     tensor_engine_actor,
+    write_changed,
 )
 
 __all__ = [
@@ -28,4 +29,5 @@ __all__ = [
     "copy_threads",
     "engine_actor",
     "tensor_engine_actor",
+    "write_changed",
 ]

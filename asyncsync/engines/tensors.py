@@ -295,10 +295,27 @@ def write_changed(
     """
     from ..delta import run_split
 
+    check_params(params, "write_changed: params")
+    check_update(buckets, 0, "write_changed")
+    if isinstance(changes, str | bytes) or not isinstance(changes, Sequence):
+        raise ProtocolError(
+            f"write_changed: changes must be a sequence, got {type(changes).__name__}: "
+            f"{changes!r:.80}"
+        )
     if len(buckets) != len(changes):
         raise ProtocolError(
             f"write_changed: {len(changes)} change lists for {len(buckets)} buckets"
         )
+    for i, changed in enumerate(changes):
+        if changed is not None and not (
+            isinstance(changed, np.ndarray) and changed.ndim == 1 and changed.dtype.kind in "iu"
+        ):
+            raise ProtocolError(
+                f"write_changed: changes[{i}] must be None or a 1-D integer array, got "
+                f"{type(changed).__name__}: {changed!r:.80}"
+            )
+    if threads is not None:
+        check_int(threads, "write_changed: threads", ConfigError, low=1, high=_MAX_THREADS)
 
     def one(bucket: Bucket, changed: np.ndarray | None) -> int:
         if changed is None:
