@@ -690,6 +690,9 @@ async def _run_asyncsync(
                 policy=run.policy,
                 max_inflight_buckets=config.max_inflight_buckets,
                 timeout_s=600.0,
+                # These rows measure moving whole snapshots (the delta section
+                # measures deltas): the default would send deltas across nodes.
+                delta="never",
             ),
         )
         trained: list[float] = []
