@@ -447,7 +447,11 @@ class DeltaStats:
     ``changed_fraction``: the share of 2-byte words that changed;
     ``resident_bytes``: what the store holds (its base copy and the deltas it
     keeps, ``deltas_kept`` of them); ``dropped``: deltas dropped for being larger
-    than :data:`MAX_RATIO` of their snapshot (those steps went in full).
+    than :data:`MAX_RATIO` of their snapshot (those steps went in full);
+    ``last_ratio``: the newest delta's bytes over its snapshot's (a dropped one's
+    too); ``skipped``: sessions under ``delta="auto"`` that sent full snapshots
+    without waiting for their step's delta because ``last_ratio`` was over their
+    plan's ``delta_max_ratio``.
     """
 
     active: bool
@@ -461,6 +465,8 @@ class DeltaStats:
     resident_bytes: int
     deltas_kept: int = 0
     dropped: int = 0
+    last_ratio: float | None = None
+    skipped: int = 0
 
 
 @dataclass(eq=False)
@@ -562,6 +568,11 @@ class DeltaStore:
         self._active = False
         self.computed = 0
         self.last_compute_s = 0.0
+        # The newest delta's bytes over its snapshot's (a dropped one's when it was
+        # dropped), and sessions that went full without waiting because of it.
+        self.last_ratio: float | None = None
+        self.skipped = 0
+        self._drop_ratio = 0.0
 
     @property
     def base_step(self) -> int | None:
@@ -594,7 +605,23 @@ class DeltaStore:
             resident_bytes=self.resident_bytes,
             deltas_kept=len(self._deltas),
             dropped=self.dropped,
+            last_ratio=self.last_ratio,
+            skipped=self.skipped,
         )
+
+    def skip_if_larger(self, limit: float) -> bool:
+        """Whether the newest delta made (or dropped) was over ``limit`` of its
+        snapshot's bytes; counted in ``skipped`` when it was.
+
+        A session under ``delta="auto"`` then sends full snapshots at once instead of
+        waiting for its own step's delta: the share of weights a step changes moves
+        slowly with the learning rate, and the store keeps computing, so the first
+        session after a small enough delta takes deltas again.
+        """
+        if self.last_ratio is not None and self.last_ratio > limit:
+            self.skipped += 1
+            return True
+        return False
 
     def want(self) -> None:
         """A session had an engine a delta would go to: compute deltas from now on
@@ -638,6 +665,7 @@ class DeltaStore:
             start = time.perf_counter()
             # Never cut short: the worker reads the pinned snapshot and writes the
             # base; the pin (and close()) must wait for it to end.
+            dropped = self.dropped
             result = await uninterrupted(asyncio.to_thread(self._compute, snap))
             identity = await asyncio.to_thread(weights_identity, snap.manifest)
         took = time.perf_counter() - start
@@ -646,6 +674,9 @@ class DeltaStore:
             result.compute_s = took
             self._keep(result)
             self.computed += 1
+            self.last_ratio = result.ratio
+        elif self.dropped != dropped:
+            self.last_ratio = self._drop_ratio
         self._base_step, self._base_weights = snap.step, identity
         self._base_manifest = snap.manifest
         self._processed = snap.step
@@ -697,6 +728,7 @@ class DeltaStore:
             _release(buffers)
             raise
         if too_large:
+            self._drop_ratio = size / full
             self.dropped += 1
             return None
         header = DeltaHeader(

@@ -352,6 +352,10 @@ class _Session:
         if not wanted:
             return
         self.deltas.want()  # computed from the next publish on, if it was not yet
+        if not always and self.deltas.skip_if_larger(self.plan.delta_max_ratio):
+            # The newest delta made was too large for this plan: full snapshots now,
+            # without waiting for this step's computation.
+            return
         # Held with the pin: the delta's buffers stay while this session streams. A
         # computation in flight (maybe of this step) is waited for, within the timeout.
         delta = await self.pin.enter_async_context(self.deltas.pinned(self.step))

@@ -136,3 +136,22 @@ async def test_default_plan_sends_deltas_across_nodes_only_and_full_when_much_ch
     assert report.committed == tuple(fleet.engines)
     assert not any(e.delta for e in report.engines.values()), report.engines
     await assert_engines_hold(fleet.trainer, fleet.engines, step)
+    dropped = await within(fleet.trainer.delta_stats.remote())
+    assert dropped.dropped >= 1 and dropped.last_ratio > 0.5, dropped
+
+    # Another: the session goes full at once, without waiting for that step's delta.
+    step = await fleet.publish()
+    report = await within(fleet.trainer.run_sync_session.remote(plan))
+    assert not any(e.delta for e in report.engines.values()), report.engines
+    await assert_engines_hold(fleet.trainer, fleet.engines, step)
+    skipped = await within(fleet.trainer.delta_stats.remote())
+    assert skipped.skipped == dropped.skipped + 1, skipped
+
+    # Sparse steps again: deltas come back once the store has made a small one.
+    for _ in range(3):
+        step = await fleet.publish_nudged()
+        report = await within(fleet.trainer.run_sync_session.remote(plan))
+        if all(report.engines[n].delta for n in fleet.on_workers()):
+            break
+    assert all(report.engines[n].delta for n in fleet.on_workers()), report.engines
+    await assert_engines_hold(fleet.trainer, fleet.engines, step)
