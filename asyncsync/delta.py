@@ -60,7 +60,7 @@ import numpy as np
 
 from ._primitives import Signal, uninterrupted
 from .buckets import Bucket, BucketManifest, TensorMeta, aligned, checksum
-from .errors import ChecksumMismatchError, ClosedError, ProtocolError
+from .errors import ChecksumMismatchError, ClosedError, ConfigError, ProtocolError
 from .protocol import DeltaHeader, weights_identity
 
 if TYPE_CHECKING:
@@ -548,6 +548,16 @@ class DeltaStore:
         threads: int | None = None,
         max_ratio: float = MAX_RATIO,
     ) -> None:
+        if threads is not None and (
+            isinstance(threads, bool) or not isinstance(threads, int) or threads < 1
+        ):
+            raise ConfigError(f"DeltaStore: threads must be None or an int >= 1, got {threads!r}")
+        if (
+            isinstance(max_ratio, bool)
+            or not isinstance(max_ratio, int | float)
+            or not 0 < max_ratio <= 1
+        ):
+            raise ConfigError(f"DeltaStore: max_ratio must be in (0, 1], got {max_ratio!r}")
         self.cache = cache
         self.threads = delta_threads() if threads is None else threads
         self.max_ratio = max_ratio
@@ -572,7 +582,6 @@ class DeltaStore:
         # dropped), and sessions that went full without waiting because of it.
         self.last_ratio: float | None = None
         self.skipped = 0
-        self._drop_ratio = 0.0
 
     @property
     def base_step(self) -> int | None:
@@ -665,24 +674,26 @@ class DeltaStore:
             start = time.perf_counter()
             # Never cut short: the worker reads the pinned snapshot and writes the
             # base; the pin (and close()) must wait for it to end.
-            dropped = self.dropped
             result = await uninterrupted(asyncio.to_thread(self._compute, snap))
             identity = await asyncio.to_thread(weights_identity, snap.manifest)
         took = time.perf_counter() - start
         self.last_compute_s = took
-        if result is not None:
+        if isinstance(result, DeltaSnapshot):
             result.compute_s = took
             self._keep(result)
             self.computed += 1
             self.last_ratio = result.ratio
-        elif self.dropped != dropped:
-            self.last_ratio = self._drop_ratio
+        elif result is not None:  # dropped: too large, at this share of the bytes
+            self.dropped += 1
+            self.last_ratio = result
         self._base_step, self._base_weights = snap.step, identity
         self._base_manifest = snap.manifest
         self._processed = snap.step
 
-    def _compute(self, snap: Snapshot) -> DeltaSnapshot | None:
-        """Worker thread: the delta of ``snap`` against the base; the base becomes ``snap``."""
+    def _compute(self, snap: Snapshot) -> DeltaSnapshot | float | None:
+        """Worker thread: the delta of ``snap`` against the base (``None``: no base yet;
+        a float: dropped as too large, at that share of the bytes); the base becomes
+        ``snap``. The loop's counters are the caller's to update."""
         manifest = snap.manifest
         base = self._base
         same_layout = (
@@ -728,9 +739,7 @@ class DeltaStore:
             _release(buffers)
             raise
         if too_large:
-            self._drop_ratio = size / full
-            self.dropped += 1
-            return None
+            return size / full
         header = DeltaHeader(
             base_step=self._base_step,
             base_weights=self._base_weights or "",

@@ -9,12 +9,12 @@ _fleet_actors) for every transport and both policies.
 from __future__ import annotations
 
 import asyncio
-import types
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from _inprocess import Handle
 
 from asyncsync import (
     BucketCache,
@@ -205,17 +205,6 @@ async def test_a_tensor_engine_that_overrides_apply_gets_it_for_a_delta_too() ->
 
 
 # ------------------------------------------------------------------ in-process sessions
-
-
-class Handle:
-    """An in-process engine behind the ``handle.method.remote(...)`` shape (no Ray)."""
-
-    def __init__(self, engine: Any) -> None:
-        self.engine = engine
-
-    def __getattr__(self, name: str) -> Any:
-        method = getattr(self.engine, name)
-        return types.SimpleNamespace(remote=lambda *args: method(*args))
 
 
 class Rig:
@@ -589,3 +578,16 @@ async def test_an_apply_changes_that_fails_leaves_the_engine_on_no_version_until
         assert rig.exact("a", 3) and engine.stamp().intact
     finally:
         await rig.close()
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [({"threads": 0}, "threads"), ({"threads": True}, "threads"), ({"max_ratio": 0}, "max_ratio")],
+)
+async def test_a_delta_store_refuses_bad_options(options: dict[str, Any], named: str) -> None:
+    cache = BucketCache(bucket_bytes=NUMEL)
+    try:
+        with pytest.raises(ConfigError, match=named):
+            DeltaStore(cache, **options)
+    finally:
+        await cache.close()

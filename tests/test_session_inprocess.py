@@ -8,12 +8,12 @@ driven step by step.
 from __future__ import annotations
 
 import asyncio
-import types
 from collections.abc import Sequence
 from typing import Any
 
 import pytest
 import torch
+from _inprocess import Handle
 
 from asyncsync import (
     Bucket,
@@ -31,17 +31,6 @@ from asyncsync.transport import backend
 pytestmark = pytest.mark.timeout(60)
 
 ONES = float(1 << 16)  # the sum of each tensor below
-
-
-class Handle:
-    """An in-process engine behind the ``handle.method.remote(...)`` shape."""
-
-    def __init__(self, engine: StagingReceiver) -> None:
-        self.engine = engine
-
-    def __getattr__(self, name: str) -> Any:
-        method = getattr(self.engine, name)
-        return types.SimpleNamespace(remote=lambda *args: method(*args))
 
 
 class SlowApply(StagingReceiver):
